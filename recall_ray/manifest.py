@@ -1,0 +1,101 @@
+"""The run manifest: config, input fingerprints, library versions, and per-stage status,
+key and timing. A stage whose key (a hash of its inputs and settings) matches a finished
+run, and whose outputs still exist, is skipped: a rerun after a failure resumes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any, Callable
+
+from .storage import RunDir, filesystem
+
+log = logging.getLogger("recall_ray.manifest")
+
+LIBRARIES = ("recall-ray", "torch", "transformers", "peft", "ray", "safetensors", "scikit-learn", "numpy", "pyarrow")
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = "not installed"
+    return out
+
+
+def _exists(path: str) -> bool:
+    from pyarrow.fs import FileType
+
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type != FileType.NotFound
+
+
+class Manifest:
+    FILE = "manifest.json"
+
+    def __init__(self, run_dir: RunDir, config: dict):
+        self.run_dir = run_dir
+        old = json.loads(run_dir.read_text(self.FILE)) if run_dir.exists(self.FILE) else {}
+        self.data: dict = {
+            "config": config,
+            "versions": library_versions(),
+            "inputs": old.get("inputs", {}),
+            "stages": old.get("stages", {}),
+            "created": old.get("created", _now()),
+        }
+        self.timings: dict[str, dict] = {}  # this run only: seconds and whether skipped
+        self.save()
+
+    def save(self) -> None:
+        self.data["updated"] = _now()
+        self.run_dir.write_json(self.FILE, self.data)
+
+    def record_inputs(self, inputs: dict[str, Any]) -> None:
+        self.data["inputs"].update(inputs)
+        self.save()
+
+    def done(self, name: str, key: str) -> bool:
+        s = self.data["stages"].get(name)
+        return bool(s and s.get("status") == "done" and s.get("key") == key
+                    and all(_exists(o) for o in s.get("outputs", [])))
+
+    def stage_result(self, name: str) -> Any:
+        return self.data["stages"].get(name, {}).get("result")
+
+    def run(self, name: str, key_parts: Any, outputs: list[str], fn: Callable[[], Any]) -> Any:
+        """Run `fn` unless the stage is done with the same key; record status and timing."""
+        key = stable_hash(key_parts)
+        if self.done(name, key):
+            log.info("stage %s: inputs unchanged, reusing %s", name, ", ".join(outputs) or "its result")
+            self.timings[name] = {"seconds": 0.0, "skipped": True}
+            return self.data["stages"][name].get("result")
+        self.data["stages"][name] = {"status": "running", "key": key, "started": _now(), "outputs": outputs}
+        self.save()
+        t0 = time.perf_counter()
+        try:
+            result = fn()
+        except BaseException as e:
+            self.data["stages"][name].update(status="failed", error=f"{type(e).__name__}: {e}"[:2000], finished=_now())
+            self.save()
+            raise
+        seconds = time.perf_counter() - t0
+        self.data["stages"][name].update(status="done", finished=_now(), seconds=round(seconds, 3), result=result)
+        self.save()
+        self.timings[name] = {"seconds": seconds, "skipped": False}
+        log.info("stage %s: done in %.1fs", name, seconds)
+        return result
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,216 @@
+"""The merge stage: a pool of Ray actors, each owning a contiguous range of layer groups
+(one output shard), reading only its tensors lazily from the inputs' safetensors and
+streaming its shard to disk. Tensors never pass through the driver or the object store;
+the driver sends names and weights and writes the index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .architectures import Grouping
+from .merge_rule import weighted_merge
+from .models import ModelTensors, ResolvedModel
+from .safetensors_io import ST_TO_TORCH, StreamingShardWriter, TensorInfo
+from .storage import discard, filesystem, is_uri, publish, put_file, staging_location
+
+log = logging.getLogger("recall_ray.merge")
+
+# Files copied from the base into the output so that it loads unchanged.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+              "chat_template.jinja")
+
+
+def plan_shards(grouping: Grouping, infos: dict[str, TensorInfo], num_shards: int) -> list[list[int]]:
+    """Split groups 0..G-1 into `num_shards` contiguous, non-empty ranges of about equal bytes."""
+    sizes = np.array([sum(infos[n].nbytes for n in grouping.names_in(g)) for g in range(grouping.num_groups)], dtype=float)
+    num_shards = max(1, min(num_shards, grouping.num_groups))
+    bounds = np.cumsum(sizes)
+    total = bounds[-1]
+    shards: list[list[int]] = []
+    start = 0
+    for s in range(num_shards):
+        remaining_shards = num_shards - s - 1
+        if remaining_shards == 0:
+            end = grouping.num_groups
+        else:
+            target = total * (s + 1) / num_shards
+            end = int(np.searchsorted(bounds, target, side="left")) + 1
+            end = max(end, start + 1)
+            end = min(end, grouping.num_groups - remaining_shards)
+        shards.append(list(range(start, end)))
+        start = end
+    return shards
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+@ray.remote
+class ShardMergeActor:
+    """Holds lazy readers of every input model; merges one shard per call."""
+
+    def __init__(self, models: list[ResolvedModel], ref: int):
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        self.models = models
+        self.tensors = [ModelTensors(m) for m in models]
+        self.ref = ref
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def merge_shard(self, names: list[str], groups: dict[str, int], weights: list[list[float]], staging: str,
+                    filename: str, metadata: dict[str, str]) -> dict:
+        t0 = time.perf_counter()
+        infos = self.tensors[self.ref].infos
+        plan = [(n, infos[n].dtype, infos[n].shape) for n in names]
+        local_dir = staging if not is_uri(staging) else tempfile.mkdtemp(prefix="recall-ray-shard-")
+        tmp_path = os.path.join(local_dir, f".{filename}.partial")
+        writer = StreamingShardWriter(tmp_path, plan, metadata)
+        try:
+            for name in names:
+                w = weights[groups[name]]
+                merged = weighted_merge(lambda q: self.tensors[q].get(name), w, ref=self.ref,
+                                        out_dtype=ST_TO_TORCH[infos[name].dtype])
+                writer.write(name, merged)
+                del merged
+            writer.close()
+        except BaseException:
+            Path(tmp_path).unlink(missing_ok=True)
+            raise
+        if is_uri(staging):
+            put_file(tmp_path, staging, filename)
+            shutil.rmtree(local_dir, ignore_errors=True)
+        else:
+            os.replace(tmp_path, os.path.join(staging, filename))
+        return {
+            "file": filename,
+            "names": names,
+            "bytes": int(sum(infos[n].nbytes for n in names)),
+            "seconds": time.perf_counter() - t0,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
+
+
+@dataclass
+class MergeReport:
+    output: str
+    shards: list[dict]
+    seconds: float
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return max(s["peak_rss_mb"] for s in self.shards)
+
+
+def merge_actor_count(requested: int | str, num_groups: int) -> int:
+    if requested != "auto":
+        return max(1, min(int(requested), num_groups))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(num_groups, cpus - 1 if cpus > 2 else 1))
+
+
+def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, TensorInfo], weights: np.ndarray,
+              output: str, overwrite: bool, num_actors: int | str = "auto", placement: str = "SPREAD",
+              max_shard_bytes: int = 2 * 1024**3, side_dir: str | None = None, card: str | None = None,
+              ref: int = 0, extra_files: dict[str, str] | None = None) -> MergeReport:
+    """Merge `models` with per-group `weights` ([G, K]) into a Hugging Face directory `output`.
+
+    The output is built in a staging directory on the same filesystem and moved into place
+    only when complete; on any error the staging directory is removed.
+    """
+    if weights.shape != (grouping.num_groups, len(models)):
+        raise ValueError(f"weights have shape {weights.shape}, expected ({grouping.num_groups}, {len(models)})")
+    fs, out_path = filesystem(output)
+    from pyarrow.fs import FileType
+
+    if fs.get_file_info(out_path).type != FileType.NotFound and not overwrite:
+        raise FileExistsError(f"output {output} already exists; pass --overwrite or choose another `output`")
+    t0 = time.perf_counter()
+    n_actors = merge_actor_count(num_actors, grouping.num_groups)
+    total = sum(infos[n].nbytes for n in grouping.groups)
+    n_shards = max(n_actors, int(np.ceil(total / max_shard_bytes)))
+    shards = plan_shards(grouping, infos, n_shards)
+    n_shards = len(shards)
+    staging = staging_location(output)
+    pg = None
+    try:
+        strategy = None
+        if placement in ("SPREAD", "PACK"):
+            pg = placement_group([{"CPU": 0.5}] * n_actors, strategy=placement)
+            ray.get(pg.ready(), timeout=600)
+        actors = []
+        for i in range(n_actors):
+            opts = {"num_cpus": 0.5}
+            if pg is not None:
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+            actors.append(ShardMergeActor.options(**opts).remote(models, ref))
+        w_list = weights.tolist()
+        meta = {"format": "pt", "merged_by": "recall-ray"}
+        pending = {}
+        results: list[dict] = []
+        queue = list(enumerate(shards))
+        idle = list(actors)
+        while queue or pending:
+            while queue and idle:
+                i, groups_of_shard = queue.pop(0)
+                names = [n for g in groups_of_shard for n in sorted(grouping.names_in(g))]
+                sub_groups = {n: grouping.groups[n] for n in names}
+                actor = idle.pop(0)
+                ref_obj = actor.merge_shard.remote(names, sub_groups, w_list, staging, shard_name(i, n_shards), meta)
+                pending[ref_obj] = actor
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for d in done:
+                actor = pending.pop(d)
+                res = ray.get(d)
+                results.append(res)
+                idle.append(actor)
+                log.info("merge: shard %s done (%d/%d, %.1f MB, %.1fs)", res["file"], len(results), n_shards,
+                         res["bytes"] / 1e6, res["seconds"])
+        _write_side_files(staging, results, total, side_dir, card, extra_files or {})
+        publish(staging, output, overwrite)
+    except BaseException:
+        discard(staging)
+        raise
+    finally:
+        if pg is not None:
+            remove_placement_group(pg)
+    return MergeReport(output, sorted(results, key=lambda r: r["file"]), time.perf_counter() - t0)
+
+
+def _write_side_files(staging: str, shards: list[dict], total_bytes: int, side_dir: str | None, card: str | None,
+                      extra_files: dict[str, str]) -> None:
+    index = {
+        "metadata": {"total_size": int(total_bytes)},
+        "weight_map": {n: s["file"] for s in sorted(shards, key=lambda r: r["file"]) for n in s["names"]},
+    }
+    files = {"model.safetensors.index.json": json.dumps(index, indent=2, sort_keys=True) + "\n"}
+    if card is not None:
+        files["README.md"] = card
+    files.update(extra_files)
+    if side_dir is not None:
+        for name in SIDE_FILES:
+            src = Path(side_dir) / name
+            if src.is_file():
+                files.setdefault(name, src.read_text())
+    fs, path = filesystem(staging)
+    for name, text in files.items():
+        with fs.open_output_stream(f"{path}/{name}") as f:
+            f.write(text.encode())

@@ -1,0 +1,40 @@
+"""The merge rule for one tensor: theta = sum_q w_q theta_q, accumulated in float32.
+
+Written as theta_ref + sum_q w_q (theta_q - theta_ref) with the weights summing to 1, which
+is the same sum in exact arithmetic, but (1) merging K identical models returns theta_ref
+bit for bit, because every difference is exactly 0, and (2) the float32 rounding error
+scales with the (small) fine-tuning deltas instead of with the weights themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+def weighted_merge(load: Callable[[int], torch.Tensor], weights: Sequence[float], ref: int = 0,
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Merge one tensor from K models, loading one model's copy at a time.
+
+    load(q) returns model q's tensor (any float dtype); weights must sum to 1 (they are
+    renormalised in float64 to make sure). Memory: the reference, the accumulator and one
+    loaded copy, whatever K is. The result has `out_dtype` (default: the reference's).
+    """
+    w = torch.tensor(list(weights), dtype=torch.float64)
+    if w.ndim != 1 or len(w) == 0 or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"merge weights must be finite, non-negative and not all zero, got {list(weights)}")
+    w = (w / w.sum()).tolist()
+    ref_t = load(ref)
+    dtype = out_dtype or ref_t.dtype
+    ref32 = ref_t.to(torch.float32)
+    acc = torch.zeros_like(ref32)
+    for q, wq in enumerate(w):
+        if q == ref or wq == 0.0:
+            continue
+        delta = load(q).to(torch.float32, copy=True)  # never modify the loader's tensor
+        delta.sub_(ref32)
+        acc.add_(delta, alpha=wq)
+    if not acc.any():  # every other model equals the reference: return it untouched
+        return ref_t.to(dtype)
+    return (ref32 + acc).to(dtype)

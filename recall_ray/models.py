@@ -1,0 +1,139 @@
+"""Input models: resolve, validate (before any work), read tensors lazily, load for inference.
+
+A model is either a Hugging Face directory or a LoRA adapter on the base. Both are seen
+through `ModelTensors`, which yields each parameter by name (adapters folded exactly), so
+the merge never needs a folded copy on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .lora import Adapter, check_adapter_fits, fold_lora, is_adapter_dir, read_adapter
+from .safetensors_io import (
+    CheckpointError,
+    LazyTensorReader,
+    TensorInfo,
+    files_fingerprint,
+    list_weight_files,
+    tensor_infos,
+)
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model spec with its kind decided and paths made absolute (picklable, for actors)."""
+
+    label: str
+    kind: Literal["hf", "adapter"]
+    path: str
+    base_path: str
+    allow_pickle: bool = False
+
+    @property
+    def weights_dir(self) -> str:
+        """The directory holding the full weights (the base for an adapter)."""
+        return self.path if self.kind == "hf" else self.base_path
+
+    @property
+    def tokenizer_dir(self) -> str:
+        if self.kind == "adapter" and any((Path(self.path) / f).is_file() for f in TOKENIZER_FILES):
+            return self.path
+        return self.weights_dir
+
+    def hf_config(self) -> dict:
+        return json.loads((Path(self.weights_dir) / "config.json").read_text())
+
+
+def resolve_path(path: str) -> str:
+    """Builtin names -> converted local directory; everything else -> absolute path."""
+    if path.startswith("builtin:"):
+        from .builtin_models import builtin_model_dir
+
+        return str(builtin_model_dir(path.split(":", 1)[1]))
+    return str(Path(path).expanduser().resolve())
+
+
+def resolve_model(label: str, path: str, base_path: str, allow_pickle: bool = False) -> ResolvedModel:
+    p = Path(resolve_path(path))
+    if not p.exists():
+        raise CheckpointError(f"model {label!r}: {path} does not exist")
+    if is_adapter_dir(p):
+        return ResolvedModel(label, "adapter", str(p), base_path, allow_pickle)
+    if not (p / "config.json").is_file():
+        raise CheckpointError(
+            f"model {label!r}: {p} is neither a Hugging Face model directory (no config.json) nor a PEFT adapter"
+            " (no adapter_config.json)"
+        )
+    return ResolvedModel(label, "hf", str(p), base_path, allow_pickle)
+
+
+class ModelTensors:
+    """Lazy, by-name access to one model's parameters (adapter deltas folded in float32)."""
+
+    def __init__(self, model: ResolvedModel):
+        self.model = model
+        self.weight_files = list_weight_files(model.weights_dir, allow_pickle=model.allow_pickle)
+        self.infos: dict[str, TensorInfo] = tensor_infos(self.weight_files)
+        self._reader = LazyTensorReader(self.infos)
+        self.adapter: Adapter | None = read_adapter(model.path) if model.kind == "adapter" else None
+        self._adapter_reader = LazyTensorReader(self.adapter.infos) if self.adapter else None
+
+    def get(self, name: str) -> torch.Tensor:
+        """The parameter; adapter targets come back folded, as float32."""
+        t = self._reader.get(name)
+        if self.adapter is not None and name in self.adapter.targets:
+            tgt = self.adapter.targets[name]
+            return fold_lora(t, self._adapter_reader.get(tgt.lora_a), self._adapter_reader.get(tgt.lora_b), tgt.scale,
+                             fan_in_fan_out=bool(self.adapter.config.get("fan_in_fan_out")))
+        return t
+
+    def fingerprint(self) -> str:
+        fp = files_fingerprint(self.weight_files)
+        if self.adapter is not None:
+            fp = hashlib.sha256((fp + files_fingerprint(list_weight_files(self.adapter.path))).encode()).hexdigest()
+        return fp
+
+
+def tokenizer_fingerprint(model_dir: str) -> str | None:
+    """sha256 of the files that define the vocabulary (not chat templates or settings)."""
+    h = hashlib.sha256()
+    found = False
+    for name in TOKENIZER_FILES:
+        f = Path(model_dir) / name
+        if f.is_file():
+            found = True
+            h.update(name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest() if found else None
+
+
+def load_causal_lm(model: ResolvedModel, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A transformers causal LM for inference, with an adapter folded exactly (same rule as the merge)."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(model.weights_dir, dtype=dtype)
+    if model.kind == "adapter":
+        tensors = ModelTensors(model)
+        params = dict(lm.named_parameters())
+        with torch.no_grad():
+            for name in tensors.adapter.targets:
+                params[name].copy_(tensors.get(name).to(dtype))
+    return lm.to(device).eval()
+
+
+def load_tokenizer(model: ResolvedModel):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model.tokenizer_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

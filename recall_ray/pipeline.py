@@ -1,0 +1,400 @@
+"""The RECALL job, stage by stage, on Ray. Each stage's core is a pure function in its own
+module; this file decides what runs where, checks inputs before any work, and records
+every stage in the manifest so that a rerun resumes.
+
+    preflight -> [finetune] -> reps (new model, all task data) -> typical (KMeans per layer)
+              -> reps (every other model, typical samples) -> weights -> merge
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import RunConfig
+from .manifest import Manifest, stable_hash
+from .models import ResolvedModel, resolve_model, resolve_path
+from .safetensors_io import CheckpointError
+from .similarity import layer_similarity, saturated_layers, softmax_weights
+from .storage import RunDir, output_exists
+from .templates import load_task_records
+from .typical import TooFewSamplesError, union_in_order
+from .validate import ModelMismatchError, ModelSet, check_models, raise_if_nonfinite
+
+log = logging.getLogger("recall_ray.pipeline")
+
+
+class PipelineError(ValueError):
+    """Bad input found before any work."""
+
+
+@dataclass
+class PipelineResult:
+    output: str
+    run_dir: str
+    table: pd.DataFrame
+    timings: dict[str, dict]
+    typical_count: int
+    saturated: list[int]
+    merge_peak_rss_mb: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- preflight
+
+@dataclass
+class Plan:
+    cfg: RunConfig
+    base: ResolvedModel
+    experts: list[ResolvedModel]
+    new: ResolvedModel | None  # None: fine-tuned by the job
+    records: list[dict]
+    data_hash: str
+
+
+def _file_hash(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def preflight(cfg: RunConfig) -> Plan:
+    """Every check that needs no model forward pass. Raises before anything is written."""
+    base_path = resolve_path(cfg.base.path)
+    base = resolve_model(cfg.base.name or "base", cfg.base.path, base_path, cfg.allow_pickle)
+    if base.kind != "hf":
+        raise PipelineError(f"base {cfg.base.path} is an adapter; `base` must be a full Hugging Face model directory")
+    experts = [resolve_model(e.label, e.path, base_path, cfg.allow_pickle) for e in cfg.experts]
+    new = None
+    if cfg.new_model is not None and not cfg.finetune.enabled:
+        new = resolve_model(cfg.new_model.name or "new", cfg.new_model.path, base_path, cfg.allow_pickle)
+    labels = [base.label] + [e.label for e in experts] + [new.label if new else "new"]
+    if len(set(labels)) != len(labels):
+        raise PipelineError(f"model names must be distinct, got {labels}: set `name` on the models")
+    if new is None and not cfg.experts and not cfg.include_base:
+        raise PipelineError("nothing to merge the new model with: add `experts` or set include_base: true")
+
+    records = load_task_records(cfg.task.data, cfg.task.template, cfg.task.max_samples)
+    if len(records) < cfg.typical.k:
+        raise TooFewSamplesError(
+            f"task data {cfg.task.data} has {len(records)} usable samples (task.max_samples={cfg.task.max_samples})"
+            f" but typical.k={cfg.typical.k}: KMeans needs at least k samples; add data or lower typical.k"
+        )
+    if output_exists(cfg.output_dir) and not cfg.overwrite and not _is_own_output(cfg):
+        raise FileExistsError(f"output {cfg.output_dir} already exists; pass --overwrite or choose another `output`")
+    models = [base, *experts] + ([new] if new else [])
+    if len(models) >= 2:
+        check_models(models, cfg.architecture, cfg.merge.head_group)
+    return Plan(cfg, base, experts, new, records, _file_hash(cfg.task.data))
+
+
+def _is_own_output(cfg: RunConfig) -> bool:
+    """An output this run directory's manifest says it produced (a rerun may reuse it)."""
+    import json
+
+    rd_fs_path = Path(cfg.run_dir) / Manifest.FILE if "://" not in cfg.run_dir else None
+    if rd_fs_path is None or not rd_fs_path.is_file():
+        return False
+    stage = json.loads(rd_fs_path.read_text()).get("stages", {}).get("merge", {})
+    return stage.get("status") == "done" and (stage.get("result") or {}).get("output") == cfg.output_dir
+
+
+# ------------------------------------------------------------------------- Ray helpers
+
+def _finite_scan(models: list[ResolvedModel]) -> None:
+    """NaN/Inf check, one Ray task per distinct weight set (the base is read once)."""
+    import ray
+
+    from .validate import nonfinite_tensors
+
+    scan = ray.remote(num_cpus=0.5)(nonfinite_tensors)
+    seen: dict[tuple, ResolvedModel] = {}
+    for m in models:
+        key = (m.weights_dir, m.path if m.kind == "adapter" else None)
+        seen.setdefault(key, m)
+    refs = {m.label: scan.remote(m) for m in seen.values()}
+    raise_if_nonfinite({label: ray.get(r) for label, r in refs.items()})
+
+
+def _extract(model: ResolvedModel, items: list[dict], out_uri: str, cfg: RunConfig, run_dir: RunDir, rel: str) -> None:
+    """Run `items` (sample_idx, sample_id, text) through `model` with a Ray Data actor pool
+    and write the per-layer representations to Parquet at `rel` (staged, then moved)."""
+    import ray
+
+    from .representations import RepresentationExtractor, pool_resources
+
+    pool = pool_resources(ray.cluster_resources(), cfg.representations.num_actors, len(items))
+    tmp = run_dir.tmp_name(rel)
+    log.info("representations of %s: %d samples, %d actor(s) x %.2f CPU / %d GPU", model.label, len(items),
+             pool["size"], pool["num_cpus"], pool["num_gpus"])
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.representations.batch_size, 64)))
+    ds = ds.map_batches(
+        RepresentationExtractor,
+        fn_constructor_kwargs={
+            "model": model, "max_length": cfg.task.max_length,
+            "exclude_first_token": cfg.representations.exclude_first_token,
+            "dtype": cfg.representations.dtype, "num_threads": pool["threads"],
+        },
+        batch_size=cfg.representations.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool["size"]),
+        num_cpus=pool["num_cpus"],
+        num_gpus=pool["num_gpus"],
+    )
+    ds.write_parquet(run_dir.uri(tmp))
+    run_dir.replace_dir(tmp, rel)
+
+
+def _kmeans_all_layers(reps_uri: str, num_layers: int, cfg: RunConfig) -> list[list[int]]:
+    """One Ray task per layer, each reading only its column; returns sample_idx per layer."""
+    import ray
+
+    from .representations import read_layer
+    from .typical import typical_indices
+
+    @ray.remote(num_cpus=0.5)
+    def kmeans_layer(layer: int) -> list[int]:
+        idx, x = read_layer(reps_uri, layer)
+        chosen = typical_indices(x, cfg.typical.k, cfg.typical.seed, cfg.typical.n_init)
+        return [int(idx[i]) for i in chosen]
+
+    refs = [kmeans_layer.remote(i) for i in range(num_layers)]
+    out = []
+    for i, r in enumerate(refs):
+        out.append(ray.get(r))
+        log.info("typical: layer %d/%d clustered", i + 1, num_layers)
+    return out
+
+
+# ------------------------------------------------------------------------------ stages
+
+def run_pipeline(cfg: RunConfig) -> PipelineResult:
+    """Run (or resume) the whole job. Ray must already be initialised (see `connect_ray`)."""
+    plan = preflight(cfg)
+    run_dir = RunDir(cfg.run_dir)
+    manifest = Manifest(run_dir, cfg.model_dump(mode="json"))
+    base, experts = plan.base, plan.experts
+    notes: list[str] = []
+
+    # Fine-tune the new model when the config has none (or asks for it).
+    new = plan.new
+    if new is None:
+        new = _finetune_stage(plan, run_dir, manifest)
+        check_models([base, *experts, new], cfg.architecture, cfg.merge.head_group)
+
+    models = [base, *experts, new]  # merge order; the base is the reference (index 0)
+    modelset: ModelSet = check_models(models, cfg.architecture, cfg.merge.head_group)
+    manifest.record_inputs({
+        "models": {m.label: {"kind": m.kind, "path": m.path, "fingerprint": modelset.fingerprints[m.label]} for m in models},
+        "task_data": {"path": str(Path(cfg.task.data).resolve()), "sha256": plan.data_hash},
+    })
+    if cfg.merge.check_finite:
+        manifest.run("finite_check", [modelset.fingerprints], [], lambda: _finite_scan(models))
+
+    num_layers = modelset.arch.num_layers(modelset.hf_config)
+    items = [{"sample_idx": i, "sample_id": r["sample_id"], "text": r["prompt"] + r["target"]}
+             for i, r in enumerate(plan.records)]
+    reps_opts = [cfg.task.max_length, cfg.representations.exclude_first_token, cfg.representations.dtype]
+
+    # Representations of the new model on all of the new task's data.
+    new_rel = f"reps/{new.label}"
+    new_key = [modelset.fingerprints[new.label], plan.data_hash, cfg.task.model_dump(), reps_opts]
+    manifest.run("reps_new", new_key, [run_dir.uri(new_rel)],
+                 lambda: _extract(new, items, run_dir.uri(new_rel), cfg, run_dir, new_rel))
+
+    # Typical samples: KMeans per layer on the new model's representations.
+    typical_key = [new_key, cfg.typical.model_dump()]
+
+    def typical_stage() -> dict:
+        per_layer = _kmeans_all_layers(run_dir.uri(new_rel), num_layers + 1, cfg)
+        order, chosen_by = union_in_order(per_layer)
+        table = pa.table({
+            "sample_idx": pa.array(order, pa.int64()),
+            "sample_id": [items[i]["sample_id"] for i in order],
+            "text": [items[i]["text"] for i in order],
+            "chosen_by_layers": pa.array([chosen_by[i] for i in order], pa.list_(pa.int32())),
+        })
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        run_dir.write_bytes("typical.parquet", buf.getvalue())
+        return {"count": len(order), "sample_idx": order}
+
+    typical = manifest.run("typical", typical_key, [run_dir.uri("typical.parquet")], typical_stage)
+    typical_idx = typical["sample_idx"]
+    log.info("typical samples: %d distinct over %d layers (k=%d)", len(typical_idx), num_layers + 1, cfg.typical.k)
+
+    # Representations of every other model on the typical samples.
+    typical_items = [items[i] for i in typical_idx]
+    rel_of = {new.label: new_rel}
+    for m in models:
+        if m is new:
+            continue
+        rel = f"reps/{m.label}"
+        rel_of[m.label] = rel
+        manifest.run(f"reps_{m.label}", [modelset.fingerprints[m.label], typical_key, reps_opts], [run_dir.uri(rel)],
+                     lambda m=m, rel=rel: _extract(m, typical_items, run_dir.uri(rel), cfg, run_dir, rel))
+
+    # Similarities and weights (small: on the driver, one layer at a time).
+    weigh_labels = ([base.label] if cfg.include_base else []) + [e.label for e in experts] + [new.label]
+    weights_key = [typical_key, {lbl: modelset.fingerprints[lbl] for lbl in weigh_labels}, reps_opts,
+                   cfg.similarity.model_dump(), cfg.include_base]
+    manifest.run("weights", weights_key, [run_dir.uri("weights.parquet"), run_dir.uri("weights.csv")],
+                 lambda: _weights_stage(run_dir, rel_of, weigh_labels, new.label, typical_idx, num_layers, cfg))
+    table = pd.read_parquet(io.BytesIO(_read_bytes(run_dir, "weights.parquet")))
+    sat = sorted(set(table.loc[table["saturated"], "layer"].astype(int)))
+    if sat:
+        log.warning("similarity saturated in %d of %d layers %s: the kernel does not tell models apart there and"
+                    " the weights are a constant (see DESIGN.md; try normalize: l2, sigma: median or a temperature)",
+                    len(sat), num_layers + 1, _ranges(sat))
+
+    # Merge (base column 0 when the base does not take part; it stays the reference).
+    w = np.zeros((num_layers + 1, len(models)))
+    label_col = {m.label: q for q, m in enumerate(models)}
+    for row in table.itertuples():
+        w[int(row.layer), label_col[row.model]] = row.weight
+    merge_key = [weights_key, stable_hash(w.round(12).tolist()), cfg.merge.model_dump(exclude={"num_actors"}),
+                 cfg.output_dir, [modelset.fingerprints[m.label] for m in models]]
+    merge_result = manifest.run("merge", merge_key, [cfg.output_dir],
+                                lambda: _merge_stage(models, modelset, w, table, typical_idx, cfg, run_dir))
+    return PipelineResult(cfg.output_dir, cfg.run_dir, table, manifest.timings, len(typical_idx), sat,
+                          (merge_result or {}).get("peak_rss_mb"), notes)
+
+
+def _read_bytes(run_dir: RunDir, rel: str) -> bytes:
+    with run_dir.fs.open_input_stream(run_dir.path(rel)) as f:
+        return f.read()
+
+
+def _finetune_stage(plan: Plan, run_dir: RunDir, manifest: Manifest) -> ResolvedModel:
+    from .finetune import finetune_lora
+
+    cfg = plan.cfg
+    if "://" in cfg.run_dir:
+        raise PipelineError("fine-tuning writes its adapter locally: use a local run_dir, or give `new_model`")
+    out = str(Path(cfg.run_dir, "finetune", "adapter").resolve())
+    ft_records = load_task_records(cfg.task.data, cfg.task.template, cfg.finetune.max_samples)
+    key = [manifest_fp(plan.base), plan.data_hash, cfg.task.template, cfg.finetune.model_dump()]
+
+    def run() -> dict:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)  # a stale adapter from other settings
+        finetune_lora(plan.base.path, ft_records, cfg.finetune, out, str(Path(cfg.run_dir, "finetune", "ray_train").resolve()))
+        return {"adapter": out}
+
+    manifest.run("finetune", key, [out], run)
+    name = cfg.new_model.name if cfg.new_model and cfg.new_model.name else "new"
+    return resolve_model(name, out, plan.base.path, cfg.allow_pickle)
+
+
+def manifest_fp(model: ResolvedModel) -> str:
+    from .models import ModelTensors
+
+    return ModelTensors(model).fingerprint()
+
+
+def _weights_stage(run_dir: RunDir, rel_of: dict[str, str], labels: list[str], new_label: str, typical_idx: list[int],
+                   num_layers: int, cfg: RunConfig) -> dict:
+    from .report import plot_png
+    from .representations import read_layer
+
+    sc = cfg.similarity
+    new_q = labels.index(new_label)
+    keep = np.asarray(typical_idx)
+    rows = []
+    for layer in range(num_layers + 1):
+        reps = []
+        for lbl in labels:
+            idx, x = read_layer(run_dir.uri(rel_of[lbl]), layer)
+            pos = {int(s): j for j, s in enumerate(idx)}
+            reps.append(x[[pos[int(s)] for s in keep]])  # same samples, same order for every model
+        ls = layer_similarity(reps, new_q, sc.kernel, sc.sigma, sc.normalize, sc.pairing)
+        wts = softmax_weights(ls.similarity[None, :], sc.temperature)[0]
+        norm = float(np.linalg.norm(reps[new_q], axis=1).mean())
+        for q, lbl in enumerate(labels):
+            rows.append({"layer": layer, "model": lbl, "sq_distance": float(ls.sq_dist[q]),
+                         "similarity": float(ls.similarity[q]), "weight": float(wts[q]), "sigma": ls.sigma,
+                         "new_rep_norm": norm})
+    table = pd.DataFrame(rows)
+    sim = table.pivot(index="layer", columns="model", values="similarity")[labels].to_numpy()
+    sat = set(saturated_layers(sim, new_q))
+    table["saturated"] = table["layer"].isin(sat)
+    buf = io.BytesIO()
+    table.to_parquet(buf, index=False)
+    run_dir.write_bytes("weights.parquet", buf.getvalue())
+    run_dir.write_text("weights.csv", table.to_csv(index=False, float_format="%.10g"))
+    run_dir.write_bytes("plots/similarity.png", plot_png(table, "similarity", "similarity to the new model"))
+    run_dir.write_bytes("plots/weights.png", plot_png(table, "weight", "merge weight"))
+    run_dir.write_bytes("plots/sq_distance.png", plot_png(table, "sq_distance", "mean squared distance", log_scale=True))
+    for layer in range(num_layers + 1):
+        sub = table[table["layer"] == layer]
+        log.info("layer %2d: sq_dist %s | sim %s | w %s%s", layer,
+                 " ".join(f"{v:.3g}" for v in sub["sq_distance"]), " ".join(f"{v:.3g}" for v in sub["similarity"]),
+                 " ".join(f"{v:.3f}" for v in sub["weight"]), "  SATURATED" if layer in sat else "")
+    return {"layers": num_layers + 1, "saturated": sorted(sat)}
+
+
+def _merge_stage(models: list[ResolvedModel], modelset: ModelSet, w: np.ndarray, table: pd.DataFrame,
+                 typical_idx: list[int], cfg: RunConfig, run_dir: RunDir) -> dict:
+    from .merge import run_merge
+    from .report import model_card
+
+    card = model_card(
+        [{"label": m.label, "kind": m.kind, "path": m.path} for m in models], table,
+        "\n".join(f"{k}: {v}" for k, v in {
+            "similarity": cfg.similarity.model_dump(), "typical": cfg.typical.model_dump(),
+            "include_base": cfg.include_base, "head_group": cfg.merge.head_group}.items()),
+        len(typical_idx),
+    )
+    report = run_merge(models, modelset.grouping, modelset.infos, w, cfg.output_dir, cfg.overwrite,
+                       cfg.merge.num_actors, cfg.merge.placement, cfg.merge.max_shard_bytes,
+                       side_dir=models[0].weights_dir, card=card,
+                       extra_files={"recall_weights.csv": table.to_csv(index=False, float_format="%.10g")})
+    return {"output": cfg.output_dir, "seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb,
+            "shards": [{k: s[k] for k in ("file", "bytes", "seconds", "peak_rss_mb", "node_id")} for s in report.shards]}
+
+
+def _ranges(xs: list[int]) -> str:
+    out, start, prev = [], None, None
+    for x in xs:
+        if start is None:
+            start = prev = x
+        elif x == prev + 1:
+            prev = x
+        else:
+            out.append(f"{start}-{prev}" if start != prev else str(start))
+            start = prev = x
+    if start is not None:
+        out.append(f"{start}-{prev}" if start != prev else str(start))
+    return "[" + ", ".join(out) + "]"
+
+
+def connect_ray(cfg: RunConfig) -> bool:
+    """Join a cluster (config address or RAY_ADDRESS, as under `ray job submit`) or start a
+    local runtime. Returns True when this process started Ray (and should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a laptop run needs no token auth
+    ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory, include_dashboard=False,
+             configure_logging=False)
+    return True
+
+
+__all__ = ["run_pipeline", "connect_ray", "preflight", "PipelineError", "CheckpointError", "ModelMismatchError"]

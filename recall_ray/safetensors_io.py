@@ -1,0 +1,239 @@
+"""Safetensors on disk: header validation, lazy per-tensor reads, fingerprints, and a
+streaming shard writer.
+
+Why our own header parsing: a truncated or corrupt file must be refused before any work,
+with the file named, and fingerprints must not need the tensor bytes. The header (8-byte
+little-endian length + JSON) gives names, dtypes, shapes and byte ranges, which is enough
+to check every range lies inside the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# safetensors dtype names <-> torch dtypes (the subset models use).
+ST_TO_TORCH: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be used as it is, with the file named and the fix."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: str
+    nbytes: int
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+def read_header(path: str | Path) -> tuple[dict, bytes]:
+    """Parse and validate one safetensors header; return (header dict, raw header bytes).
+
+    Raises CheckpointError if the file is too short, the header is not JSON, a dtype is
+    unknown, or any tensor's byte range does not fit the file (a truncated download).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes); re-download or re-save it")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(
+                f"{path}: corrupt or truncated safetensors header (header says {n} bytes, file has {size});"
+                " re-download or re-save the model"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e}); re-download or re-save the model") from None
+    data_len = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in ST_TO_TORCH:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+        begin, end = info["data_offsets"]
+        if not (0 <= begin <= end <= data_len):
+            raise CheckpointError(
+                f"{path}: tensor {name} lies outside the file (bytes {begin}-{end} of {data_len}):"
+                " the file is truncated or corrupt; re-download or re-save the model"
+            )
+    return header, raw
+
+
+def list_weight_files(model_dir: str | Path, allow_pickle: bool = False) -> list[Path]:
+    """The safetensors files of a model directory (via its index when sharded)."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({model_dir / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{model_dir}: index names shard(s) that are missing: {missing}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES) if model_dir.is_dir() else []
+    if pickles:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{model_dir}: holds only pickle checkpoint(s) {[p.name for p in pickles]}, which can run code when"
+                " loaded; convert to safetensors (model.save_pretrained(dir, safe_serialization=True)) or set"
+                " allow_pickle: true if you trust the file"
+            )
+        return pickles
+    raise CheckpointError(f"{model_dir}: no model weights found (expected *.safetensors)")
+
+
+def tensor_infos(files: Iterable[Path]) -> dict[str, TensorInfo]:
+    """Name -> TensorInfo over all files; a tensor in two files is an error."""
+    out: dict[str, TensorInfo] = {}
+    for f in files:
+        if f.suffix in PICKLE_SUFFIXES:
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            for name, t in sd.items():
+                out[name] = TensorInfo(name, TORCH_TO_ST[t.dtype], tuple(t.shape), str(f), t.numel() * t.element_size())
+            continue
+        header, _ = read_header(f)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if name in out:
+                raise CheckpointError(f"tensor {name} appears in both {out[name].file} and {f}")
+            b, e = info["data_offsets"]
+            out[name] = TensorInfo(name, info["dtype"], tuple(info["shape"]), str(f), e - b)
+    return out
+
+
+def files_fingerprint(files: Iterable[Path]) -> str:
+    """sha256 over each file's name, size and safetensors header: cheap, and it changes
+    whenever the tensors' names, shapes, dtypes or sizes do. Pickle files hash their bytes."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        f = Path(f)
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        if f.suffix == ".safetensors":
+            h.update(read_header(f)[1])
+        else:
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def model_fingerprint(model_dir: str | Path, allow_pickle: bool = False) -> str:
+    return files_fingerprint(list_weight_files(model_dir, allow_pickle=allow_pickle))
+
+
+class LazyTensorReader:
+    """Reads single tensors on demand from a set of files, keeping handles open."""
+
+    def __init__(self, infos: dict[str, TensorInfo]):
+        self._infos = infos
+        self._handles: dict[str, object] = {}
+        self._pickled: dict[str, dict] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self._infos[name]
+        if info.file.endswith(PICKLE_SUFFIXES):
+            if info.file not in self._pickled:
+                self._pickled[info.file] = torch.load(info.file, map_location="cpu", weights_only=True, mmap=True)
+            return self._pickled[info.file][name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = safe_open(info.file, framework="pt", device="cpu")
+            self._handles[info.file] = handle
+        return handle.get_tensor(name)
+
+
+class StreamingShardWriter:
+    """Writes one safetensors file tensor by tensor, so only one tensor is in memory.
+
+    The header is written first from the planned (name, dtype, shape) list; tensors must then
+    be written in exactly that order. The file is complete (and valid) only after `close()`.
+    """
+
+    def __init__(self, path: str | Path, plan: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self._plan = plan
+        header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for name, dtype, shape in plan:
+            nbytes = _numel(shape) * torch.empty((), dtype=ST_TO_TORCH[dtype]).element_size()
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)))
+        self._f.write(raw)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        exp_name, exp_dtype, exp_shape = self._plan[self._next]
+        if name != exp_name or TORCH_TO_ST[tensor.dtype] != exp_dtype or tuple(tensor.shape) != tuple(exp_shape):
+            raise RuntimeError(
+                f"shard writer: expected {exp_name} {exp_dtype} {exp_shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}"
+            )
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        self._f.write(memoryview(data))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._plan):
+            self._f.close()
+            raise RuntimeError(f"shard writer: {len(self._plan) - self._next} planned tensors were never written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def iter_nonfinite(reader: LazyTensorReader, infos: dict[str, TensorInfo]) -> Iterator[str]:
+    """Names of floating tensors holding NaN or Inf."""
+    for name, info in infos.items():
+        if info.is_float and not torch.isfinite(reader.get(name)).all():
+            yield name

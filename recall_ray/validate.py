@@ -1,0 +1,117 @@
+"""Checks on the set of input models, run before any work: same architecture, same tensors,
+same tokenizer, adapters that fit their base, every tensor in a layer group, finite weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .architectures import Architecture, Grouping, architecture_for, assign_groups
+from .lora import check_adapter_fits
+from .models import ModelTensors, ResolvedModel, tokenizer_fingerprint
+from .safetensors_io import CheckpointError, TensorInfo, files_fingerprint, iter_nonfinite
+
+# config.json keys that must agree for a tensor-by-tensor merge to make sense.
+SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+              "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+
+
+class ModelMismatchError(ValueError):
+    """Models that cannot be merged with each other."""
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    models: list[ResolvedModel]
+    arch: Architecture
+    hf_config: dict
+    grouping: Grouping
+    infos: dict[str, TensorInfo]  # of the first model (all agree)
+    fingerprints: dict[str, str]  # label -> weights (+ adapter) fingerprint
+
+
+def check_models(models: list[ResolvedModel], architecture_path: str | None = None,
+                 head_group: str = "last") -> ModelSet:
+    """Validate that `models` (base first) can be merged; raise with the model and tensor named."""
+    if len(models) < 2:
+        raise ModelMismatchError("a merge needs at least two models (e.g. the base and the new model)")
+    configs = [m.hf_config() for m in models]
+    ref_cfg = configs[0]
+    for m, cfg in zip(models[1:], configs[1:]):
+        for key in SHAPE_KEYS:
+            if cfg.get(key) != ref_cfg.get(key):
+                what = "vocabulary size" if key == "vocab_size" else "architecture"
+                raise ModelMismatchError(
+                    f"model {m.label!r} has a different {what} from {models[0].label!r}: {key}={cfg.get(key)!r}"
+                    f" vs {ref_cfg.get(key)!r}; RECALL merges fine-tuned copies of one base model"
+                )
+    arch = architecture_for(ref_cfg, architecture_path)
+
+    tok_ref = tokenizer_fingerprint(models[0].tokenizer_dir)
+    for m in models[1:]:
+        tok = tokenizer_fingerprint(m.tokenizer_dir)
+        if tok_ref and tok and tok != tok_ref:
+            raise ModelMismatchError(
+                f"model {m.label!r} has a different tokenizer from {models[0].label!r} ({m.tokenizer_dir} vs"
+                f" {models[0].tokenizer_dir}); merged models must share one vocabulary"
+            )
+
+    tensors = [ModelTensors(m) for m in models]
+    base_fp_cache: dict[str, str] = {}
+    fingerprints: dict[str, str] = {}
+    ref_infos = tensors[0].infos
+    for m, t in zip(models, tensors):
+        if t.adapter is not None:
+            if m.base_path not in base_fp_cache:
+                base_fp_cache[m.base_path] = files_fingerprint(t.weight_files)
+            check_adapter_fits(t.adapter, t.infos, base_fp_cache[m.base_path], m.base_path)
+        _check_same_tensors(models[0].label, ref_infos, m.label, t.infos)
+        fingerprints[m.label] = t.fingerprint()
+
+    grouping = assign_groups(
+        ref_infos.keys(), arch, arch.num_layers(ref_cfg),
+        tie_word_embeddings=bool(ref_cfg.get("tie_word_embeddings")), head_group=head_group,
+    )
+    non_float = [n for n in grouping.groups if not ref_infos[n].is_float]
+    if non_float:
+        raise ModelMismatchError(f"non-floating-point tensors in layer groups are not mergeable: {non_float[:5]}")
+    return ModelSet(models, arch, ref_cfg, grouping, ref_infos, fingerprints)
+
+
+def _check_same_tensors(ref_label: str, ref: dict[str, TensorInfo], label: str, infos: dict[str, TensorInfo]) -> None:
+    missing = sorted(set(ref) - set(infos))
+    extra = sorted(set(infos) - set(ref))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}")
+        if extra:
+            parts.append(f"extra {extra[:5]}")
+        raise ModelMismatchError(
+            f"model {label!r} does not have the same tensors as {ref_label!r}: {'; '.join(parts)};"
+            " all models must be copies of one architecture"
+        )
+    for name, info in ref.items():
+        other = infos[name]
+        if other.shape != info.shape:
+            raise ModelMismatchError(
+                f"model {label!r} tensor {name} has shape {list(other.shape)}, {ref_label!r} has {list(info.shape)}"
+            )
+
+
+def nonfinite_tensors(model: ResolvedModel) -> list[str]:
+    """Names of floating tensors with NaN or Inf (adapter deltas included). Reads every weight."""
+    t = ModelTensors(model)
+    bad = list(iter_nonfinite(t._reader, t.infos))
+    if t.adapter is not None:
+        bad += [f"{t.adapter.path}:{n}" for n in iter_nonfinite(t._adapter_reader, t.adapter.infos)]
+    return bad
+
+
+def raise_if_nonfinite(results: dict[str, list[str]]) -> None:
+    for label, bad in results.items():
+        if bad:
+            raise CheckpointError(
+                f"model {label!r} has NaN or Inf in {len(bad)} tensor(s), e.g. {bad[:3]}; a diverged fine-tune"
+                " cannot be merged: retrain it or drop it from `experts`"
+            )

@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny random Llama models and an offline tokenizer, one Ray runtime per
+test session (private temp dir, capped object store; never `ray stop`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+def make_tokenizer(out_dir: Path, vocab_size: int = 300) -> None:
+    """A small byte-level BPE tokenizer trained offline on the shipped SST-2 text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    lines = [json.loads(l)["sentence"] for l in (DATA / "sst2" / "train.jsonl").read_text().splitlines()[:400]]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(lines, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>", bos_token="<|endoftext|>")
+    fast.save_pretrained(out_dir)
+
+
+def make_tiny_llama(out_dir: Path, seed: int = 0, layers: int = 2, hidden: int = 64, tie: bool = True,
+                    tokenizer_dir: Path | None = None, dtype: torch.dtype = torch.float32,
+                    model_type: str = "llama") -> Path:
+    """A random tiny causal LM saved as a Hugging Face directory (safetensors)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok_dir = tokenizer_dir or out_dir
+    if tokenizer_dir is None:
+        make_tokenizer(out_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=tie,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def perturbed_copy(src: Path, dst: Path, seed: int, scale: float = 0.02) -> Path:
+    """A 'fine-tuned' copy of src: every floating weight plus small seeded noise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_base"))
+
+
+@pytest.fixture(scope="session")
+def tiny_experts(tmp_path_factory, tiny_dir) -> list[Path]:
+    root = tmp_path_factory.mktemp("tiny_experts")
+    return [perturbed_copy(tiny_dir, root / f"e{i}", seed=100 + i) for i in range(2)]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray runtime for the whole test session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            object_store_memory=256 * 1024**2,
+            include_dashboard=False,
+            _temp_dir=tempfile.mkdtemp(prefix="rr_ray_", dir="/tmp"),
+            log_to_driver=False,
+            runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+        )
+    yield ray
+    ray.shutdown()
