@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
               " (weights are constant there); see README 'Similarity options'.")
     print("\nstage timings:")
     for name, t in result.timings.items():
-        print(f"  {name:<22} {'skipped (unchanged)' if t['skipped'] else f'{t['seconds']:.1f}s'}")
+        shown = "skipped (unchanged)" if t["skipped"] else f"{t['seconds']:.1f}s"
+        print(f"  {name:<22} {shown}")
     if result.merge_peak_rss_mb:
         print(f"merge actor peak RSS: {result.merge_peak_rss_mb:.0f} MB")
     print(f"total: {time.perf_counter() - t0:.1f}s")

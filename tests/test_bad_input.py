@@ -1,0 +1,209 @@
+"""Bad input: a clear error that names the problem, raised before any work, and no output
+directory (merged model or staging) left behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import DATA, REPO, make_tiny_llama
+from recall_ray.config import ConfigError, build_config, load_config
+from recall_ray.pipeline import run_pipeline
+
+
+def _cfg(tmp: Path, base: Path, experts: list[Path], new: Path, **over) -> dict:
+    tree = {
+        "run_dir": str(tmp / "run"),
+        "output": str(tmp / "out" / "merged"),
+        "base": {"path": str(base)},
+        "experts": [{"name": f"e{i}", "path": str(p)} for i, p in enumerate(experts)],
+        "new_model": {"name": "new", "path": str(new)},
+        "task": {"data": str(DATA / "sst2" / "train.jsonl"), "template": "sst2", "max_samples": 30},
+        "typical": {"k": 4},
+    }
+    tree.update(over)
+    return tree
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_tensors(model_dir: Path, fn) -> None:
+    f = model_dir / "model.safetensors"
+    sd = load_file(f)
+    fn(sd)
+    save_file(sd, f, metadata={"format": "pt"})
+
+
+def _expect_error(tmp: Path, tree: dict, exc, pattern: str, ray_needed: bool = False):
+    with pytest.raises(exc, match=pattern):
+        run_pipeline(build_config(tree))
+    out = Path(tree.get("output", tmp / "out" / "merged"))
+    assert not out.exists(), "an output directory was left behind"
+    if out.parent.exists():
+        assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name], "staging left behind"
+
+
+@pytest.fixture
+def two(tmp_path, tiny_dir, tiny_experts):
+    return tmp_path, tiny_dir, tiny_experts
+
+
+def test_different_architecture(two):
+    tmp, base, experts = two
+    other = make_tiny_llama(tmp / "wide", hidden=96, tokenizer_dir=base)
+    _expect_error(tmp, _cfg(tmp, base, [experts[0]], other), ValueError, r"different architecture.*hidden_size")
+
+
+def test_different_vocabulary(two):
+    tmp, base, experts = two
+    other = _copy(experts[0], tmp / "vocab")
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["vocab_size"] += 8
+    (other / "config.json").write_text(json.dumps(cfg))
+    _expect_error(tmp, _cfg(tmp, base, [experts[0]], other), ValueError, r"different vocabulary size")
+
+
+def test_different_tokenizer(two):
+    tmp, base, experts = two
+    other = _copy(experts[0], tmp / "tok")
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["model"]["vocab"] = {k + "x" if i == 5 else k: v for i, (k, v) in enumerate(tok["model"]["vocab"].items())}
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    _expect_error(tmp, _cfg(tmp, base, [experts[0]], other), ValueError, r"different tokenizer")
+
+
+def test_missing_tensor(two):
+    tmp, base, experts = two
+    other = _copy(experts[0], tmp / "missing")
+    _edit_tensors(other, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    _expect_error(tmp, _cfg(tmp, base, [experts[0]], other), ValueError,
+                  r"'new' does not have the same tensors.*missing.*model\.layers\.1\.mlp\.up_proj\.weight")
+
+
+def test_nan_weight(two, ray_session):
+    tmp, base, experts = two
+    other = _copy(experts[0], tmp / "nan")
+    _edit_tensors(other, lambda sd: sd["model.layers.0.self_attn.q_proj.weight"].__setitem__((0, 0), float("nan")))
+    _expect_error(tmp, _cfg(tmp, base, [experts[0]], other), ValueError,
+                  r"'new' has NaN or Inf.*model\.layers\.0\.self_attn\.q_proj\.weight")
+
+
+def test_truncated_safetensors(two):
+    tmp, base, experts = two
+    other = _copy(experts[0], tmp / "trunc")
+    f = other / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    _expect_error(tmp, _cfg(tmp, base, [experts[0]], other), ValueError, r"truncated or corrupt")
+
+
+def test_corrupt_header(two):
+    tmp, base, experts = two
+    other = _copy(experts[0], tmp / "corrupt")
+    f = other / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:20] = b"\xff" * 12
+    f.write_bytes(bytes(data))
+    _expect_error(tmp, _cfg(tmp, base, [experts[0]], other), ValueError, r"corrupt safetensors header")
+
+
+def test_pickle_checkpoint_refused(two):
+    tmp, base, experts = two
+    other = _copy(experts[0], tmp / "pickle")
+    sd = load_file(other / "model.safetensors")
+    (other / "model.safetensors").unlink()
+    torch.save(sd, other / "pytorch_model.bin")
+    _expect_error(tmp, _cfg(tmp, base, [experts[0]], other), ValueError, r"pickle checkpoint.*allow_pickle")
+
+
+def test_adapter_base_mismatch(two):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    tmp, base, experts = two
+    wide = make_tiny_llama(tmp / "wide_base", hidden=96, tokenizer_dir=base)
+    lm = get_peft_model(AutoModelForCausalLM.from_pretrained(wide), LoraConfig(r=2, target_modules=["q_proj"]))
+    lm.save_pretrained(tmp / "adapter")
+    _expect_error(tmp, _cfg(tmp, base, [experts[0]], tmp / "adapter"), ValueError, r"adapter .* does not match base")
+
+
+def test_empty_task_data(two):
+    tmp, base, experts = two
+    (tmp / "empty.jsonl").write_text("")
+    tree = _cfg(tmp, base, [experts[0]], experts[1])
+    tree["task"] = {**tree["task"], "data": str(tmp / "empty.jsonl")}
+    _expect_error(tmp, tree, ValueError, r"(?i)empty|no records")
+
+
+def test_records_missing_field(two):
+    tmp, base, experts = two
+    (tmp / "bad.jsonl").write_text('{"text": "no sentence here", "label": 1}\n' * 30)
+    tree = _cfg(tmp, base, [experts[0]], experts[1])
+    tree["task"] = {**tree["task"], "data": str(tmp / "bad.jsonl")}
+    _expect_error(tmp, tree, ValueError, r"sentence")
+
+
+def test_fewer_samples_than_k(two):
+    tmp, base, experts = two
+    tree = _cfg(tmp, base, [experts[0]], experts[1])
+    tree["task"] = {**tree["task"], "max_samples": 3}
+    _expect_error(tmp, tree, ValueError, r"3 usable samples.*typical\.k=4")
+
+
+def test_output_exists(two):
+    tmp, base, experts = two
+    tree = _cfg(tmp, base, [experts[0]], experts[1])
+    out = Path(tree["output"])
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"already exists.*--overwrite"):
+        run_pipeline(build_config(tree))
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_unknown_architecture_unclaimed_tensors(two):
+    tmp, base, experts = two
+    other = _copy(experts[0], tmp / "extra")
+    _edit_tensors(other, lambda sd: sd.__setitem__("model.adapter_gate.weight", torch.zeros(4)))
+    b2 = _copy(base, tmp / "base_extra")
+    _edit_tensors(b2, lambda sd: sd.__setitem__("model.adapter_gate.weight", torch.zeros(4)))
+    _expect_error(tmp, _cfg(tmp, b2, [], other), ValueError, r"belong to no layer group.*model\.adapter_gate\.weight")
+
+
+def test_unknown_model_type(two):
+    tmp, base, experts = two
+    b2, e2 = _copy(base, tmp / "b_unknown"), _copy(experts[0], tmp / "e_unknown")
+    for d in (b2, e2):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["model_type"] = "mystery"
+        (d / "config.json").write_text(json.dumps(cfg))
+    _expect_error(tmp, _cfg(tmp, b2, [], e2), ValueError, r"unknown architecture model_type='mystery'.*architecture:")
+
+
+def test_unknown_config_key_and_wrong_type(tmp_path):
+    base = {"base": {"path": "x"}, "task": {"data": "d", "template": "sst2"}}
+    with pytest.raises(ConfigError, match=r"unknown config key 'similarity\.sigmaa'"):
+        build_config({**base, "similarity": {"sigmaa": 1}})
+    with pytest.raises(ConfigError, match=r"config key 'typical\.k'"):
+        build_config({**base, "typical": {"k": "many"}})
+    with pytest.raises(ConfigError, match=r"config key 'similarity\.kernel'"):
+        load_config(None, ["similarity.kernel=gaussian"], defaults=base)
+
+
+def test_job_cli_one_line_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: {path: x}\ntask: {data: d, template: sst2}\ntypo_key: 1\n")
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "merge.py"), "--config", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("merge: error:") and "typo_key" in lines[-1]

@@ -1,0 +1,150 @@
+"""The whole RECALL job on tiny random models on the shared local Ray runtime: outputs,
+numbers against a float64 reference, loading and generating, resume."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DATA
+from recall_ray.config import build_config
+from recall_ray.pipeline import run_pipeline
+
+
+def _state(model_dir: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update({k: v.to(torch.float64).numpy() for k, v in load_file(f).items()})
+    return out
+
+
+def _group_of(name: str, num_layers: int) -> int:
+    """The grouping rule of DESIGN.md, written independently of recall_ray.architectures."""
+    if name == "model.embed_tokens.weight":
+        return 0
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) + 1
+    assert name in ("model.norm.weight", "lm_head.weight"), name
+    return num_layers
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_dir, tiny_experts, ray_session):
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = build_config({
+        "run_dir": str(root / "run"),
+        "base": {"name": "base", "path": str(tiny_dir)},
+        "experts": [{"name": "e0", "path": str(tiny_experts[0])}],
+        "new_model": {"name": "new", "path": str(tiny_experts[1])},
+        "task": {"name": "sst2", "data": str(DATA / "sst2" / "train.jsonl"), "template": "sst2", "max_samples": 40},
+        "typical": {"k": 4},
+        "similarity": {"sigma": "median"},
+        "representations": {"batch_size": 8},
+    })
+    result = run_pipeline(cfg)
+    return cfg, result
+
+
+def test_outputs_are_complete(run):
+    cfg, result = run
+    out = Path(result.output)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "README.md", "tokenizer.json", "generation_config.json"} <= names
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {n for n in names if n.endswith(".safetensors")}
+    run_dir = Path(cfg.run_dir)
+    for rel in ("manifest.json", "weights.csv", "weights.parquet", "typical.parquet", "plots/similarity.png",
+                "plots/weights.png", "reps/new", "reps/base", "reps/e0"):
+        assert (run_dir / rel).exists(), rel
+    assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name], "staging directory left behind"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert all(s["status"] == "done" for s in manifest["stages"].values())
+    assert set(manifest["inputs"]["models"]) == {"base", "e0", "new"}
+    assert manifest["versions"]["ray"] != "not installed"
+
+
+def test_typical_samples_cover_every_layer(run):
+    cfg, result = run
+    typ = pd.read_parquet(Path(cfg.run_dir) / "typical.parquet")
+    assert typ["sample_idx"].is_unique
+    layers = {int(l) for ls in typ["chosen_by_layers"] for l in ls}
+    assert layers == set(range(3))  # embeddings + 2 blocks
+    per_layer = {l: sum(l in ls for ls in typ["chosen_by_layers"]) for l in layers}
+    assert all(v == cfg.typical.k for v in per_layer.values())  # k distinct samples per layer
+    assert result.typical_count == len(typ)
+
+
+def test_weights_match_reference(run):
+    """Recompute similarities and weights from the Parquet representations in float64."""
+    cfg, result = run
+    run_dir = Path(cfg.run_dir)
+    typ = pd.read_parquet(run_dir / "typical.parquet")["sample_idx"].tolist()
+    table = pd.read_csv(run_dir / "weights.csv")
+    labels = ["base", "e0", "new"]
+
+    def layer(label: str, i: int) -> np.ndarray:
+        df = pd.read_parquet(run_dir / "reps" / label).set_index("sample_idx")
+        return np.stack([np.asarray(df.loc[s, f"layer_{i}"], dtype=np.float64) for s in typ])
+
+    for i in range(3):
+        reps = {lbl: layer(lbl, i) for lbl in labels}
+        d = {lbl: np.sqrt(((reps["new"] - reps[lbl]) ** 2).sum(1)) for lbl in labels}
+        pooled = np.concatenate([d["base"], d["e0"]])
+        sigma = np.median(pooled) if np.median(pooled) > 0 else 1.0
+        sims = np.array([np.mean(np.exp(-d[lbl] ** 2 / (2 * sigma**2))) for lbl in labels])
+        expect = np.exp(sims) / np.exp(sims).sum()
+        got = table[table["layer"] == i].set_index("model").loc[labels]
+        np.testing.assert_allclose(got["similarity"].to_numpy(), sims, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(got["weight"].to_numpy(), expect, rtol=1e-6)
+        np.testing.assert_allclose(got["sigma"].to_numpy(), sigma, rtol=1e-6)
+
+
+def test_merged_tensors_match_reference(run, tiny_dir, tiny_experts):
+    cfg, result = run
+    table = pd.read_csv(Path(cfg.run_dir) / "weights.csv")
+    w = table.pivot(index="layer", columns="model", values="weight")
+    inputs = {"base": _state(tiny_dir), "e0": _state(tiny_experts[0]), "new": _state(tiny_experts[1])}
+    merged = _state(Path(result.output))
+    assert set(merged) == set(inputs["base"])
+    for name, got in merged.items():
+        g = _group_of(name, 2)
+        expect = sum(w.loc[g, lbl] * inputs[lbl][name] for lbl in inputs)
+        np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_output_loads_and_generates(run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, result = run
+    model = AutoModelForCausalLM.from_pretrained(result.output)
+    tok = AutoTokenizer.from_pretrained(result.output)
+    enc = tok("a fine film", return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 5
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_rerun_recomputes_nothing(run):
+    cfg, first = run
+    before = (Path(first.output) / "model.safetensors.index.json").stat().st_mtime_ns
+    again = run_pipeline(cfg)
+    assert again.timings and all(t["skipped"] for t in again.timings.values()), again.timings
+    assert (Path(first.output) / "model.safetensors.index.json").stat().st_mtime_ns == before
+
+
+def test_changed_setting_recomputes_only_downstream(run, tmp_path):
+    cfg, first = run
+    changed = build_config({**cfg.model_dump(mode="json"), "similarity": {"sigma": 2.0}, "overwrite": True})
+    again = run_pipeline(changed)
+    t = again.timings
+    assert t["reps_new"]["skipped"] and t["typical"]["skipped"] and t["reps_base"]["skipped"]
+    assert not t["weights"]["skipped"] and not t["merge"]["skipped"]
