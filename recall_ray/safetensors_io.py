@@ -162,6 +162,26 @@ def model_fingerprint(model_dir: str | Path, allow_pickle: bool = False) -> str:
     return files_fingerprint(list_weight_files(model_dir, allow_pickle=allow_pickle))
 
 
+def content_fingerprint(model_dir: str | Path, allow_pickle: bool = False, sample_bytes: int = 4096) -> str:
+    """Identity of a model's weights that ignores how they are laid out on disk: sha256 over
+    every tensor's name, dtype and shape plus the first `sample_bytes` of each tensor's data.
+
+    Used to check that an adapter meets the base it was trained on: the same weights saved
+    by another library version (other shard sizes, metadata or order) keep this value, while
+    a different base (e.g. another fine-tune of the same architecture) changes it.
+    """
+    infos = tensor_infos(list_weight_files(model_dir, allow_pickle=allow_pickle))
+    reader = LazyTensorReader(infos)
+    h = hashlib.sha256()
+    for name in sorted(infos):
+        info = infos[name]
+        h.update(f"{name}|{info.dtype}|{list(info.shape)}".encode())
+        t = reader.first_row(name).reshape(-1)
+        n = max(1, sample_bytes // max(1, t.element_size()))
+        h.update(t[:n].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class LazyTensorReader:
     """Reads single tensors on demand from a set of files, keeping handles open."""
 
@@ -181,6 +201,16 @@ class LazyTensorReader:
             handle = safe_open(info.file, framework="pt", device="cpu")
             self._handles[info.file] = handle
         return handle.get_tensor(name)
+
+    def first_row(self, name: str) -> torch.Tensor:
+        """tensor[0:1] (the whole tensor if 0-d), reading only those bytes from safetensors."""
+        info = self._infos[name]
+        if info.file.endswith(PICKLE_SUFFIXES) or not info.shape or info.shape[0] == 0:
+            t = self.get(name)
+            return t[0:1] if t.ndim else t
+        handle = self._handles.get(info.file) or safe_open(info.file, framework="pt", device="cpu")
+        self._handles[info.file] = handle
+        return handle.get_slice(name)[0:1]
 
 
 class StreamingShardWriter:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from .architectures import Architecture, Grouping, architecture_for, assign_groups
 from .lora import check_adapter_fits
 from .models import ModelTensors, ResolvedModel, tokenizer_fingerprint
-from .safetensors_io import CheckpointError, TensorInfo, files_fingerprint, iter_nonfinite
+from .safetensors_io import CheckpointError, TensorInfo, content_fingerprint, iter_nonfinite
 
 # config.json keys that must agree for a tensor-by-tensor merge to make sense.
 SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
@@ -63,7 +63,7 @@ def check_models(models: list[ResolvedModel], architecture_path: str | None = No
     for m, t in zip(models, tensors):
         if t.adapter is not None:
             if m.base_path not in base_fp_cache:
-                base_fp_cache[m.base_path] = files_fingerprint(t.weight_files)
+                base_fp_cache[m.base_path] = content_fingerprint(m.base_path, m.allow_pickle)
             check_adapter_fits(t.adapter, t.infos, base_fp_cache[m.base_path], m.base_path)
         _check_same_tensors(models[0].label, ref_infos, m.label, t.infos)
         fingerprints[m.label] = t.fingerprint()

@@ -207,3 +207,19 @@ def test_job_cli_one_line_error(tmp_path):
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("merge: error:") and "typo_key" in lines[-1]
+
+
+def test_adapter_trained_on_another_base(two):
+    """Same shapes, different base weights: caught by the base fingerprint the adapter records."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from recall_ray.safetensors_io import content_fingerprint
+
+    tmp, base, experts = two
+    lm = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj"]))
+    lm.save_pretrained(tmp / "adapter")
+    (tmp / "adapter" / "recall_ray.json").write_text(json.dumps({"base_fingerprint": content_fingerprint(base)}))
+    # experts[0] has the same architecture and shapes as `base` but other weights
+    _expect_error(tmp, _cfg(tmp, experts[0], [experts[1]], tmp / "adapter"), ValueError,
+                  r"trained on a different base")
