@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = builtin_model_dir("smollm2-135m-instruct")
     cfg = FinetuneConfig(steps=args.steps, batch_size=8, max_length=128, seed=0)
-    ray.init(include_dashboard=False)
+    ray.init(address="local", include_dashboard=False)
     try:
         for task in args.tasks:
             out = Path(args.out) / task

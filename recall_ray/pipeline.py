@@ -392,7 +392,7 @@ def connect_ray(cfg: RunConfig) -> bool:
         ray.init(address=address)
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a laptop run needs no token auth
-    ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory, include_dashboard=False,
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory, include_dashboard=False,
              configure_logging=False)
     return True
 

@@ -94,6 +94,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",
             num_cpus=2,
             object_store_memory=256 * 1024**2,
             include_dashboard=False,

@@ -1,0 +1,353 @@
+"""LoRA supervised fine-tuning of the base model on the new task, through Ray Train (V2).
+
+    finetune_lora(base_dir, records, cfg, out_dir, storage_dir) -> out_dir
+
+The driver validates the inputs, runs `train_loop_per_worker` on `cfg.num_workers` Ray Train
+workers (DDP over gloo on CPU, NCCL on GPU, or DeepSpeed when `cfg.deepspeed` names a JSON
+config), and gets the trained PEFT adapter back as a Ray Train checkpoint under
+`<storage_dir>/<run name>/checkpoint_*`. It then copies the adapter into `out_dir` atomically
+(temporary sibling directory, renamed into place when complete) with a `recall_ray.json` that
+records the base model's fingerprint, the task, the steps, the final loss and the seed.
+
+The tokenisation/label masking (`build_example`), padding (`collate`) and data order
+(`batch_schedule`) are pure functions, tested without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from recall_ray.config import FinetuneConfig
+
+logger = logging.getLogger("recall_ray.finetune")
+
+IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF causal LMs) skip
+META_FILE = "recall_ray.json"
+
+
+class FinetuneError(RuntimeError):
+    """Training itself failed (in a worker or in Ray Train); the message names the cause."""
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def build_example(prompt_ids: Sequence[int], target_ids: Sequence[int], eos_id: int,
+                  max_length: int) -> tuple[list[int], list[int]]:
+    """One training example: `input_ids = prompt + target + [eos]`, labels only on the target.
+
+    The loss is on the target tokens and the EOS that ends them (so the model learns to stop);
+    prompt positions get IGNORE_INDEX. Sequences longer than `max_length` keep the target and
+    lose the *start* of the prompt: the end of the prompt (question, options, response cue) is
+    what the target depends on most. At least one prompt token is kept, since a causal LM never
+    predicts position 0; if the target alone does not fit, its tail (then the EOS) is cut.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    if not prompt_ids:
+        raise ValueError("empty prompt: a causal LM needs at least one token before the target")
+    answer = list(target_ids) + [eos_id]
+    answer = answer[: max_length - 1]
+    prompt = list(prompt_ids)[-(max_length - len(answer)):]
+    input_ids = prompt + answer
+    labels = [IGNORE_INDEX] * len(prompt) + answer
+    return input_ids, labels
+
+
+def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: padding gets attention 0 and label IGNORE_INDEX."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[row, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+        attention[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Indices of each step's batch: successive seeded permutations of range(n), cut into
+    batches of `batch_size` (so the data cycles when steps * batch_size > n). Pure and
+    deterministic: the same (n, batch_size, steps, seed) always gives the same order."""
+    if n <= 0 or batch_size <= 0 or steps < 0:
+        raise ValueError(f"need n > 0, batch_size > 0, steps >= 0; got {n}, {batch_size}, {steps}")
+    gen = torch.Generator().manual_seed(seed)
+    stream: list[int] = []
+    while len(stream) < steps * batch_size:
+        stream.extend(torch.randperm(n, generator=gen).tolist())
+    return [stream[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+
+
+def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """This rank's share of the records: every world_size-th item starting at rank."""
+    return list(items[rank::world_size])
+
+
+def tokenize_records(tokenizer: Any, records: Sequence[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Tokenise prompt and target separately (prompt with the tokenizer's special tokens, e.g.
+    BOS; target without) and build masked examples."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the base model's tokenizer has no eos_token: the target cannot be terminated")
+    prompts = tokenizer([r["prompt"] for r in records], add_special_tokens=True)["input_ids"]
+    targets = tokenizer([r["target"] for r in records], add_special_tokens=False)["input_ids"]
+    return [build_example(p, t, tokenizer.eos_token_id, max_length) for p, t in zip(prompts, targets)]
+
+
+# ----------------------------------------------------------------------------- Ray worker
+
+
+def _worker_logging() -> None:
+    # The root logger's level (WARNING) would drop our INFO progress lines in the worker.
+    # Ray workers already give the root logger a handler (forwarded to the driver); add our
+    # own only where none exists, or every line would print twice.
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+
+
+def _load_lora_model(base_dir: str, cfg: FinetuneConfig) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    model.config.use_cache = False  # no KV cache in training
+    lora = LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+    )
+    # Same seed on every rank -> the same LoRA A init everywhere (B starts at zero).
+    torch.manual_seed(cfg.seed)
+    return get_peft_model(model, lora)
+
+
+def _deepspeed_engine(model: torch.nn.Module, cfg: FinetuneConfig, optimizer: torch.optim.Optimizer):
+    import deepspeed  # lazy: an optional GPU-only dependency
+
+    with open(cfg.deepspeed) as fh:
+        ds_config = json.load(fh)
+    # Our batch size and precision win unless the file sets its own.
+    ds_config.setdefault("train_micro_batch_size_per_gpu", cfg.batch_size)
+    ds_config.setdefault("gradient_accumulation_steps", 1)
+    if cfg.bf16:
+        ds_config.setdefault("bf16", {"enabled": True})
+    kwargs: dict = {}
+    if "optimizer" not in ds_config:
+        kwargs["optimizer"] = optimizer  # ours (torch AdamW, cfg.learning_rate)
+        ds_config.setdefault("zero_allow_untested_optimizer", True)  # ZeRO refuses it otherwise
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config, **kwargs,
+    )
+    return engine
+
+
+def _save_adapter(model: torch.nn.Module, out: str, use_deepspeed: bool, rank: int) -> None:
+    """Rank 0 writes adapter_config.json + adapter_model.safetensors. Under DeepSpeed ZeRO-3
+    the LoRA weights are partitioned, so every rank joins the gather first."""
+    # Unwrap explicitly: PeftModel forwards unknown attributes to the wrapped model, so a
+    # `hasattr(model, "module")` test would be fragile.
+    wrapped = use_deepspeed or isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    peft_model = model.module if wrapped else model
+    if use_deepspeed:
+        import deepspeed
+
+        lora_params = [p for p in peft_model.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None):
+            if rank == 0:
+                peft_model.save_pretrained(out, safe_serialization=True)
+    elif rank == 0:
+        peft_model.save_pretrained(out, safe_serialization=True)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: LoRA SFT on this rank's shard, then rank 0 reports the adapter."""
+    import ray.train
+    import ray.train.torch
+    from transformers import AutoTokenizer
+
+    _worker_logging()
+    cfg = FinetuneConfig.model_validate(config["cfg"])
+    base_dir: str = config["base_dir"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    use_ds = cfg.deepspeed is not None
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = tokenize_records(tokenizer, shard(config["records"], rank, world), cfg.max_length)
+    schedule = batch_schedule(len(examples), cfg.batch_size, cfg.steps, cfg.seed)
+
+    model = _load_lora_model(base_dir, cfg)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    if use_ds:
+        model = _deepspeed_engine(model.to(device), cfg, optimizer)
+    else:
+        model = ray.train.torch.prepare_model(model)  # DDP when world > 1, moves to device
+    model.train()
+    # Dropout masks differ per rank but are reproducible for a given seed.
+    torch.manual_seed(cfg.seed + rank)
+
+    log_every = max(1, min(10, cfg.steps // 5))
+    loss_value = float("nan")
+    for step, idx in enumerate(schedule, start=1):
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+        loss = model(**batch).loss
+        if use_ds:
+            model.backward(loss)
+            model.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step}: lower finetune.learning_rate")
+        if rank == 0 and (step % log_every == 0 or step == 1 or step == cfg.steps):
+            logger.info("step %d/%d loss %.4f", step, cfg.steps, loss_value)
+
+    final = torch.tensor([loss_value], dtype=torch.float64, device=device)
+    if world > 1:  # report the mean last-step loss over ranks
+        torch.distributed.all_reduce(final)
+        final /= world
+    metrics = {"final_loss": float(final.item()), "steps": cfg.steps}
+
+    with tempfile.TemporaryDirectory(prefix="rr_adapter_") as tmp:
+        _save_adapter(model, tmp, use_ds, rank)
+        # Every rank must call report (it is a barrier); only rank 0 carries the checkpoint.
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _validate(base_dir: str, records: Sequence[dict], cfg: FinetuneConfig, out_dir: str) -> None:
+    """Cheap checks before any Ray work, each naming the fix."""
+    if not (Path(base_dir) / "config.json").is_file():
+        raise ValueError(f"base model {base_dir} has no config.json: pass a Hugging Face model directory")
+    if not records:
+        raise ValueError("no training records: check the task data file and template")
+    for i, r in enumerate(records[:cfg.max_samples]):
+        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not isinstance(r.get("target"), str):
+            raise ValueError(f"record {i} must be a dict with string 'prompt' and 'target' (see recall_ray.templates)")
+    n = min(len(records), cfg.max_samples)
+    if n < cfg.num_workers:
+        raise ValueError(f"{n} records cannot be sharded over {cfg.num_workers} workers: lower finetune.num_workers")
+    if cfg.deepspeed is not None:
+        if not cfg.use_gpu:
+            raise ValueError("finetune.deepspeed needs GPUs: set finetune.use_gpu=true or unset finetune.deepspeed")
+        if not Path(cfg.deepspeed).is_file():
+            raise ValueError(f"DeepSpeed config {cfg.deepspeed} does not exist")
+    if os.path.lexists(out_dir):
+        raise FileExistsError(f"adapter output {out_dir} already exists: remove it or choose another --out")
+
+
+def training_error_summary(err: BaseException) -> str:
+    """One line naming the root cause of a Ray Train failure (the first failing rank's own
+    exception) instead of Ray's generic "Training failed due to worker errors"."""
+    failures = getattr(err, "worker_failures", None) or {}
+    if failures:
+        rank = min(failures)
+        cause, where = failures[rank], f"rank {rank}: "
+    else:
+        cause, where = getattr(err, "controller_failure", None) or err, ""
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return f"{where}{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_dir: str, storage_dir: str,
+                  *, task: str = "task", run_name: str | None = None) -> str:
+    """Fine-tune a LoRA adapter of `base_dir` on `records` ({"prompt", "target"} dicts, e.g.
+    from `load_task_records`; the first `cfg.max_samples` are used) and write it to `out_dir`.
+
+    `cfg.batch_size` is per worker; each worker trains on records[rank::num_workers] and runs
+    `cfg.steps` optimizer steps (DDP keeps the ranks' adapters identical). Ray Train keeps its
+    run and checkpoint under `storage_dir/<run_name>/checkpoint_*/`: a local path on one
+    machine; on a multi-node cluster a shared filesystem path or a pyarrow URI (s3://...),
+    since workers on other nodes upload there. `out_dir` is on the driver's filesystem.
+    Returns `out_dir`, which holds adapter_config.json, adapter_model.safetensors and
+    recall_ray.json. Raises FileExistsError when out_dir already exists, ValueError for bad
+    inputs (before any Ray work), FinetuneError when training fails.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from recall_ray.safetensors_io import content_fingerprint
+
+    base_dir = os.path.abspath(base_dir)  # workers may not share the driver's cwd
+    out_dir = os.path.abspath(out_dir)
+    _validate(base_dir, records, cfg, out_dir)
+    records = [{"prompt": r["prompt"], "target": r["target"]} for r in records[:cfg.max_samples]]
+    fingerprint = content_fingerprint(base_dir)  # fails early on a directory without weights
+
+    run_name = run_name or f"finetune-{task}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    storage = storage_dir if _is_uri(storage_dir) else os.path.abspath(storage_dir)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(), "base_dir": base_dir, "records": records},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": 1}
+        ),
+        run_config=ray.train.RunConfig(storage_path=storage, name=run_name),
+    )
+    logger.info("fine-tuning %s on %d records (%d steps, batch %d x %d workers); run %s/%s",
+                base_dir, len(records), cfg.steps, cfg.batch_size, cfg.num_workers, storage, run_name)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise FinetuneError(f"Ray Train run {run_name} failed: {training_error_summary(err)}") from err
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {run_name} finished without a checkpoint (see the worker logs)")
+    final_loss = float(result.metrics["final_loss"])
+    logger.info("fine-tuning done: final loss %.4f, checkpoint %s", final_loss, result.checkpoint.path)
+
+    meta = {"base_fingerprint": fingerprint, "task": task, "steps": cfg.steps,
+            "final_loss": final_loss, "seed": cfg.seed}
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    # Build the output next to its final place (same filesystem) and rename it in only when
+    # complete, so a crash never leaves a half-written adapter that looks finished.
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        with result.checkpoint.as_directory() as ckpt_dir:
+            for entry in sorted(os.listdir(ckpt_dir)):
+                if entry.startswith("."):
+                    continue  # Ray-internal metadata, if any
+                src = os.path.join(ckpt_dir, entry)
+                (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, entry))
+        for required in ("adapter_config.json", "adapter_model.safetensors"):
+            if not os.path.isfile(os.path.join(tmp, required)):
+                raise RuntimeError(f"checkpoint {result.checkpoint.path} lacks {required}")
+        with open(os.path.join(tmp, META_FILE), "w") as fh:
+            json.dump(meta, fh, indent=2)
+        if os.path.lexists(out_dir):  # created by someone else while we trained
+            raise FileExistsError(f"adapter output {out_dir} appeared during training: not overwriting it")
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("adapter written to %s", out_dir)
+    return out_dir

@@ -1,0 +1,198 @@
+"""LoRA fine-tuning: pure label masking / data order, and two short Ray Train runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recall_ray.config import FinetuneConfig
+from recall_ray.finetune import (
+    IGNORE_INDEX, META_FILE, batch_schedule, build_example, collate, finetune_lora, shard, tokenize_records,
+)
+from recall_ray.templates import load_task_records
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+M = IGNORE_INDEX
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def test_build_example_masks_prompt_and_appends_eos():
+    ids, labels = build_example([1, 2, 3], [7, 8], eos_id=0, max_length=10)
+    assert ids == [1, 2, 3, 7, 8, 0]
+    assert labels == [M, M, M, 7, 8, 0]
+
+
+def test_build_example_truncates_prompt_start_keeps_target():
+    assert build_example([1, 2, 3, 4, 5], [7, 8], eos_id=0, max_length=5) == ([4, 5, 7, 8, 0], [M, M, 7, 8, 0])
+    # one prompt token always stays; a too-long target loses its tail (then the EOS)
+    assert build_example([1, 2, 3], [7, 8], eos_id=0, max_length=3) == ([3, 7, 8], [M, 7, 8])
+    assert build_example([1, 2, 3], [7, 8, 9, 10], eos_id=0, max_length=4) == ([3, 7, 8, 9], [M, 7, 8, 9])
+
+
+def test_collate_pads_right_with_ignored_labels():
+    batch = collate([([1, 2, 3], [M, 3, 0]), ([4, 5], [M, 5])], pad_id=9)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 9]]
+    assert batch["labels"].tolist() == [[M, 3, 0], [M, 5, M]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_tokenize_records_loss_covers_exactly_target_and_eos(tiny_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    rec = {"prompt": "### Input:\nit is good\n\n### Response:\n", "target": "positive"}
+    (ids, labels), = tokenize_records(tok, [rec], max_length=128)
+    p = tok(rec["prompt"], add_special_tokens=True)["input_ids"]
+    t = tok(rec["target"], add_special_tokens=False)["input_ids"]
+    assert ids == p + t + [tok.eos_token_id]
+    assert labels == [M] * len(p) + t + [tok.eos_token_id]
+    assert tok.decode([x for x in labels if x != M], skip_special_tokens=True) == "positive"
+
+
+def test_batch_schedule_cycles_and_is_seeded():
+    sched = batch_schedule(5, 4, steps=3, seed=0)
+    assert [len(b) for b in sched] == [4, 4, 4]
+    flat = [i for b in sched for i in b]
+    assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))  # whole epochs
+    assert sched == batch_schedule(5, 4, steps=3, seed=0)
+    assert sched != batch_schedule(5, 4, steps=3, seed=1)
+    assert shard(list(range(7)), 1, 3) == [1, 4]
+
+
+# ----------------------------------------------------------------------------- validation (no Ray)
+
+
+def cfg(**kw) -> FinetuneConfig:
+    base = dict(steps=3, batch_size=4, r=4, alpha=8.0, learning_rate=1e-2, max_length=64, seed=0)
+    return FinetuneConfig(**{**base, **kw})
+
+
+RECORDS = [{"prompt": "p\n", "target": "t"}]
+
+
+def test_refuses_existing_out_dir(tiny_dir, tmp_path):
+    out = tmp_path / "adapter"
+    out.mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        finetune_lora(str(tiny_dir), RECORDS, cfg(), str(out), str(tmp_path / "ray"))
+
+
+def test_validates_before_work(tiny_dir, tmp_path):
+    out, st = str(tmp_path / "a"), str(tmp_path / "ray")
+    with pytest.raises(ValueError, match="no config.json"):
+        finetune_lora(str(tmp_path), RECORDS, cfg(), out, st)
+    with pytest.raises(ValueError, match="no training records"):
+        finetune_lora(str(tiny_dir), [], cfg(), out, st)
+    with pytest.raises(ValueError, match="needs GPUs"):
+        finetune_lora(str(tiny_dir), RECORDS, cfg(deepspeed="ds.json"), out, st)
+    with pytest.raises(ValueError, match="cannot be sharded over 2 workers"):
+        finetune_lora(str(tiny_dir), RECORDS, cfg(num_workers=2), out, st)
+    assert not os.path.exists(st)
+
+
+# ----------------------------------------------------------------------------- Ray Train runs
+
+
+@pytest.fixture(scope="module")
+def sst2_records():
+    return load_task_records(str(DATA / "sst2" / "train.jsonl"), "sst2", max_samples=16)
+
+
+@pytest.fixture(scope="module")
+def two_runs(ray_session, tiny_dir, sst2_records, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    outs = [finetune_lora(str(tiny_dir), sst2_records, cfg(), str(root / f"a{i}"), str(root / "ray"), task="sst2")
+            for i in range(2)]
+    return root, outs
+
+
+def test_adapter_written_with_metadata(two_runs, tiny_dir):
+    from recall_ray.safetensors_io import content_fingerprint
+
+    root, (out, _) = two_runs
+    assert {"adapter_config.json", "adapter_model.safetensors", META_FILE} <= set(os.listdir(out))
+    meta = json.loads((Path(out) / META_FILE).read_text())
+    assert meta["base_fingerprint"] == content_fingerprint(tiny_dir)
+    assert meta["task"] == "sst2" and meta["steps"] == 3 and meta["seed"] == 0
+    assert meta["final_loss"] > 0
+    assert not [p for p in os.listdir(root) if p.startswith(".")]  # no temp dirs left behind
+    # Ray Train kept its checkpoints under storage_dir
+    assert list((root / "ray").glob("finetune-sst2-*/checkpoint_*/adapter_model.safetensors"))
+
+
+def test_adapter_trained_and_loads_on_base(two_runs, tiny_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, (out, _) = two_runs
+    tensors = load_file(str(Path(out) / "adapter_model.safetensors"))
+    lora_b = {k: v for k, v in tensors.items() if "lora_B" in k}
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())  # B starts at 0: it trained
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), out)
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
+    assert len(loaded) == len(lora_b)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_dir)(ids).logits
+        assert not torch.equal(model(ids).logits, base_logits)
+
+
+def test_same_seed_gives_identical_adapter(two_runs):
+    _, (a, b) = two_runs
+    ta, tb = load_file(str(Path(a) / "adapter_model.safetensors")), load_file(str(Path(b) / "adapter_model.safetensors"))
+    assert ta.keys() == tb.keys()
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert json.loads((Path(a) / META_FILE).read_text()) == json.loads((Path(b) / META_FILE).read_text())
+
+
+# ----------------------------------------------------------------------------- CLI errors (no Ray)
+
+
+def load_cli():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("jobs_finetune", Path(__file__).resolve().parents[1] / "jobs" / "finetune.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "finetune.rank=4"], "unknown config key 'finetune.rank'"),
+    (["--set", "finetune.steps=0"], "config key 'finetune.steps': Input should be greater than 0"),
+    (["--set", "steps=3"], "only finetune.* keys"),
+    (["--set", "finetune.steps"], "expected key=value"),
+    (["--template", "nope"], "unknown template 'nope'"),
+])
+def test_cli_rejects_bad_input_with_one_line(tiny_dir, tmp_path, capsys, extra, message):
+    cli = load_cli()
+    argv = ["--base", str(tiny_dir), "--data", str(DATA / "sst2/train.jsonl"), "--template", "sst2",
+            "--out", str(tmp_path / "a"), "--run-dir", str(tmp_path / "run"), *extra]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_existing_out(tiny_dir, tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    argv = ["--base", str(tiny_dir), "--data", str(DATA / "sst2/train.jsonl"), "--template", "sst2", "--out", str(tmp_path / "a")]
+    assert load_cli().main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_training_error_summary_names_first_failing_rank():
+    import ray.train
+
+    from recall_ray.finetune import training_error_summary
+
+    err = ray.train.WorkerGroupError("long text", {1: KeyError("x"), 0: ValueError("Target modules {'nope'} not found\nmore")})
+    assert training_error_summary(err) == "rank 0: ValueError: Target modules {'nope'} not found"
+    assert training_error_summary(ray.train.ControllerError(RuntimeError("no resources"))) == "RuntimeError: no resources"
