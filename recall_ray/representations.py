@@ -88,8 +88,9 @@ def pool_resources(cluster: dict[str, float], requested: int | str, num_items: i
     gpus = int(cluster.get("GPU", 0))
     cpus = float(cluster.get("CPU", 1))
     if gpus > 0:
-        size = gpus if requested == "auto" else min(int(requested), gpus)
-        return {"size": max(1, min(size, num_items)), "num_gpus": 1, "num_cpus": 1, "threads": None}
+        size = max(1, min(gpus if requested == "auto" else min(int(requested), gpus), num_items))
+        # At most one CPU per GPU actor, and never every CPU: read tasks need one too.
+        return {"size": size, "num_gpus": 1, "num_cpus": min(1.0, max(0.5, cpus - 1.0) / size), "threads": None}
     if requested == "auto":
         size = max(1, int(cpus // 4)) if cpus >= 8 else 1
     else:

@@ -81,12 +81,25 @@ def read_header(path: str | Path) -> tuple[dict, bytes]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e}); re-download or re-save the model") from None
     data_len = size - 8 - n
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object); re-download or re-save the model")
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}; re-download or re-save the model")
         if info.get("dtype") not in ST_TO_TORCH:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
-        begin, end = info["data_offsets"]
+        begin, end = offsets
+        itemsize = torch.empty((), dtype=ST_TO_TORCH[info["dtype"]]).element_size()
+        if end - begin != _numel(shape) * itemsize:
+            raise CheckpointError(
+                f"{path}: tensor {name} spans {end - begin} bytes but its shape {shape} and dtype {info['dtype']}"
+                " need a different size: the file is corrupt; re-download or re-save the model"
+            )
         if not (0 <= begin <= end <= data_len):
             raise CheckpointError(
                 f"{path}: tensor {name} lies outside the file (bytes {begin}-{end} of {data_len}):"
