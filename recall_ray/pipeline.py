@@ -59,6 +59,7 @@ class Plan:
     new: ResolvedModel | None  # None: fine-tuned by the job
     records: list[dict]
     data_hash: str
+    modelset: ModelSet | None  # checked in preflight when every model already exists
 
 
 def _file_hash(path: str) -> str:
@@ -94,9 +95,8 @@ def preflight(cfg: RunConfig) -> Plan:
     if output_exists(cfg.output_dir) and not cfg.overwrite and not _is_own_output(cfg):
         raise FileExistsError(f"output {cfg.output_dir} already exists; pass --overwrite or choose another `output`")
     models = [base, *experts] + ([new] if new else [])
-    if len(models) >= 2:
-        check_models(models, cfg.architecture, cfg.merge.head_group)
-    return Plan(cfg, base, experts, new, records, _file_hash(cfg.task.data))
+    modelset = check_models(models, cfg.architecture, cfg.merge.head_group) if len(models) >= 2 else None
+    return Plan(cfg, base, experts, new, records, _file_hash(cfg.task.data), modelset if new else None)
 
 
 def _is_own_output(cfg: RunConfig) -> bool:
@@ -191,10 +191,9 @@ def run_pipeline(cfg: RunConfig) -> PipelineResult:
     new = plan.new
     if new is None:
         new = _finetune_stage(plan, run_dir, manifest)
-        check_models([base, *experts, new], cfg.architecture, cfg.merge.head_group)
 
     models = [base, *experts, new]  # merge order; the base is the reference (index 0)
-    modelset: ModelSet = check_models(models, cfg.architecture, cfg.merge.head_group)
+    modelset: ModelSet = plan.modelset or check_models(models, cfg.architecture, cfg.merge.head_group)
     manifest.record_inputs({
         "models": {m.label: {"kind": m.kind, "path": m.path, "fingerprint": modelset.fingerprints[m.label]} for m in models},
         "task_data": {"path": str(Path(cfg.task.data).resolve()), "sha256": plan.data_hash},
