@@ -58,6 +58,19 @@ def plan_shards(grouping: Grouping, infos: dict[str, TensorInfo], num_shards: in
     return shards
 
 
+def _rss_anon_mb() -> float | None:
+    """Private (anonymous) resident memory: what the merge itself holds, without the
+    input files' pages that safetensors maps (shared, reclaimable page cache). Linux only."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
@@ -83,12 +96,20 @@ class ShardMergeActor:
         local_dir = staging if not is_uri(staging) else tempfile.mkdtemp(prefix="recall-ray-shard-")
         tmp_path = os.path.join(local_dir, f".{filename}.partial")
         writer = StreamingShardWriter(tmp_path, plan, metadata)
+        peak_anon = _rss_anon_mb() or 0.0
         try:
             for name in names:
                 w = weights[groups[name]]
-                merged = weighted_merge(lambda q: self.tensors[q].get(name), w, ref=self.ref,
-                                        out_dtype=ST_TO_TORCH[infos[name].dtype])
+
+                def load(q: int, name: str = name) -> torch.Tensor:
+                    nonlocal peak_anon
+                    t = self.tensors[q].get(name)
+                    peak_anon = max(peak_anon, _rss_anon_mb() or 0.0)  # reference, accumulator and this copy alive
+                    return t
+
+                merged = weighted_merge(load, w, ref=self.ref, out_dtype=ST_TO_TORCH[infos[name].dtype])
                 writer.write(name, merged)
+                peak_anon = max(peak_anon, _rss_anon_mb() or 0.0)  # sampled while the result is alive
                 del merged
             writer.close()
         except BaseException:
@@ -105,6 +126,7 @@ class ShardMergeActor:
             "bytes": int(sum(infos[n].nbytes for n in names)),
             "seconds": time.perf_counter() - t0,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_anon_mb": peak_anon,
             "node_id": ray.get_runtime_context().get_node_id(),
         }
 
@@ -118,6 +140,10 @@ class MergeReport:
     @property
     def peak_rss_mb(self) -> float:
         return max(s["peak_rss_mb"] for s in self.shards)
+
+    @property
+    def peak_anon_mb(self) -> float:
+        return max(s["peak_anon_mb"] for s in self.shards)
 
 
 def merge_actor_count(requested: int | str, num_groups: int) -> int:

@@ -46,6 +46,7 @@ class PipelineResult:
     typical_count: int
     saturated: list[int]
     merge_peak_rss_mb: float | None = None
+    merge_peak_anon_mb: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -267,7 +268,7 @@ def run_pipeline(cfg: RunConfig) -> PipelineResult:
     merge_result = manifest.run("merge", merge_key, [cfg.output_dir],
                                 lambda: _merge_stage(models, modelset, w, table, typical_idx, cfg, run_dir))
     return PipelineResult(cfg.output_dir, cfg.run_dir, table, manifest.timings, len(typical_idx), sat,
-                          (merge_result or {}).get("peak_rss_mb"), notes)
+                          (merge_result or {}).get("peak_rss_mb"), (merge_result or {}).get("peak_anon_mb"), notes)
 
 
 def _read_bytes(run_dir: RunDir, rel: str) -> bytes:
@@ -361,7 +362,9 @@ def _merge_stage(models: list[ResolvedModel], modelset: ModelSet, w: np.ndarray,
                        side_dir=models[0].weights_dir, card=card,
                        extra_files={"recall_weights.csv": table.to_csv(index=False, float_format="%.10g")})
     return {"output": cfg.output_dir, "seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb,
-            "shards": [{k: s[k] for k in ("file", "bytes", "seconds", "peak_rss_mb", "node_id")} for s in report.shards]}
+            "peak_anon_mb": report.peak_anon_mb,
+            "shards": [{k: s[k] for k in ("file", "bytes", "seconds", "peak_rss_mb", "peak_anon_mb", "node_id")}
+                       for s in report.shards]}
 
 
 def _ranges(xs: list[int]) -> str:
