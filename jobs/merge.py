@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         shown = "skipped (unchanged)" if t["skipped"] else f"{t['seconds']:.1f}s"
         print(f"  {name:<22} {shown}")
     if result.merge_peak_rss_mb:
-        print(f"merge actor peak RSS: {result.merge_peak_rss_mb:.0f} MB (private memory {result.merge_peak_anon_mb:.0f} MB;"
-              " the rest is input files mapped by safetensors)")
+        print(f"merge actor peak RSS: {result.merge_peak_rss_mb:.0f} MB (anonymous memory"
+              f" {result.merge_peak_anon_mb:.0f} MB)")
     print(f"total: {time.perf_counter() - t0:.1f}s")
     return 0
 

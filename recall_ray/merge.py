@@ -59,8 +59,8 @@ def plan_shards(grouping: Grouping, infos: dict[str, TensorInfo], num_shards: in
 
 
 def _rss_anon_mb() -> float | None:
-    """Private (anonymous) resident memory: what the merge itself holds, without the
-    input files' pages that safetensors maps (shared, reclaimable page cache). Linux only."""
+    """Anonymous resident memory (tensors, runtime; no file-backed pages), sampled while
+    tensors are alive to show the merge's own footprint. Linux only."""
     try:
         with open("/proc/self/status") as f:
             for line in f:

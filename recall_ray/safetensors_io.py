@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-from safetensors import safe_open
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -51,6 +50,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     file: str
     nbytes: int
+    offset: int = -1  # absolute byte offset of the data in a safetensors file (-1: pickle)
 
     @property
     def is_float(self) -> bool:
@@ -143,14 +143,14 @@ def tensor_infos(files: Iterable[Path]) -> dict[str, TensorInfo]:
             for name, t in sd.items():
                 out[name] = TensorInfo(name, TORCH_TO_ST[t.dtype], tuple(t.shape), str(f), t.numel() * t.element_size())
             continue
-        header, _ = read_header(f)
+        header, raw = read_header(f)
         for name, info in header.items():
             if name == "__metadata__":
                 continue
             if name in out:
                 raise CheckpointError(f"tensor {name} appears in both {out[name].file} and {f}")
             b, e = info["data_offsets"]
-            out[name] = TensorInfo(name, info["dtype"], tuple(info["shape"]), str(f), e - b)
+            out[name] = TensorInfo(name, info["dtype"], tuple(info["shape"]), str(f), e - b, 8 + len(raw) + b)
     return out
 
 
@@ -196,34 +196,52 @@ def content_fingerprint(model_dir: str | Path, allow_pickle: bool = False, sampl
 
 
 class LazyTensorReader:
-    """Reads single tensors on demand from a set of files, keeping handles open."""
+    """Reads single tensors on demand, with plain reads at the offsets the header gives.
+
+    Why not safetensors' mmap: every page of a mapped file stays in the process's RSS until
+    the file is closed, so a merge actor reading K models would show K models' worth of
+    memory. Reading into a fresh tensor keeps the footprint to the tensors alive now.
+    """
 
     def __init__(self, infos: dict[str, TensorInfo]):
         self._infos = infos
-        self._handles: dict[str, object] = {}
+        self._files: dict[str, object] = {}
         self._pickled: dict[str, dict] = {}
+
+    def _read(self, info: TensorInfo, shape: tuple[int, ...], nbytes: int) -> torch.Tensor:
+        t = torch.empty(shape, dtype=ST_TO_TORCH[info.dtype])
+        if nbytes == 0:
+            return t
+        f = self._files.get(info.file)
+        if f is None:
+            f = self._files[info.file] = open(info.file, "rb", buffering=0)
+        f.seek(info.offset)
+        got = f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        if got != nbytes:
+            raise CheckpointError(f"{info.file}: tensor {info.name} is cut short ({got} of {nbytes} bytes): the file is"
+                                  " truncated; re-download or re-save the model")
+        return t
+
+    def _pickle(self, info: TensorInfo) -> torch.Tensor:
+        if info.file not in self._pickled:
+            self._pickled[info.file] = torch.load(info.file, map_location="cpu", weights_only=True, mmap=True)
+        return self._pickled[info.file][info.name]
 
     def get(self, name: str) -> torch.Tensor:
         info = self._infos[name]
-        if info.file.endswith(PICKLE_SUFFIXES):
-            if info.file not in self._pickled:
-                self._pickled[info.file] = torch.load(info.file, map_location="cpu", weights_only=True, mmap=True)
-            return self._pickled[info.file][name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = safe_open(info.file, framework="pt", device="cpu")
-            self._handles[info.file] = handle
-        return handle.get_tensor(name)
+        if info.offset < 0:
+            return self._pickle(info)
+        return self._read(info, info.shape, info.nbytes)
 
     def first_row(self, name: str) -> torch.Tensor:
-        """tensor[0:1] (the whole tensor if 0-d), reading only those bytes from safetensors."""
+        """tensor[0:1] (the whole tensor if 0-d), reading only those bytes."""
         info = self._infos[name]
-        if info.file.endswith(PICKLE_SUFFIXES) or not info.shape or info.shape[0] == 0:
-            t = self.get(name)
+        if info.offset < 0:
+            t = self._pickle(info)
             return t[0:1] if t.ndim else t
-        handle = self._handles.get(info.file) or safe_open(info.file, framework="pt", device="cpu")
-        self._handles[info.file] = handle
-        return handle.get_slice(name)[0:1]
+        if not info.shape or info.shape[0] == 0:
+            return self._read(info, info.shape, info.nbytes)
+        return self._read(info, (1, *info.shape[1:]), info.nbytes // info.shape[0])
 
 
 class StreamingShardWriter:
