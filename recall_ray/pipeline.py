@@ -104,10 +104,16 @@ def _is_own_output(cfg: RunConfig) -> bool:
     """An output this run directory's manifest says it produced (a rerun may reuse it)."""
     import json
 
-    rd_fs_path = Path(cfg.run_dir) / Manifest.FILE if "://" not in cfg.run_dir else None
-    if rd_fs_path is None or not rd_fs_path.is_file():
+    from pyarrow.fs import FileType
+
+    from .storage import filesystem
+
+    fs, root = filesystem(cfg.run_dir)
+    path = f"{root.rstrip('/')}/{Manifest.FILE}"
+    if fs.get_file_info(path).type != FileType.File:
         return False
-    stage = json.loads(rd_fs_path.read_text()).get("stages", {}).get("merge", {})
+    with fs.open_input_stream(path) as f:
+        stage = json.loads(f.read()).get("stages", {}).get("merge", {})
     return stage.get("status") == "done" and (stage.get("result") or {}).get("output") == cfg.output_dir
 
 

@@ -169,3 +169,20 @@ def test_pipeline_fine_tunes_the_new_model_when_none_is_given(tmp_path, tiny_dir
     assert (Path(result.output) / "model.safetensors.index.json").is_file()
     again = run_pipeline(cfg)
     assert again.timings["finetune"]["skipped"] and again.timings["merge"]["skipped"]
+
+
+def test_run_dir_and_output_as_filesystem_uris(tmp_path, tiny_dir, tiny_experts, ray_session):
+    """run_dir and output given as pyarrow URIs (file:// here, s3:// on a cluster)."""
+    cfg = build_config({
+        "run_dir": f"file://{tmp_path}/run", "output": f"file://{tmp_path}/out",
+        "base": {"path": str(tiny_dir)},
+        "experts": [{"name": "e0", "path": str(tiny_experts[0])}],
+        "new_model": {"name": "new", "path": str(tiny_experts[1])},
+        "task": {"data": str(DATA / "sst2" / "train.jsonl"), "template": "sst2", "max_samples": 24},
+        "typical": {"k": 3},
+    })
+    run_pipeline(cfg)
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "run" / "weights.parquet").is_file() and (tmp_path / "run" / "reps" / "new").is_dir()
+    again = run_pipeline(cfg)
+    assert all(t["skipped"] for t in again.timings.values()), again.timings
