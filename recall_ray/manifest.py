@@ -70,9 +70,6 @@ class Manifest:
         return bool(s and s.get("status") == "done" and s.get("key") == key
                     and all(_exists(o) for o in s.get("outputs", [])))
 
-    def stage_result(self, name: str) -> Any:
-        return self.data["stages"].get(name, {}).get("result")
-
     def run(self, name: str, key_parts: Any, outputs: list[str], fn: Callable[[], Any]) -> Any:
         """Run `fn` unless the stage is done with the same key; record status and timing."""
         key = stable_hash(key_parts)

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from .lora import Adapter, check_adapter_fits, fold_lora, is_adapter_dir, read_adapter
+from .lora import Adapter, fold_lora, is_adapter_dir, read_adapter
 from .safetensors_io import (
     CheckpointError,
     LazyTensorReader,
@@ -83,16 +83,16 @@ class ModelTensors:
         self.model = model
         self.weight_files = list_weight_files(model.weights_dir, allow_pickle=model.allow_pickle)
         self.infos: dict[str, TensorInfo] = tensor_infos(self.weight_files)
-        self._reader = LazyTensorReader(self.infos)
+        self.reader = LazyTensorReader(self.infos)
         self.adapter: Adapter | None = read_adapter(model.path) if model.kind == "adapter" else None
-        self._adapter_reader = LazyTensorReader(self.adapter.infos) if self.adapter else None
+        self.adapter_reader = LazyTensorReader(self.adapter.infos) if self.adapter else None
 
     def get(self, name: str) -> torch.Tensor:
         """The parameter; adapter targets come back folded, as float32."""
-        t = self._reader.get(name)
+        t = self.reader.get(name)
         if self.adapter is not None and name in self.adapter.targets:
             tgt = self.adapter.targets[name]
-            return fold_lora(t, self._adapter_reader.get(tgt.lora_a), self._adapter_reader.get(tgt.lora_b), tgt.scale,
+            return fold_lora(t, self.adapter_reader.get(tgt.lora_a), self.adapter_reader.get(tgt.lora_b), tgt.scale,
                              fan_in_fan_out=bool(self.adapter.config.get("fan_in_fan_out")))
         return t
 

@@ -12,7 +12,7 @@ import hashlib
 import io
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from .config import RunConfig
 from .manifest import Manifest, stable_hash
-from .models import ResolvedModel, resolve_model, resolve_path
+from .models import ModelTensors, ResolvedModel, resolve_model, resolve_path
 from .safetensors_io import CheckpointError
 from .similarity import layer_similarity, saturated_layers, softmax_weights
 from .storage import RunDir, output_exists
@@ -47,7 +47,6 @@ class PipelineResult:
     saturated: list[int]
     merge_peak_rss_mb: float | None = None
     merge_peak_anon_mb: float | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------- preflight
@@ -192,7 +191,6 @@ def run_pipeline(cfg: RunConfig) -> PipelineResult:
     run_dir = RunDir(cfg.run_dir)
     manifest = Manifest(run_dir, cfg.model_dump(mode="json"))
     base, experts = plan.base, plan.experts
-    notes: list[str] = []
 
     # Fine-tune the new model when the config has none (or asks for it).
     new = plan.new
@@ -274,7 +272,7 @@ def run_pipeline(cfg: RunConfig) -> PipelineResult:
     merge_result = manifest.run("merge", merge_key, [cfg.output_dir],
                                 lambda: _merge_stage(models, modelset, w, table, typical_idx, cfg, run_dir))
     return PipelineResult(cfg.output_dir, cfg.run_dir, table, manifest.timings, len(typical_idx), sat,
-                          (merge_result or {}).get("peak_rss_mb"), (merge_result or {}).get("peak_anon_mb"), notes)
+                          (merge_result or {}).get("peak_rss_mb"), (merge_result or {}).get("peak_anon_mb"))
 
 
 def _read_bytes(run_dir: RunDir, rel: str) -> bytes:
@@ -290,7 +288,7 @@ def _finetune_stage(plan: Plan, run_dir: RunDir, manifest: Manifest) -> Resolved
         raise PipelineError("fine-tuning writes its adapter locally: use a local run_dir, or give `new_model`")
     out = str(Path(cfg.run_dir, "finetune", "adapter").resolve())
     ft_records = load_task_records(cfg.task.data, cfg.task.template, cfg.finetune.max_samples)
-    key = [manifest_fp(plan.base), plan.data_hash, cfg.task.template, cfg.finetune.model_dump()]
+    key = [ModelTensors(plan.base).fingerprint(), plan.data_hash, cfg.task.template, cfg.finetune.model_dump()]
 
     def run() -> dict:
         import shutil
@@ -302,12 +300,6 @@ def _finetune_stage(plan: Plan, run_dir: RunDir, manifest: Manifest) -> Resolved
     manifest.run("finetune", key, [out], run)
     name = cfg.new_model.name if cfg.new_model and cfg.new_model.name else "new"
     return resolve_model(name, out, plan.base.path, cfg.allow_pickle)
-
-
-def manifest_fp(model: ResolvedModel) -> str:
-    from .models import ModelTensors
-
-    return ModelTensors(model).fingerprint()
 
 
 def _weights_stage(run_dir: RunDir, rel_of: dict[str, str], labels: list[str], new_label: str, typical_idx: list[int],

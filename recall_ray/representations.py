@@ -111,9 +111,3 @@ def read_layer(path: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
     hidden = col.type.list_size
     x = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, hidden)
     return table.column("sample_idx").to_numpy(), x
-
-
-def num_layer_columns(path: str) -> int:
-    fs, p = filesystem(path)
-    schema = pads.dataset(p, format="parquet", filesystem=fs).schema
-    return sum(1 for n in schema.names if n.startswith("layer_"))

@@ -77,10 +77,6 @@ class RunDir:
         self.delete(rel)
         self.fs.move(self.path(tmp_rel), self.path(rel))
 
-    def upload_dir(self, local_dir: str, rel: str) -> None:
-        pafs.copy_files(local_dir, self.path(rel), source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)
-
 
 def output_exists(dest: str) -> bool:
     fs, path = filesystem(dest)

@@ -102,9 +102,9 @@ def _check_same_tensors(ref_label: str, ref: dict[str, TensorInfo], label: str, 
 def nonfinite_tensors(model: ResolvedModel) -> list[str]:
     """Names of floating tensors with NaN or Inf (adapter deltas included). Reads every weight."""
     t = ModelTensors(model)
-    bad = list(iter_nonfinite(t._reader, t.infos))
+    bad = list(iter_nonfinite(t.reader, t.infos))
     if t.adapter is not None:
-        bad += [f"{t.adapter.path}:{n}" for n in iter_nonfinite(t._adapter_reader, t.adapter.infos)]
+        bad += [f"{t.adapter.path}:{n}" for n in iter_nonfinite(t.adapter_reader, t.adapter.infos)]
     return bad
 
 
