@@ -26,7 +26,7 @@ from .architectures import Grouping
 from .merge_rule import weighted_merge
 from .models import ModelTensors, ResolvedModel
 from .safetensors_io import ST_TO_TORCH, StreamingShardWriter, TensorInfo
-from .storage import discard, filesystem, is_uri, output_exists, publish, put_file, staging_location
+from .storage import discard, filesystem, is_uri, publish, put_file, refuse_existing_output, staging_location
 
 log = logging.getLogger("recall_ray.merge")
 
@@ -164,8 +164,7 @@ def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, 
     """
     if weights.shape != (grouping.num_groups, len(models)):
         raise ValueError(f"weights have shape {weights.shape}, expected ({grouping.num_groups}, {len(models)})")
-    if output_exists(output) and not overwrite:
-        raise FileExistsError(f"output {output} already exists; pass --overwrite or choose another `output`")
+    refuse_existing_output(output, overwrite)
     t0 = time.perf_counter()
     n_actors = merge_actor_count(num_actors, grouping.num_groups)
     total = sum(infos[n].nbytes for n in grouping.groups)

@@ -25,7 +25,7 @@ from .manifest import Manifest, stable_hash
 from .models import ModelTensors, ResolvedModel, resolve_model, resolve_path
 from .safetensors_io import CheckpointError
 from .similarity import layer_similarity, saturated_layers, softmax_weights
-from .storage import RunDir, output_exists
+from .storage import RunDir, refuse_existing_output
 from .templates import load_task_records
 from .typical import TooFewSamplesError, union_in_order
 from .validate import ModelMismatchError, ModelSet, check_models, raise_if_nonfinite
@@ -92,8 +92,8 @@ def preflight(cfg: RunConfig) -> Plan:
             f"task data {cfg.task.data} has {len(records)} usable samples (task.max_samples={cfg.task.max_samples})"
             f" but typical.k={cfg.typical.k}: KMeans needs at least k samples; add data or lower typical.k"
         )
-    if output_exists(cfg.output_dir) and not cfg.overwrite and not _is_own_output(cfg):
-        raise FileExistsError(f"output {cfg.output_dir} already exists; pass --overwrite or choose another `output`")
+    if not _is_own_output(cfg):
+        refuse_existing_output(cfg.output_dir, cfg.overwrite)
     models = [base, *experts] + ([new] if new else [])
     modelset = check_models(models, cfg.architecture, cfg.merge.head_group) if len(models) >= 2 else None
     return Plan(cfg, base, experts, new, records, _file_hash(cfg.task.data), modelset if new else None)
@@ -255,7 +255,7 @@ def run_pipeline(cfg: RunConfig) -> PipelineResult:
                    cfg.similarity.model_dump(), cfg.include_base]
     manifest.run("weights", weights_key, [run_dir.uri("weights.parquet"), run_dir.uri("weights.csv")],
                  lambda: _weights_stage(run_dir, rel_of, weigh_labels, new.label, typical_idx, num_layers, cfg))
-    table = pd.read_parquet(io.BytesIO(_read_bytes(run_dir, "weights.parquet")))
+    table = pd.read_parquet(io.BytesIO(run_dir.read_bytes("weights.parquet")))
     sat = sorted(set(table.loc[table["saturated"], "layer"].astype(int)))
     if sat:
         log.warning("similarity saturated in %d of %d layers %s: the kernel does not tell models apart there and"
@@ -273,11 +273,6 @@ def run_pipeline(cfg: RunConfig) -> PipelineResult:
                                 lambda: _merge_stage(models, modelset, w, table, typical_idx, cfg, run_dir))
     return PipelineResult(cfg.output_dir, cfg.run_dir, table, manifest.timings, len(typical_idx), sat,
                           (merge_result or {}).get("peak_rss_mb"), (merge_result or {}).get("peak_anon_mb"))
-
-
-def _read_bytes(run_dir: RunDir, rel: str) -> bytes:
-    with run_dir.fs.open_input_stream(run_dir.path(rel)) as f:
-        return f.read()
 
 
 def _finetune_stage(plan: Plan, run_dir: RunDir, manifest: Manifest) -> ResolvedModel:

@@ -43,9 +43,12 @@ class RunDir:
     def exists(self, rel: str) -> bool:
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
 
-    def read_text(self, rel: str) -> str:
+    def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel)) as f:
-            return f.read().decode()
+            return f.read()
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode()
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Atomic where the filesystem allows it: write a temporary name, then move."""
@@ -83,6 +86,12 @@ def output_exists(dest: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def refuse_existing_output(dest: str, overwrite: bool) -> None:
+    """The one rule for an output that is already there: an error unless `overwrite`."""
+    if not overwrite and output_exists(dest):
+        raise FileExistsError(f"output {dest} already exists; pass --overwrite or choose another `output`")
+
+
 def staging_location(dest: str) -> str:
     """A temporary directory on the same filesystem as `dest`, so that publishing is one
     move (an atomic rename for a local path). Local: a hidden sibling; URI: a suffix."""
@@ -109,11 +118,10 @@ def put_file(local_file: str, location: str, name: str) -> None:
 
 def publish(staging: str, dest: str, overwrite: bool) -> None:
     """Move a complete staging directory to `dest`, replacing it only with `overwrite`."""
+    refuse_existing_output(dest, overwrite)
     fs, path = filesystem(dest)
     _, spath = filesystem(staging)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        if not overwrite:
-            raise FileExistsError(f"output {dest} already exists; pass --overwrite or choose another `output`")
+    if output_exists(dest):
         fs.delete_dir(path)
     fs.move(spath, path)
 
