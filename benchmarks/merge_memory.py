@@ -67,6 +67,7 @@ def main() -> int:
     import ray
 
     from recall_ray.merge import run_merge
+    from recall_ray.merge_methods import MergeMethod
     from recall_ray.models import resolve_model
     from recall_ray.validate import check_models
 
@@ -82,7 +83,7 @@ def main() -> int:
             ms = check_models(models)
             w = np.full((ms.grouping.num_groups, k), 1.0 / k)
             t0 = time.perf_counter()
-            rep = run_merge(models, ms.grouping, ms.infos, w, f"{tmp}/out{k}", overwrite=False, num_actors=1,
+            rep = run_merge(models, ms.grouping, ms.infos, MergeMethod("test", "linear", w), f"{tmp}/out{k}", overwrite=False, num_actors=1,
                             placement="DEFAULT")
             ours_s = time.perf_counter() - t0
             t0 = time.perf_counter()

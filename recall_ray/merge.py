@@ -1,7 +1,8 @@
 """The merge stage: a pool of Ray actors, each owning a contiguous range of layer groups
 (one output shard), reading only its tensors lazily from the inputs' safetensors and
 streaming its shard to disk. Tensors never pass through the driver or the object store;
-the driver sends names and weights and writes the index.
+the driver sends names and the merge method (RECALL or a baseline, see merge_methods.py)
+and writes the index.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .architectures import Grouping
-from .merge_rule import weighted_merge
+from .merge_methods import MergeMethod
 from .models import ModelTensors, ResolvedModel
 from .safetensors_io import ST_TO_TORCH, StreamingShardWriter, TensorInfo
 from .storage import discard, filesystem, is_uri, publish, put_file, refuse_existing_output, staging_location
@@ -79,16 +80,16 @@ def shard_name(i: int, n: int) -> str:
 class ShardMergeActor:
     """Holds lazy readers of every input model; merges one shard per call."""
 
-    def __init__(self, models: list[ResolvedModel], ref: int):
+    def __init__(self, models: list[ResolvedModel]):
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.models = models
         self.tensors = [ModelTensors(m) for m in models]
-        self.ref = ref
+        self.ref = 0  # the base: its dtypes and shapes define the output
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def merge_shard(self, names: list[str], groups: dict[str, int], weights: list[list[float]], staging: str,
+    def merge_shard(self, names: list[str], groups: dict[str, int], method: MergeMethod, staging: str,
                     filename: str, metadata: dict[str, str]) -> dict:
         t0 = time.perf_counter()
         infos = self.tensors[self.ref].infos
@@ -99,15 +100,13 @@ class ShardMergeActor:
         peak_anon = _rss_anon_mb() or 0.0
         try:
             for name in names:
-                w = weights[groups[name]]
-
                 def load(q: int, name: str = name) -> torch.Tensor:
                     nonlocal peak_anon
                     t = self.tensors[q].get(name)
                     peak_anon = max(peak_anon, _rss_anon_mb() or 0.0)  # reference, accumulator and this copy alive
                     return t
 
-                merged = weighted_merge(load, w, ref=self.ref, out_dtype=ST_TO_TORCH[infos[name].dtype])
+                merged = method.merge_tensor(load, groups[name], name, out_dtype=ST_TO_TORCH[infos[name].dtype])
                 writer.write(name, merged)
                 peak_anon = max(peak_anon, _rss_anon_mb() or 0.0)  # sampled while the result is alive
                 del merged
@@ -153,17 +152,18 @@ def merge_actor_count(requested: int | str, num_groups: int) -> int:
     return max(1, min(num_groups, cpus - 1 if cpus > 2 else 1))
 
 
-def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, TensorInfo], weights: np.ndarray,
+def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, TensorInfo], method: MergeMethod,
               output: str, overwrite: bool, num_actors: int | str = "auto", placement: str = "SPREAD",
               max_shard_bytes: int = 2 * 1024**3, side_dir: str | None = None, card: str | None = None,
-              ref: int = 0, extra_files: dict[str, str] | None = None) -> MergeReport:
-    """Merge `models` with per-group `weights` ([G, K]) into a Hugging Face directory `output`.
+              extra_files: dict[str, str] | None = None) -> MergeReport:
+    """Merge `models` (model 0: the base) by `method` into a Hugging Face directory `output`.
 
     The output is built in a staging directory on the same filesystem and moved into place
     only when complete; on any error the staging directory is removed.
     """
-    if weights.shape != (grouping.num_groups, len(models)):
-        raise ValueError(f"weights have shape {weights.shape}, expected ({grouping.num_groups}, {len(models)})")
+    if (method.num_groups, method.num_models) != (grouping.num_groups, len(models)):
+        raise ValueError(f"merge method {method.label!r} has weights for {method.num_groups} groups x {method.num_models}"
+                         f" models, expected {grouping.num_groups} x {len(models)}")
     refuse_existing_output(output, overwrite)
     t0 = time.perf_counter()
     n_actors = merge_actor_count(num_actors, grouping.num_groups)
@@ -182,9 +182,9 @@ def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, 
             opts = {"num_cpus": 0.5}
             if pg is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
-            actors.append(ShardMergeActor.options(**opts).remote(models, ref))
-        w_list = weights.tolist()
-        meta = {"format": "pt", "merged_by": "recall-ray"}
+            actors.append(ShardMergeActor.options(**opts).remote(models))
+        method_ref = ray.put(method)  # the weights travel once, not once per shard
+        meta = {"format": "pt", "merged_by": "recall-ray", "merge_method": method.label}
         pending = {}
         results: list[dict] = []
         queue = list(enumerate(shards))
@@ -195,7 +195,7 @@ def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, 
                 names = [n for g in groups_of_shard for n in sorted(grouping.names_in(g))]
                 sub_groups = {n: grouping.groups[n] for n in names}
                 actor = idle.pop(0)
-                ref_obj = actor.merge_shard.remote(names, sub_groups, w_list, staging, shard_name(i, n_shards), meta)
+                ref_obj = actor.merge_shard.remote(names, sub_groups, method_ref, staging, shard_name(i, n_shards), meta)
                 pending[ref_obj] = actor
             done, _ = ray.wait(list(pending), num_returns=1)
             for d in done:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from recall_ray.merge import run_merge
+from recall_ray.merge_methods import MergeMethod
 from recall_ray.models import resolve_model
 from recall_ray.validate import check_models
 
@@ -33,7 +34,7 @@ def test_identical_models_merge_bit_for_bit(tmp_path, tiny_dir, ray_session):
     ms = check_models(models)
     rng = np.random.default_rng(0)
     w = rng.dirichlet(np.ones(3), size=ms.grouping.num_groups)  # random weights, rows sum to 1
-    run_merge(models, ms.grouping, ms.infos, w, str(tmp_path / "out"), overwrite=False, num_actors=2)
+    run_merge(models, ms.grouping, ms.infos, MergeMethod("test", "linear", w), str(tmp_path / "out"), overwrite=False, num_actors=2)
     src, got = _load(tiny_dir), _load(tmp_path / "out")
     assert set(src) == set(got)
     for name in src:
@@ -50,7 +51,7 @@ def test_bf16_models_merge_to_float64_reference(tmp_path, ray_session):
     models = [resolve_model(f"m{i}", str(d), str(base)) for i, d in enumerate(dirs)]
     ms = check_models(models)
     w = np.random.default_rng(1).dirichlet(np.ones(3), size=ms.grouping.num_groups)
-    run_merge(models, ms.grouping, ms.infos, w, str(tmp_path / "out"), overwrite=False, num_actors=2)
+    run_merge(models, ms.grouping, ms.infos, MergeMethod("test", "linear", w), str(tmp_path / "out"), overwrite=False, num_actors=2)
     got = _load(tmp_path / "out")
     states = [_load(d) for d in dirs]
     for name, t in got.items():

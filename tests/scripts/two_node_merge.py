@@ -22,6 +22,7 @@ def main(model_dirs: list[str], weights_file: str, output: str, mode: str) -> No
     from ray.cluster_utils import Cluster
 
     from recall_ray.merge import run_merge
+    from recall_ray.merge_methods import MergeMethod
     from recall_ray.models import resolve_model
     from recall_ray.validate import check_models
 
@@ -40,7 +41,7 @@ def main(model_dirs: list[str], weights_file: str, output: str, mode: str) -> No
         models = [resolve_model(f"m{i}", d, model_dirs[0]) for i, d in enumerate(model_dirs)]
         ms = check_models(models)
         w = np.load(weights_file)
-        report = run_merge(models, ms.grouping, ms.infos, w, output, overwrite=False, num_actors=2,
+        report = run_merge(models, ms.grouping, ms.infos, MergeMethod("test", "linear", w), output, overwrite=False, num_actors=2,
                            placement="SPREAD" if mode == "two_nodes" else "PACK", side_dir=model_dirs[0])
         hashes = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(output).iterdir())}
         print(json.dumps({"nodes": sorted({s["node_id"] for s in report.shards}), "hashes": hashes,
