@@ -16,6 +16,19 @@ def weight_table_text(table: pd.DataFrame, max_rows: int = 200) -> str:
     return pivot.head(max_rows).to_string(float_format=lambda v: f"{v:.4f}")
 
 
+def markdown_table(df: pd.DataFrame, digits: int = 1) -> str:
+    """A GitHub-flavoured Markdown table (floats rounded to `digits`), without tabulate."""
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "" if v != v else f"{v:.{digits}f}"
+        return str(v).replace("|", "\\|")
+
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(df[c]) else "---" for c in df.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, rule, *body]) + "\n"
+
+
 def plot_png(table: pd.DataFrame, value: str, ylabel: str, log_scale: bool = False) -> bytes:
     """One line per model over layers, as PNG bytes."""
     import matplotlib

@@ -137,7 +137,7 @@ def get_template(name: str) -> Template:
         ) from None
 
 
-def _lookup(record: Mapping[str, Any], dotted: str) -> Any:
+def lookup(record: Mapping[str, Any], dotted: str) -> Any:
     """Value at a dotted path (`answers.text`), or MISSING when any step is absent or null."""
     node: Any = record
     for part in dotted.split("."):
@@ -147,8 +147,8 @@ def _lookup(record: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def _target(tpl: Template, record: Mapping[str, Any]) -> str:
-    value = _lookup(record, tpl.target_field)
+def target(tpl: Template, record: Mapping[str, Any]) -> str:
+    value = lookup(record, tpl.target_field)
     if value is MISSING:
         raise TaskDataError(f"record has no field {tpl.target_field!r} (the target)")
     if isinstance(value, list):
@@ -187,7 +187,7 @@ def render(template: str, record: Mapping[str, Any]) -> tuple[str, str]:
     except (IndexError, KeyError, TypeError) as err:
         # e.g. a RACE record with fewer than four options
         raise TaskDataError(f"record does not fit template {template!r}: {type(err).__name__}: {err}") from None
-    return prompt, _target(tpl, record)
+    return prompt, target(tpl, record)
 
 
 def sample_id(tpl: Template, record: Mapping[str, Any], line_no: int) -> str:
@@ -234,7 +234,7 @@ def load_task_records(path: str, template: str, max_samples: int | None = None) 
             if not isinstance(record, dict):
                 raise TaskDataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
             try:
-                prompt, target = render(template, record)
+                prompt, answer = render(template, record)
             except TaskDataError as err:
                 raise TaskDataError(f"{path}:{line_no}: {err}") from None
             sid = sample_id(tpl, record, line_no)
@@ -243,7 +243,7 @@ def load_task_records(path: str, template: str, max_samples: int | None = None) 
                     f"{path}:{line_no}: sample id {sid!r} already used on line {seen[sid]}; ids must be unique"
                 )
             seen[sid] = line_no
-            out.append({"sample_id": sid, "prompt": prompt, "target": target})
+            out.append({"sample_id": sid, "prompt": prompt, "target": answer})
     if not out:
         raise TaskDataError(f"{path} holds no records (empty file or only blank lines)")
     return out

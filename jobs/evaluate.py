@@ -1,0 +1,103 @@
+"""Score models on tasks with the paper's metrics: greedy generation through a Ray Data
+actor pool, prompts from the fine-tuning templates.
+
+    python jobs/evaluate.py --model merged=runs/default/merged --model ag_news=adapters/ag_news \\
+        --tasks sst2 medmcqa ag_news --max-samples 50 --out runs/eval
+
+A model is a Hugging Face directory or a LoRA adapter directory on --base (default: the
+builtin SmolLM2-135M-Instruct). Writes <out>/scores.json, scores.csv (model, task, metric,
+value, n), scores.md and predictions.jsonl, and prints the table. Joins RAY_ADDRESS if set,
+else starts local Ray. Exit status 0 on success; otherwise one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=PATH", required=True,
+                   help="a model to score (repeatable): Hugging Face directory or LoRA adapter on --base")
+    p.add_argument("--base", default="builtin:smollm2-135m-instruct", help="base model of adapter models")
+    p.add_argument("--tasks", nargs="+", required=True, help="task names (data/<task>/, template of the same name)")
+    p.add_argument("--split", default="test", choices=["test", "validation"],
+                   help="test.jsonl, or the validation tail held out from train.jsonl")
+    p.add_argument("--max-samples", type=int, default=None, help="first N samples of each task's split")
+    p.add_argument("--data-dir", default=str(REPO / "data"))
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-actors", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def resolve_models(specs: list[str], base: str) -> list:
+    from recall_ray.models import resolve_model, resolve_path
+
+    base_path = resolve_path(base)
+    models = []
+    for spec in specs:
+        if "=" not in spec:
+            raise ValueError(f"--model {spec!r}: expected NAME=PATH, e.g. --model merged=runs/default/merged")
+        name, path = spec.split("=", 1)
+        models.append(resolve_model(name, path, base_path))
+    return models
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        from recall_ray.evaluate import evaluate_models, preflight, write_result
+
+        if args.max_samples is not None and args.max_samples <= 0:
+            raise ValueError(f"--max-samples must be positive, got {args.max_samples}")
+        models = resolve_models(args.models, args.base)
+        items = preflight(models, args.tasks, args.data_dir, args.split, args.max_samples)
+        num_actors = args.num_actors if args.num_actors == "auto" else int(args.num_actors)
+        import ray
+
+        started = False
+        if not ray.is_initialized():
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init()
+            else:
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+                ray.init(address="local", object_store_memory=512 * 1024**2, include_dashboard=False)
+                started = True
+        t0 = time.perf_counter()
+        try:
+            result = evaluate_models(models, args.tasks, args.data_dir, args.split, args.max_samples,
+                                     args.batch_size, num_actors, args.dtype, items=items)
+        finally:
+            if started:
+                ray.shutdown()
+        write_result(result, args.out, {"split": args.split, "max_samples": args.max_samples,
+                                        "models": {m.label: m.path for m in models}})
+    except KeyboardInterrupt:
+        print("evaluate: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.verbose:
+            logging.exception("evaluate failed")
+        print(f"evaluate: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"\n=== scores ({args.split} split) ===")
+    print(result.wide.to_string(float_format=lambda v: f"{v:.1f}"))
+    print(f"\nwritten to {args.out} (scores.json, scores.csv, scores.md, predictions.jsonl); {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

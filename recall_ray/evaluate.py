@@ -1,0 +1,266 @@
+"""Evaluation: greedy generation on a task split through a Ray Data actor pool, scored with
+the paper's metrics (recall_ray.metrics).
+
+    items (prompt, references) per task -> one actor pool per model (GreedyGenerator)
+      -> generations -> per-task scores -> scores.json / scores.csv / predictions.jsonl
+
+Every check that needs no forward pass (known task, references present, tokenizer able to
+represent the template's text) runs before any actor starts. Prompts come from the same
+templates as fine-tuning, so a model is asked exactly what it was trained to answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .metrics import TASK_METRICS, MetricError, extract_answer, max_new_tokens, references, score_task
+from .models import ResolvedModel, load_causal_lm, load_tokenizer
+from .report import markdown_table
+from .splits import load_split_with_raw
+from .templates import TEMPLATES
+
+log = logging.getLogger("recall_ray.evaluate")
+
+
+class EvaluationError(ValueError):
+    """Bad evaluation input, found before any generation."""
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+def check_tasks(tasks: Sequence[str]) -> list[str]:
+    """The tasks, deduplicated in order; EvaluationError for an empty list or an unknown name."""
+    tasks = list(dict.fromkeys(tasks))
+    if not tasks:
+        raise EvaluationError("no tasks to evaluate: name at least one (e.g. --tasks sst2 ag_news)")
+    unknown = [t for t in tasks if t not in TASK_METRICS or t not in TEMPLATES]
+    if unknown:
+        known = sorted(set(TASK_METRICS) & set(TEMPLATES))
+        raise EvaluationError(f"unknown task(s) {unknown}: known tasks are {', '.join(known)}")
+    return tasks
+
+
+def template_texts(task: str) -> list[str]:
+    """The fixed text a model must be able to read and write for `task`: the prompt's
+    literal parts (instruction, section headers) and the label words it answers with."""
+    import string
+
+    tpl = TEMPLATES[task]
+    texts = [lit.strip() for lit, _, _, _ in string.Formatter().parse(tpl.prompt) if lit.strip()]
+    if tpl.labels is not None:
+        texts += [str(v) for v in tpl.labels.values()]
+    if tpl.empty_target:
+        texts.append(tpl.empty_target)
+    return texts
+
+
+def unrepresentable(tokenizer, texts: Sequence[str]) -> list[str]:
+    """The texts this tokenizer cannot encode faithfully: they map to the unknown token or
+    do not decode back to themselves (whitespace aside)."""
+    bad = []
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        back = tokenizer.decode(ids, skip_special_tokens=False)
+        if not ids or (unk is not None and unk in ids) or " ".join(back.split()) != " ".join(text.split()):
+            bad.append(text)
+    return bad
+
+
+@dataclass
+class EvalItem:
+    task: str
+    sample_id: str
+    prompt: str
+    refs: list[str]
+
+
+def build_items(data_dir: str | Path, tasks: Sequence[str], split: str, max_samples: int | None) -> list[EvalItem]:
+    """Every (task, sample) to generate for, references checked: a split without references
+    (e.g. an unlabelled test set) is an error here, not a score of 0 later."""
+    items = []
+    for task in tasks:
+        for raw, rec in load_split_with_raw(data_dir, task, split, max_samples=max_samples):
+            try:
+                refs = references(task, raw, sample=rec["sample_id"])
+            except MetricError as err:
+                raise EvaluationError(f"{task} {split} split, sample {rec['sample_id']}: {err}") from None
+            items.append(EvalItem(task, rec["sample_id"], rec["prompt"], refs))
+    return items
+
+
+def score_table(model: str, items: Sequence[EvalItem], generations: Sequence[str]) -> pd.DataFrame:
+    """Long table (model, task, metric, value, n) of one model's scores."""
+    rows = []
+    for task in dict.fromkeys(i.task for i in items):
+        idx = [j for j, it in enumerate(items) if it.task == task]
+        scores = score_task(task, [generations[j] for j in idx], [items[j].refs for j in idx])
+        n = int(scores.pop("n"))
+        rows += [{"model": model, "task": task, "metric": m, "value": float(v), "n": n} for m, v in scores.items()]
+    return pd.DataFrame(rows)
+
+
+def wide_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """Models as rows, `task/metric` as columns (in task order), for printing and Markdown."""
+    s = scores.assign(column=scores["task"] + "/" + scores["metric"])
+    wide = s.pivot(index="model", columns="column", values="value")
+    return wide.loc[list(dict.fromkeys(s["model"])), list(dict.fromkeys(s["column"]))]
+
+
+# ---------------------------------------------------------------------------- Ray parts
+
+class GreedyGenerator:
+    """Ray Data callable class: one model per actor; prompts in, greedy continuations out.
+
+    Left padding so that every row's continuation starts at the same position; prompts
+    longer than `max_prompt_tokens` lose their start (as in training, the end of the prompt
+    holds the question and the response cue)."""
+
+    def __init__(self, model: ResolvedModel, dtype: str = "float32", num_threads: int | None = None,
+                 max_prompt_tokens: int = 1024):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tok = load_tokenizer(model)
+        self.tok.padding_side = "left"
+        self.tok.truncation_side = "left"
+        self.lm = load_causal_lm(model, dtype=getattr(torch, dtype), device=self.device)
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        enc = self.tok(list(batch["prompt"]), padding=True, truncation=True, max_length=self.max_prompt_tokens,
+                       return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            out = self.lm.generate(**enc, max_new_tokens=int(batch["max_new_tokens"].max()), do_sample=False,
+                                   temperature=None, top_p=None, top_k=None, pad_token_id=self.tok.pad_token_id)
+        width = enc["input_ids"].shape[1]
+        texts = self.tok.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
+        return {"row": batch["row"], "generation": np.array(texts, dtype=object)}
+
+
+@dataclass
+class EvalResult:
+    scores: pd.DataFrame  # long: model, task, metric, value, n
+    predictions: pd.DataFrame  # model, task, sample_id, generation, prediction, references
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def wide(self) -> pd.DataFrame:
+        return wide_table(self.scores)
+
+
+def generate(model: ResolvedModel, items: Sequence[EvalItem], batch_size: int = 16, num_actors: int | str = "auto",
+             dtype: str = "float32") -> list[str]:
+    """Greedy generations for `items` (in their order) from a Ray Data actor pool."""
+    import ray
+
+    from .representations import pool_resources
+
+    pool = pool_resources(ray.cluster_resources(), num_actors, len(items))
+    # Rows sorted by task, then prompt length: batches share a generation length and pad little.
+    order = sorted(range(len(items)), key=lambda j: (items[j].task, len(items[j].prompt)))
+    rows = [{"row": j, "prompt": items[j].prompt, "max_new_tokens": max_new_tokens(items[j].task)}
+            for j in order]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 64)))
+    ds = ds.map_batches(
+        GreedyGenerator,
+        fn_constructor_kwargs={"model": model, "dtype": dtype, "num_threads": pool["threads"]},
+        batch_size=batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool["size"]),
+        num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"],
+    )
+    out: list[str | None] = [None] * len(items)
+    for r in ds.iter_rows():
+        out[int(r["row"])] = str(r["generation"])
+    missing = [j for j, g in enumerate(out) if g is None]
+    if missing:
+        raise RuntimeError(f"generation returned no text for {len(missing)} of {len(items)} prompts")
+    return out  # type: ignore[return-value]
+
+
+def preflight(models: Sequence[ResolvedModel], tasks: Sequence[str], data_dir: str | Path, split: str,
+              max_samples: int | None) -> list[EvalItem]:
+    """Every check that needs no forward pass; returns the items to generate for."""
+    if not models:
+        raise EvaluationError("no models to evaluate")
+    labels = [m.label for m in models]
+    if len(set(labels)) != len(labels):
+        raise EvaluationError(f"model names must be distinct, got {labels}")
+    tasks = check_tasks(tasks)
+    items = build_items(data_dir, tasks, split, max_samples)
+    for m in models:
+        tok = load_tokenizer(m)
+        for task in tasks:
+            bad = unrepresentable(tok, template_texts(task))
+            if bad:
+                raise EvaluationError(
+                    f"the tokenizer of model {m.label!r} ({m.tokenizer_dir}) cannot represent {bad!r} of task {task}'s"
+                    " template (unknown token or lossy round trip): evaluate with the tokenizer the model was trained"
+                    " with, or add the template's text to its vocabulary")
+    return items
+
+
+def evaluate_models(models: Sequence[ResolvedModel], tasks: Sequence[str], data_dir: str | Path, split: str = "test",
+                    max_samples: int | None = None, batch_size: int = 16, num_actors: int | str = "auto",
+                    dtype: str = "float32", items: list[EvalItem] | None = None,
+                    only: dict[str, Sequence[str]] | None = None) -> EvalResult:
+    """Score every model on every task (Ray must be initialised); `only` limits a model
+    (by label) to some of the tasks, e.g. an expert to its own."""
+    items = items if items is not None else preflight(models, tasks, data_dir, split, max_samples)
+    scores, preds, seconds = [], [], {}
+    for m in models:
+        mine = [i for i in items if only is None or m.label not in only or i.task in only[m.label]]
+        if not mine:
+            continue
+        t0 = time.perf_counter()
+        gens = generate(m, mine, batch_size, num_actors, dtype)
+        seconds[m.label] = time.perf_counter() - t0
+        scores.append(score_table(m.label, mine, gens))
+        preds.append(pd.DataFrame({
+            "model": m.label, "task": [i.task for i in mine], "sample_id": [i.sample_id for i in mine],
+            "generation": gens, "prediction": [extract_answer(i.task, g) for i, g in zip(mine, gens)],
+            "references": [i.refs for i in mine],
+        }))
+        log.info("evaluated %s on %d prompts in %.1fs", m.label, len(mine), seconds[m.label])
+    return EvalResult(pd.concat(scores, ignore_index=True), pd.concat(preds, ignore_index=True), seconds)
+
+
+def result_files(result: EvalResult, meta: dict | None = None) -> dict[str, str]:
+    """The evaluation's files as text: scores.csv (long), scores.json, scores.md (wide),
+    predictions.jsonl (every generation, its cleaned answer and the references)."""
+    payload = {"scores": result.scores.to_dict(orient="records"), "seconds": result.seconds, **(meta or {})}
+    return {
+        "scores.csv": result.scores.to_csv(index=False, float_format="%.4f"),
+        "scores.json": json.dumps(payload, indent=2) + "\n",
+        "scores.md": markdown_table(result.wide.reset_index()),
+        "predictions.jsonl": result.predictions.to_json(orient="records", lines=True, force_ascii=False),
+    }
+
+
+def write_result(result: EvalResult, out_dir: str | Path, meta: dict | None = None) -> None:
+    """`result_files` written to a local `out_dir`: built in a staging directory beside it
+    and moved into place only when complete (an existing `out_dir` is replaced)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for name, text in result_files(result, meta).items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,167 @@
+"""The evaluation job: bad input refused before any generation, batched left-padded greedy
+generation equal to one-prompt-at-a-time generation, the pipeline's evaluation stage, and
+the CLI's outputs."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import DATA, REPO
+from recall_ray.evaluate import (
+    EvalItem,
+    EvaluationError,
+    GreedyGenerator,
+    build_items,
+    check_tasks,
+    preflight,
+    template_texts,
+    unrepresentable,
+)
+from recall_ray.models import load_tokenizer, resolve_model
+
+
+def test_unknown_and_empty_task_lists_are_refused():
+    with pytest.raises(EvaluationError, match="unknown task.*'nope'.*known tasks are .*sst2"):
+        check_tasks(["sst2", "nope"])
+    with pytest.raises(EvaluationError, match="no tasks to evaluate"):
+        check_tasks([])
+    assert check_tasks(["sst2", "ag_news", "sst2"]) == ["sst2", "ag_news"]
+
+
+def test_split_without_references_is_refused(tmp_path):
+    (tmp_path / "sst2").mkdir()
+    lines = [json.dumps({"idx": i, "sentence": f"text {i}", "label": 1}) for i in range(3)]
+    lines.append(json.dumps({"idx": 9, "sentence": "unlabelled", "label": None}))  # e.g. GLUE's test set
+    (tmp_path / "sst2" / "test.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(Exception, match="label"):
+        build_items(tmp_path, ["sst2"], "test", None)
+
+
+def test_items_carry_every_squad_reference():
+    items = build_items(DATA, ["squad_v2"], "test", 40)
+    raw = [json.loads(l) for l in (DATA / "squad_v2" / "test.jsonl").read_text().splitlines()[:40]]
+    for item, rec in zip(items, raw):
+        texts = list(dict.fromkeys(rec["answers"]["text"])) or ["impossible to answer"]
+        assert item.refs == texts
+        assert item.prompt.endswith("### Response:\n") and rec["question"] in item.prompt
+
+
+def test_tokenizer_without_the_templates_tokens_is_refused(tmp_path, tiny_dir):
+    """A word-level tokenizer that never saw '###' maps the template's headers to <unk>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["a movie review sentence positive negative"] * 3,
+                            trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    assert unrepresentable(fast, ["### Response:"]) == ["### Response:"]
+    assert unrepresentable(load_tokenizer(resolve_model("b", str(tiny_dir), str(tiny_dir))), template_texts("sst2")) == []
+
+    bad = tmp_path / "bad_tok_model"
+    bad.mkdir()
+    for f in tiny_dir.iterdir():
+        if f.suffix in (".safetensors",) or f.name in ("config.json", "generation_config.json"):
+            (bad / f.name).write_bytes(f.read_bytes())
+    fast.save_pretrained(bad)
+    model = resolve_model("badtok", str(bad), str(bad))
+    with pytest.raises(EvaluationError, match="tokenizer of model 'badtok'.*cannot represent.*sst2"):
+        preflight([model], ["sst2"], DATA, "test", 4)
+
+
+def test_template_texts_hold_headers_and_labels():
+    texts = template_texts("sst2")
+    assert "positive" in texts and "negative" in texts
+    assert any("### Response:" in t for t in texts)
+    assert "impossible to answer" in template_texts("squad_v2")
+
+
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_experts):
+    model = resolve_model("m", str(tiny_experts[0]), str(tiny_experts[0]))
+    prompts = ["### Instruction:\nsay\n### Response:\n", "a longer prompt with several more words in it ### Response:\n",
+               "short"]
+    gen = GreedyGenerator(model)
+    out = gen({"row": np.arange(3), "prompt": np.array(prompts, dtype=object), "max_new_tokens": np.array([6, 6, 6])})
+    # Reference: each prompt alone, no padding, plain argmax decoding written out by hand.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_experts[0]).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_experts[0])
+    for prompt, got in zip(prompts, out["generation"]):
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        new = []
+        with torch.no_grad():
+            for _ in range(6):
+                nxt = int(lm(ids).logits[0, -1].argmax())
+                if nxt == tok.eos_token_id:
+                    break
+                new.append(nxt)
+                ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        assert got == tok.decode(new, skip_special_tokens=True)
+
+
+def test_pipeline_scores_new_model_average_and_merge(tiny_run, tiny_dir, tiny_experts):
+    cfg, result = tiny_run
+    run_dir = Path(cfg.run_dir)
+    scores = pd.read_csv(run_dir / "eval" / "scores.csv")
+    assert list(dict.fromkeys(scores["model"])) == ["new", "average", "recall"]
+    assert set(scores["task"]) == {"sst2", "ag_news"}
+    assert (scores["n"] == 5).all()
+    preds = pd.read_json(run_dir / "eval" / "predictions.jsonl", lines=True)
+    assert len(preds) == 3 * 2 * 5
+    # accuracy recomputed from the saved predictions: the first label word in the answer
+    for (model, task), sub in preds.groupby(["model", "task"]):
+        labels = ["positive", "negative"] if task == "sst2" else ["World", "Sports", "Business", "Sci/Tech"]
+
+        def first_label(text: str) -> str | None:
+            hits = [(m.start(), l) for l in labels for m in [re.search(rf"\b{re.escape(l)}\b", text, re.IGNORECASE)] if m]
+            return min(hits)[1] if hits else None
+
+        hits = sum(first_label(p) == r[0] for p, r in zip(sub["prediction"], sub["references"]))
+        got = scores[(scores["model"] == model) & (scores["task"] == task) & (scores["metric"] == "accuracy")]["value"]
+        assert float(got.iloc[0]) == pytest.approx(100.0 * hits / len(sub))
+    # the uniform-average baseline: every tensor the plain mean of the three models
+    from safetensors.torch import load_file
+
+    def state(d: Path) -> dict:
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out.update({k: v.to(torch.float64).numpy() for k, v in load_file(f).items()})
+        return out
+
+    avg = state(run_dir / "baselines" / "average")
+    srcs = [state(tiny_dir), state(tiny_experts[0]), state(tiny_experts[1])]
+    for name, t in avg.items():
+        assert np.allclose(t, (srcs[0][name] + srcs[1][name] + srcs[2][name]) / 3, atol=1e-6), name
+
+
+def test_cli_scores_a_model_and_writes_its_files(tmp_path, tiny_dir):
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--model", f"tiny={tiny_dir}", "--base", str(tiny_dir),
+         "--tasks", "sst2", "medmcqa", "--max-samples", "3", "--batch-size", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {p.name for p in out.iterdir()} == {"scores.json", "scores.csv", "scores.md", "predictions.jsonl"}
+    scores = pd.read_csv(out / "scores.csv")
+    assert set(scores["task"]) == {"sst2", "medmcqa"} and (scores["n"] == 3).all()
+    assert "sst2/accuracy" in proc.stdout
+
+
+def test_cli_refuses_unknown_task_before_starting_ray(tmp_path, tiny_dir):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--model", f"tiny={tiny_dir}", "--tasks", "nope",
+         "--out", str(tmp_path / "e")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "unknown task(s) ['nope']" in proc.stderr
+    assert not (tmp_path / "e").exists()
