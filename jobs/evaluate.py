@@ -13,7 +13,6 @@ else starts local Ray. Exit status 0 on success; otherwise one line on stderr.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -55,43 +54,30 @@ def resolve_models(specs: list[str], base: str) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
+    from recall_ray.cli import guarded, ray_runtime, setup_logging
+
+    setup_logging(args.verbose)
+    t0 = time.perf_counter()
+
+    def run():
+        from recall_ray.config import RayConfig
         from recall_ray.evaluate import evaluate_models, preflight, write_result
 
         if args.max_samples is not None and args.max_samples <= 0:
             raise ValueError(f"--max-samples must be positive, got {args.max_samples}")
         models = resolve_models(args.models, args.base)
-        items = preflight(models, args.tasks, args.data_dir, args.split, args.max_samples)
+        items = preflight(models, args.tasks, args.data_dir, args.split, args.max_samples)  # before Ray starts
         num_actors = args.num_actors if args.num_actors == "auto" else int(args.num_actors)
-        import ray
-
-        started = False
-        if not ray.is_initialized():
-            if os.environ.get("RAY_ADDRESS"):
-                ray.init()
-            else:
-                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-                ray.init(address="local", object_store_memory=512 * 1024**2, include_dashboard=False)
-                started = True
-        t0 = time.perf_counter()
-        try:
+        with ray_runtime(RayConfig()):
             result = evaluate_models(models, args.tasks, args.data_dir, args.split, args.max_samples,
                                      args.batch_size, num_actors, args.dtype, items=items)
-        finally:
-            if started:
-                ray.shutdown()
         write_result(result, args.out, {"split": args.split, "max_samples": args.max_samples,
                                         "models": {m.label: m.path for m in models}})
-    except KeyboardInterrupt:
-        print("evaluate: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if args.verbose:
-            logging.exception("evaluate failed")
-        print(f"evaluate: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        return result
+
+    status, result = guarded("evaluate", args.verbose, run)
+    if status:
+        return status
     print(f"\n=== scores ({args.split} split) ===")
     print(result.wide.to_string(float_format=lambda v: f"{v:.1f}"))
     print(f"\nwritten to {args.out} (scores.json, scores.csv, scores.md, predictions.jsonl); {time.perf_counter() - t0:.1f}s")

@@ -10,7 +10,6 @@ Exit code 0 on success; otherwise one line on stderr saying what is wrong.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The embedded default: SmolLM2-135M-Instruct as the base, LoRA experts for SST-2 and
 # MedMCQA, AG News as the new task; every adapter (the new task's too) is committed under
-# adapters/ and was trained by jobs/train_default_adapters.py through the same Ray Train
+# adapters/ and was trained by jobs/train_adapters.py (configs/adapters/default.yaml) through the same Ray Train
 # step. `--set finetune.enabled=true` fine-tunes the new task here instead.
 DEFAULT_CONFIG = {
     "run_dir": "runs/default",
@@ -33,6 +32,10 @@ DEFAULT_CONFIG = {
     "task": {"name": "ag_news", "data": str(REPO / "data" / "ag_news" / "train.jsonl"), "template": "ag_news",
              "max_samples": 200, "max_length": 128},
     "finetune": {"steps": 60, "batch_size": 8, "max_samples": 2000},
+    # The point of the merge, shown: the new model alone, the uniform average and the RECALL
+    # merge scored side by side on held-out (test) samples of every task taking part.
+    "evaluate": {"tasks": ["sst2", "medmcqa", "ag_news"], "split": "test", "max_samples": 32,
+                 "data_dir": str(REPO / "data"), "baselines": ["average"]},
 }
 
 
@@ -48,34 +51,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("filelock", "urllib3", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
+    from recall_ray.cli import guarded, ray_runtime, setup_logging
+
+    setup_logging(args.verbose)
+    t0 = time.perf_counter()
+
+    def run():
         from recall_ray.config import load_config
-        from recall_ray.pipeline import connect_ray, run_pipeline
-        from recall_ray.report import weight_table_text
+        from recall_ray.pipeline import run_pipeline
 
         overrides = list(args.overrides) + (["overwrite=true"] if args.overwrite else [])
         cfg = load_config(args.config, overrides, defaults=None if args.config else DEFAULT_CONFIG)
-        t0 = time.perf_counter()
-        started = connect_ray(cfg)
-        try:
-            result = run_pipeline(cfg)
-        finally:
-            if started:
-                import ray
+        with ray_runtime(cfg.ray):
+            return run_pipeline(cfg)
 
-                ray.shutdown()
-    except KeyboardInterrupt:
-        print("merge: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # one line for the user; the traceback with -v
-        if args.verbose:
-            logging.exception("merge failed")
-        print(f"merge: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    status, result = guarded("merge", args.verbose, run)
+    if status:
+        return status
+    from recall_ray.report import weight_table_text
 
     print("\n=== RECALL merge done ===")
     print(f"merged model : {result.output}")
@@ -86,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     if result.saturated:
         print(f"\nWARNING: similarity saturated in {len(result.saturated)} of {result.table['layer'].nunique()} layers"
               " (weights are constant there); see README 'Similarity options'.")
+    if result.scores is not None:
+        from recall_ray.evaluate import wide_table
+
+        n = int(result.scores["n"].max())
+        print(f"\nscores on held-out samples ({n} per task; 'ag_news' is the new model alone):")
+        print(wide_table(result.scores).to_string(float_format=lambda v: f"{v:.1f}"))
     print("\nstage timings:")
     for name, t in result.timings.items():
         shown = "skipped (unchanged)" if t["skipped"] else f"{t['seconds']:.1f}s"

@@ -30,6 +30,7 @@ class ModelSpec(_Section):
 
     name: str | None = None
     path: str
+    adapter_base: str | None = None  # the model a LoRA adapter was trained on, when not `base` (sequential runs)
 
     @property
     def label(self) -> str:
@@ -102,6 +103,18 @@ class MergeConfig(_Section):
     check_finite: bool = True
 
 
+class EvaluateConfig(_Section):
+    """Optional scoring at the end of the job (recall_ray.evaluate): the merge, the new model
+    alone and each baseline merge, on the first `max_samples` of each task's split."""
+
+    tasks: list[str] = []  # empty: no evaluation
+    split: Literal["test", "validation"] = "test"
+    max_samples: int = Field(32, gt=0)
+    data_dir: str = "data"  # holds <task>/train.jsonl and test.jsonl
+    baselines: list[Literal["average"]] = ["average"]  # merged beside the RECALL merge for comparison
+    batch_size: int = Field(16, gt=0)
+
+
 class RayConfig(_Section):
     address: str | None = None  # None: join RAY_ADDRESS if set, else start local Ray
     num_cpus: int | None = None
@@ -124,6 +137,7 @@ class RunConfig(_Section):
     typical: TypicalConfig = TypicalConfig()
     similarity: SimilarityConfig = SimilarityConfig()
     merge: MergeConfig = MergeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +26,7 @@ from .metrics import TASK_METRICS, MetricError, extract_answer, max_new_tokens, 
 from .models import ResolvedModel, load_causal_lm, load_tokenizer
 from .report import markdown_table
 from .splits import load_split_with_raw
+from .storage import staged
 from .templates import TEMPLATES
 
 log = logging.getLogger("recall_ray.evaluate")
@@ -252,15 +250,30 @@ def result_files(result: EvalResult, meta: dict | None = None) -> dict[str, str]
 def write_result(result: EvalResult, out_dir: str | Path, meta: dict | None = None) -> None:
     """`result_files` written to a local `out_dir`: built in a staging directory beside it
     and moved into place only when complete (an existing `out_dir` is replaced)."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged(str(out_dir), overwrite=True) as tmp:
         for name, text in result_files(result, meta).items():
-            (tmp / name).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            (Path(tmp) / name).write_text(text)
+
+
+def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedModel], tasks: Sequence[str],
+                     data_dir: str | Path, split: str, max_samples: int | None, batch_size: int,
+                     num_actors: int | str, upstream: object, only: dict[str, Sequence[str]] | None = None,
+                     items: list[EvalItem] | None = None) -> pd.DataFrame:
+    """Score `models` on `tasks` as a resumable stage of `manifest` (keyed by `upstream`,
+    whatever decides the models' contents), writing <run_dir>/<prefix>/eval/; returns the
+    long scores."""
+    import io
+
+    items = items if items is not None else preflight(models[:1], tasks, data_dir, split, max_samples)
+    rel = f"{prefix}/eval" if prefix else "eval"
+    key = [upstream, list(tasks), split, max_samples, [m.label for m in models], only,
+           [(i.task, i.sample_id, i.prompt, i.refs) for i in items]]
+
+    def run() -> dict:
+        r = evaluate_models(models, tasks, data_dir, split, max_samples, batch_size, num_actors, items=items, only=only)
+        for fname, text in result_files(r, {"split": split, "max_samples": max_samples}).items():
+            run_dir.write_text(f"{rel}/{fname}", text)
+        return {"seconds": r.seconds}
+
+    manifest.run(f"{prefix}/evaluate" if prefix else "evaluate", key, [run_dir.uri(f"{rel}/scores.csv")], run)
+    return pd.read_csv(io.BytesIO(run_dir.read_bytes(f"{rel}/scores.csv")))

@@ -25,6 +25,10 @@ def weighted_merge(load: Callable[[int], torch.Tensor], weights: Sequence[float]
     if w.ndim != 1 or len(w) == 0 or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"merge weights must be finite, non-negative and not all zero, got {list(weights)}")
     w = (w / w.sum()).tolist()
+    nonzero = [q for q, wq in enumerate(w) if wq != 0.0]
+    if len(nonzero) == 1:  # one model takes it all (e.g. folding an adapter): its values exactly
+        only = load(nonzero[0])
+        return only.to(out_dtype or (only.dtype if nonzero[0] == ref else load(ref).dtype), copy=True)
     ref_t = load(ref)
     dtype = out_dtype or ref_t.dtype
     ref32 = ref_t.to(torch.float32)

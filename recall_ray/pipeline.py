@@ -8,6 +8,7 @@ every stage in the manifest so that a rerun resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -20,8 +21,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import RunConfig
+from .config import RayConfig, RunConfig
 from .manifest import Manifest, stable_hash
+from .merge_methods import MergeMethod
 from .models import ModelTensors, ResolvedModel, resolve_model, resolve_path
 from .safetensors_io import CheckpointError
 from .similarity import layer_similarity, saturated_layers, softmax_weights
@@ -47,6 +49,7 @@ class PipelineResult:
     saturated: list[int]
     merge_peak_rss_mb: float | None = None
     merge_peak_anon_mb: float | None = None
+    scores: pd.DataFrame | None = None  # evaluation (model, task, metric, value, n), when asked for
 
 
 # ---------------------------------------------------------------------------- preflight
@@ -60,6 +63,7 @@ class Plan:
     records: list[dict]
     data_hash: str
     modelset: ModelSet | None  # checked in preflight when every model already exists
+    eval_items: list | None = None  # evaluation prompts and references, checked in preflight
 
 
 def _file_hash(path: str) -> str:
@@ -76,10 +80,13 @@ def preflight(cfg: RunConfig) -> Plan:
     base = resolve_model(cfg.base.name or "base", cfg.base.path, base_path, cfg.allow_pickle)
     if base.kind != "hf":
         raise PipelineError(f"base {cfg.base.path} is an adapter; `base` must be a full Hugging Face model directory")
-    experts = [resolve_model(e.label, e.path, base_path, cfg.allow_pickle) for e in cfg.experts]
+    def own_base(spec) -> str:
+        return resolve_path(spec.adapter_base) if spec.adapter_base else base_path
+
+    experts = [resolve_model(e.label, e.path, own_base(e), cfg.allow_pickle) for e in cfg.experts]
     new = None
     if cfg.new_model is not None and not cfg.finetune.enabled:
-        new = resolve_model(cfg.new_model.name or "new", cfg.new_model.path, base_path, cfg.allow_pickle)
+        new = resolve_model(cfg.new_model.name or "new", cfg.new_model.path, own_base(cfg.new_model), cfg.allow_pickle)
     labels = [base.label] + [e.label for e in experts] + [new.label if new else "new"]
     if len(set(labels)) != len(labels):
         raise PipelineError(f"model names must be distinct, got {labels}: set `name` on the models")
@@ -96,7 +103,16 @@ def preflight(cfg: RunConfig) -> Plan:
         refuse_existing_output(cfg.output_dir, cfg.overwrite)
     models = [base, *experts] + ([new] if new else [])
     modelset = check_models(models, cfg.architecture, cfg.merge.head_group) if len(models) >= 2 else None
-    return Plan(cfg, base, experts, new, records, _file_hash(cfg.task.data), modelset if new else None)
+    eval_items = None
+    if cfg.evaluate.tasks:
+        from .evaluate import preflight as eval_preflight
+
+        if "://" in cfg.output_dir or "://" in cfg.run_dir:
+            raise PipelineError("evaluate.tasks loads the merged models on this machine: use a local run_dir and"
+                                " output, or leave evaluate.tasks empty")
+        ev = cfg.evaluate
+        eval_items = eval_preflight([base], ev.tasks, ev.data_dir, ev.split, ev.max_samples)
+    return Plan(cfg, base, experts, new, records, _file_hash(cfg.task.data), modelset if new else None, eval_items)
 
 
 def _is_own_output(cfg: RunConfig) -> bool:
@@ -263,16 +279,66 @@ def run_pipeline(cfg: RunConfig) -> PipelineResult:
                     len(sat), num_layers + 1, _ranges(sat))
 
     # Merge (base column 0 when the base does not take part; it stays the reference).
-    w = np.zeros((num_layers + 1, len(models)))
-    label_col = {m.label: q for q, m in enumerate(models)}
-    for row in table.itertuples():
-        w[int(row.layer), label_col[row.model]] = row.weight
+    w = weights_matrix(table, [m.label for m in models], num_layers + 1)
     merge_key = [weights_key, stable_hash(w.round(12).tolist()), cfg.merge.model_dump(exclude={"num_actors"}),
                  cfg.output_dir, [modelset.fingerprints[m.label] for m in models]]
     merge_result = manifest.run("merge", merge_key, [cfg.output_dir],
                                 lambda: _merge_stage(models, modelset, w, table, typical_idx, cfg, run_dir))
+    scores = None
+    if plan.eval_items is not None:
+        scores = _evaluate_stage(plan, models, modelset, merge_key, run_dir, manifest)
     return PipelineResult(cfg.output_dir, cfg.run_dir, table, manifest.timings, len(typical_idx), sat,
-                          (merge_result or {}).get("peak_rss_mb"), (merge_result or {}).get("peak_anon_mb"))
+                          (merge_result or {}).get("peak_rss_mb"), (merge_result or {}).get("peak_anon_mb"), scores)
+
+
+def merge_stage(manifest: Manifest, name: str, models: list[ResolvedModel], modelset: ModelSet, method: MergeMethod,
+                out: str, merge_cfg) -> str:
+    """Merge `models` by `method` into `out` (with its mergekit.yaml) as a resumable stage."""
+    from .merge import run_merge
+    from .mergekit_export import mergekit_file
+
+    key = [[modelset.fingerprints[m.label] for m in models], dataclasses.asdict(method),
+           merge_cfg.model_dump(exclude={"num_actors"})]
+
+    def run() -> dict:
+        report = run_merge(models, modelset.grouping, modelset.infos, method, out, True, merge_cfg.num_actors,
+                           merge_cfg.placement, merge_cfg.max_shard_bytes, side_dir=models[0].weights_dir,
+                           extra_files=mergekit_file(method, models, modelset))
+        return {"output": out, "seconds": report.seconds}
+
+    manifest.run(name, key, [out], run)
+    return manifest.data["stages"][name]["key"]
+
+
+def _evaluate_stage(plan: Plan, models: list[ResolvedModel], modelset: ModelSet, merge_key: list, run_dir: RunDir,
+                    manifest: Manifest) -> pd.DataFrame:
+    """Baseline merges beside the RECALL merge, then the new model alone, each baseline and
+    the RECALL merge scored side by side on the evaluation tasks."""
+    from .evaluate import evaluation_stage
+    from .merge_methods import uniform_weights
+
+    cfg, ev = plan.cfg, plan.cfg.evaluate
+    to_score, keys = [models[-1]], [merge_key]
+    for name in ev.baselines:
+        out = run_dir.uri(f"baselines/{name}")
+        method = MergeMethod(name, "linear", uniform_weights(modelset.grouping.num_groups, len(models),
+                                                             include_base=cfg.include_base))
+        keys.append(merge_stage(manifest, f"baseline_{name}", models, modelset, method, out, cfg.merge))
+        to_score.append(resolve_model(name, out, models[0].path))
+    to_score.append(resolve_model("recall", cfg.output_dir, models[0].path))
+    return evaluation_stage(manifest, run_dir, "", to_score, ev.tasks, ev.data_dir, ev.split, ev.max_samples,
+                            ev.batch_size, cfg.representations.num_actors, [keys, modelset.fingerprints],
+                            items=plan.eval_items)
+
+
+def weights_matrix(table: pd.DataFrame, labels: list[str], num_groups: int) -> np.ndarray:
+    """[G, K] merge weights in merge order from the weights table (a model that does not
+    take part, e.g. the base with include_base false, keeps weight 0)."""
+    w = np.zeros((num_groups, len(labels)))
+    col = {label: q for q, label in enumerate(labels)}
+    for row in table.itertuples():
+        w[int(row.layer), col[row.model]] = row.weight
+    return w
 
 
 def _finetune_stage(plan: Plan, run_dir: RunDir, manifest: Manifest) -> ResolvedModel:
@@ -341,6 +407,7 @@ def _weights_stage(run_dir: RunDir, rel_of: dict[str, str], labels: list[str], n
 def _merge_stage(models: list[ResolvedModel], modelset: ModelSet, w: np.ndarray, table: pd.DataFrame,
                  typical_idx: list[int], cfg: RunConfig, run_dir: RunDir) -> dict:
     from .merge import run_merge
+    from .mergekit_export import mergekit_file
     from .report import model_card
 
     card = model_card(
@@ -350,10 +417,12 @@ def _merge_stage(models: list[ResolvedModel], modelset: ModelSet, w: np.ndarray,
             "include_base": cfg.include_base, "head_group": cfg.merge.head_group}.items()),
         len(typical_idx),
     )
-    report = run_merge(models, modelset.grouping, modelset.infos, w, cfg.output_dir, cfg.overwrite,
+    method = MergeMethod("recall", "linear", w)
+    report = run_merge(models, modelset.grouping, modelset.infos, method, cfg.output_dir, cfg.overwrite,
                        cfg.merge.num_actors, cfg.merge.placement, cfg.merge.max_shard_bytes,
                        side_dir=models[0].weights_dir, card=card,
-                       extra_files={"recall_weights.csv": table.to_csv(index=False, float_format="%.10g")})
+                       extra_files={"recall_weights.csv": table.to_csv(index=False, float_format="%.10g"),
+                                    **mergekit_file(method, models, modelset)})
     return {"output": cfg.output_dir, "seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb,
             "peak_anon_mb": report.peak_anon_mb,
             "shards": [{k: s[k] for k in ("file", "bytes", "seconds", "peak_rss_mb", "peak_anon_mb", "node_id")}
@@ -375,20 +444,20 @@ def _ranges(xs: list[int]) -> str:
     return "[" + ", ".join(out) + "]"
 
 
-def connect_ray(cfg: RunConfig) -> bool:
+def connect_ray(ray_cfg: RayConfig) -> bool:
     """Join a cluster (config address or RAY_ADDRESS, as under `ray job submit`) or start a
     local runtime. Returns True when this process started Ray (and should shut it down)."""
     import ray
 
     if ray.is_initialized():
         return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a laptop run needs no token auth
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory, include_dashboard=False,
-             configure_logging=False)
+    ray.init(address="local", num_cpus=ray_cfg.num_cpus, object_store_memory=ray_cfg.object_store_memory,
+             include_dashboard=False, configure_logging=False)
     return True
 
 

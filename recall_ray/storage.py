@@ -11,7 +11,9 @@ import os
 import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.fs as pafs
 
@@ -124,6 +126,19 @@ def publish(staging: str, dest: str, overwrite: bool) -> None:
     if output_exists(dest):
         fs.delete_dir(path)
     fs.move(spath, path)
+
+
+@contextmanager
+def staged(dest: str, overwrite: bool) -> Iterator[str]:
+    """Build `dest` in a staging directory (yielded) and publish it only when the block
+    completes; on any error the staging directory is removed and `dest` is untouched."""
+    staging = staging_location(dest)
+    try:
+        yield staging
+        publish(staging, dest, overwrite)
+    except BaseException:
+        discard(staging)
+        raise
 
 
 def discard(staging: str) -> None:

@@ -104,3 +104,27 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_dir, tiny_experts, ray_session):
+    """One finished RECALL job on the tiny models (base, expert e0, new model), with the
+    evaluation stage (a uniform-average baseline, scored beside the merge and the new
+    model): shared by the pipeline, evaluation and notebook tests."""
+    from recall_ray.config import build_config
+    from recall_ray.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = build_config({
+        "run_dir": str(root / "run"),
+        "base": {"name": "base", "path": str(tiny_dir)},
+        "experts": [{"name": "e0", "path": str(tiny_experts[0])}],
+        "new_model": {"name": "new", "path": str(tiny_experts[1])},
+        "task": {"name": "sst2", "data": str(DATA / "sst2" / "train.jsonl"), "template": "sst2", "max_samples": 40},
+        "typical": {"k": 4},
+        "similarity": {"sigma": "median"},
+        "representations": {"batch_size": 8},
+        "evaluate": {"tasks": ["sst2", "ag_news"], "max_samples": 5, "data_dir": str(DATA), "batch_size": 4},
+    })
+    result = run_pipeline(cfg)
+    return cfg, result

@@ -219,3 +219,14 @@ def test_plan_shards_random(seed):
 def test_plan_shards_empty_groups():
     check_plan([0, 0, 0, 0], 2)
     check_plan([0, 400, 0, 0, 400], 3)
+
+
+@pytest.mark.parametrize("q", [0, 1, 2])
+def test_one_hot_weights_return_that_model_bit_for_bit(q):
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(8, 5, generator=g) * (i + 1) for i in range(3)]
+    w = [0.0, 0.0, 0.0]
+    w[q] = 2.5  # renormalised to 1
+    got = weighted_merge(lambda i: tensors[i], w, ref=0)
+    assert torch.equal(got, tensors[q])
+    assert got.data_ptr() != tensors[q].data_ptr()  # a copy: the caller may free or modify it

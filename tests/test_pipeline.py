@@ -37,20 +37,8 @@ def _group_of(name: str, num_layers: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_dir, tiny_experts, ray_session):
-    root = tmp_path_factory.mktemp("pipeline")
-    cfg = build_config({
-        "run_dir": str(root / "run"),
-        "base": {"name": "base", "path": str(tiny_dir)},
-        "experts": [{"name": "e0", "path": str(tiny_experts[0])}],
-        "new_model": {"name": "new", "path": str(tiny_experts[1])},
-        "task": {"name": "sst2", "data": str(DATA / "sst2" / "train.jsonl"), "template": "sst2", "max_samples": 40},
-        "typical": {"k": 4},
-        "similarity": {"sigma": "median"},
-        "representations": {"batch_size": 8},
-    })
-    result = run_pipeline(cfg)
-    return cfg, result
+def run(tiny_run):
+    return tiny_run
 
 
 def test_outputs_are_complete(run):
