@@ -1,0 +1,115 @@
+"""Analysis of finished runs: the paper's figures as functions of a run directory's tables.
+
+- per-layer similarity of every model to the new model, and the merge weights (Figure 6
+  and the weights behind every merge), from `weights.csv`;
+- similarity between adjacent layers of one model (Figure 7), from `reps/<model>/`;
+- the forgetting curve of a sequential run (Figure 5), from its `scores.csv`.
+
+The numeric parts are pure (numpy / pandas in, numpy / pandas out); the plotting parts
+return matplotlib Figures, for notebooks (notebooks/analysis.ipynb) and for PNG files.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def adjacent_layer_similarity(layers: list[np.ndarray]) -> np.ndarray:
+    """Mean over samples of the cosine between a sample's representations at layers i and
+    i+1, for i = 0..L-1: how much each block changes the representation.
+
+    layers: [n, H] arrays, one per layer (0 = embeddings), rows the same samples in order.
+    A zero vector has cosine 0 with anything (instead of NaN).
+    """
+    if len(layers) < 2:
+        raise ValueError(f"need at least two layers, got {len(layers)}")
+    out = []
+    for a, b in zip(layers[:-1], layers[1:]):
+        a = np.asarray(a, dtype=np.float64)
+        b = np.asarray(b, dtype=np.float64)
+        if a.shape != b.shape:
+            raise ValueError(f"layers have different shapes {a.shape} and {b.shape}")
+        den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        cos = np.divide((a * b).sum(axis=1), den, out=np.zeros(len(a)), where=den > 0)
+        out.append(float(cos.mean()))
+    return np.array(out)
+
+
+def adjacent_table(run_dir: str | Path) -> pd.DataFrame:
+    """`adjacent_layer_similarity` of every model with representations in the run:
+    columns model, layer (the upper layer i+1), similarity."""
+    import pyarrow.parquet as pq
+
+    from .representations import layer_column, read_layer
+
+    rows = []
+    for model_dir in sorted(Path(run_dir, "reps").iterdir()):
+        if not model_dir.is_dir():
+            continue
+        names = set(pq.read_schema(next(model_dir.glob("*.parquet"))).names)
+        num = 0
+        while layer_column(num) in names:
+            num += 1
+        layers = [read_layer(str(model_dir), i)[1] for i in range(num)]
+        for i, s in enumerate(adjacent_layer_similarity(layers), start=1):
+            rows.append({"model": model_dir.name, "layer": i, "similarity": s})
+    return pd.DataFrame(rows)
+
+
+def forgetting_table(scores: pd.DataFrame, primary: dict[str, str]) -> pd.DataFrame:
+    """From a sequential run's long scores (step, method, task, metric, value; the task
+    learned at step t is `trained`), the mean primary score over the tasks learned so far,
+    per method and step: the forgetting curve's y values."""
+    need = {"step", "trained", "method", "task", "metric", "value"}
+    if not need <= set(scores.columns):
+        raise ValueError(f"scores need columns {sorted(need)}, got {sorted(scores.columns)}")
+    prim = scores[[primary.get(t) == m for t, m in zip(scores["task"], scores["metric"])]]
+    learned_at = scores.groupby("trained")["step"].min().to_dict()
+    prim = prim[[learned_at.get(t, np.inf) <= s for t, s in zip(prim["task"], prim["step"])]]
+    return (prim.groupby(["method", "step"])["value"].mean().rename("mean_seen").reset_index()
+            .sort_values(["method", "step"], ignore_index=True))
+
+
+# -------------------------------------------------------------------------------- plots
+
+def _axes(title: str, xlabel: str, ylabel: str):
+    import matplotlib.pyplot as plt  # the caller's backend: inline in notebooks, Agg when headless
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def plot_lines(table: pd.DataFrame, x: str, y: str, by: str, title: str, ylabel: str, xlabel: str | None = None):
+    """One line per value of `by` (models, methods, tasks) over `x`."""
+    fig, ax = _axes(title, xlabel or x, ylabel)
+    for key in dict.fromkeys(table[by]):
+        sub = table[table[by] == key].sort_values(x)
+        ax.plot(sub[x], sub[y], marker="o", markersize=3, label=str(key))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_forgetting(scores: pd.DataFrame, primary: dict[str, str]):
+    """Mean primary score over the tasks seen so far, per method, against the step."""
+    table = forgetting_table(scores, primary)
+    fig = plot_lines(table, "step", "mean_seen", "method", "forgetting curve", "mean score on tasks seen so far",
+                     "step (tasks learned)")
+    return fig
+
+
+def figure_png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,74 @@
+"""Analysis functions against plain numpy / hand-made tables, and the notebook executed on
+a tiny finished run so that it cannot rot."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO
+from recall_ray.analysis import adjacent_layer_similarity, adjacent_table, forgetting_table
+
+
+def test_adjacent_layer_similarity_matches_numpy():
+    rng = np.random.default_rng(0)
+    layers = [rng.normal(size=(7, 5)) for _ in range(4)]
+    layers[2][3] = 0.0  # a zero vector: cosine 0, not NaN
+    got = adjacent_layer_similarity(layers)
+    expect = []
+    for i in range(3):
+        cos = []
+        for a, b in zip(layers[i], layers[i + 1]):
+            na, nb = np.sqrt((a * a).sum()), np.sqrt((b * b).sum())
+            cos.append(0.0 if na == 0 or nb == 0 else float((a * b).sum() / (na * nb)))
+        expect.append(sum(cos) / len(cos))
+    assert np.allclose(got, expect, atol=1e-12)
+    assert adjacent_layer_similarity([layers[0], layers[0]])[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least two layers"):
+        adjacent_layer_similarity(layers[:1])
+
+
+def test_forgetting_table_averages_seen_tasks_only():
+    rows = []
+    # step 1 learns a, step 2 learns b; task b's score at step 1 is before it was learned
+    for method, vals in {"recall": {(1, "a"): 80, (1, "b"): 10, (2, "a"): 70, (2, "b"): 60},
+                         "seqft": {(1, "a"): 80, (1, "b"): 12, (2, "a"): 30, (2, "b"): 66}}.items():
+        for (step, task), v in vals.items():
+            rows.append({"step": step, "trained": "a" if step == 1 else "b", "method": method, "task": task,
+                         "metric": "accuracy", "value": v})
+            rows.append({"step": step, "trained": "a" if step == 1 else "b", "method": method, "task": task,
+                         "metric": "other", "value": -1})
+    table = forgetting_table(pd.DataFrame(rows), {"a": "accuracy", "b": "accuracy"})
+    got = {(r.method, r.step): r.mean_seen for r in table.itertuples()}
+    assert got == {("recall", 1): 80, ("recall", 2): 65, ("seqft", 1): 80, ("seqft", 2): 48}
+
+
+def test_adjacent_table_reads_every_model_of_a_run(tiny_run):
+    cfg, _ = tiny_run
+    table = adjacent_table(cfg.run_dir)
+    assert set(table["model"]) == {"base", "e0", "new"}
+    assert sorted(table["layer"].unique()) == [1, 2]  # 3 representation layers -> 2 adjacent pairs
+    assert table["similarity"].between(-1, 1).all()
+
+
+def test_notebook_runs_on_a_tiny_run(tiny_run, tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+
+    cfg, _ = tiny_run
+    seq = tmp_path / "scores.csv"
+    pd.DataFrame([{"step": s, "trained": t, "method": "recall", "task": t2, "metric": "accuracy", "value": v}
+                  for s, t, t2, v in [(1, "sst2", "sst2", 60.0), (2, "ag_news", "sst2", 55.0),
+                                      (2, "ag_news", "ag_news", 40.0)]]).to_csv(seq, index=False)
+    nb = nbformat.read(REPO / "notebooks" / "analysis.ipynb", as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1
+    params[0].source = f"RUN_DIR = {str(cfg.run_dir)!r}\nSEQUENCE_SCORES = {str(seq)!r}"
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert len(images) == 4  # similarity, weights, adjacent layers, forgetting curve
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
