@@ -1,0 +1,318 @@
+"""Scenarios of the paper as jobs: one YAML config, one run directory, one table.
+
+    single      for each task: its expert merged with the base (paper Table 1)
+    multi       every expert merged, with and without the base (paper Table 2); the last
+                task is the *new* one: RECALL's typical samples and LM-Cocktail's examples
+                come from its train split only (no other task's data is used)
+
+Each merge is computed by RECALL's own job (recall_ray.pipeline, which writes the weights,
+plots and representations) and by every baseline through the same merge actors; then every
+model is scored (recall_ray.evaluate) on the tasks' test split (or validation, to choose
+settings). Layout of `run_dir`:
+
+    manifest.json                 the scenario's stages (each resumable)
+    <variant>/recall/             RECALL's run directory (weights.csv, plots/, reps/, merged/)
+    <variant>/merged/<method>/    each baseline's merged model
+    <variant>/eval/               scores and predictions of this variant's models
+    scores.csv                    long: variant, model, task, metric, value, n
+    table.csv, table.md           primary metric per task (and their mean), a row per model
+    plots/                        weights, similarity and adjacent-layer similarity per variant
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from .baselines import METHODS, BaselineConfig, build_method, model_losses
+from .config import (
+    ConfigError,
+    MergeConfig,
+    RayConfig,
+    RepresentationConfig,
+    RunConfig,
+    SimilarityConfig,
+    TypicalConfig,
+    _format_errors,
+    _Section,
+    apply_override,
+)
+from .manifest import Manifest
+from .metrics import primary_metric
+from .models import resolve_model, resolve_path
+from .report import markdown_table
+from .splits import VALIDATION_SIZE, load_split, split_file
+from .storage import RunDir
+
+log = logging.getLogger("recall_ray.scenarios")
+
+
+class RecallSettings(_Section):
+    """RECALL's own settings in a scenario (the sections of jobs/merge.py's config)."""
+
+    max_samples: int = Field(200, gt=0)  # new-task train samples represented and clustered
+    max_length: int = Field(128, gt=8)
+    typical: TypicalConfig = TypicalConfig()
+    similarity: SimilarityConfig = SimilarityConfig()
+    representations: RepresentationConfig = RepresentationConfig()
+    merge: MergeConfig = MergeConfig()
+
+
+class ScenarioEval(_Section):
+    split: Literal["test", "validation"] = "test"
+    max_samples: int = Field(50, gt=0)  # first N of each task's split
+    batch_size: int = Field(16, gt=0)
+    all_tasks: bool = False  # single: also score every merge on the other tasks (kept knowledge)
+
+
+class ScenarioConfig(_Section):
+    scenario: Literal["single", "multi"]
+    run_dir: str
+    base: str = "builtin:smollm2-135m-instruct"
+    data_dir: str = "data"
+    tasks: list[str]
+    experts: str  # directory holding one expert per task: <experts>/<task> (LoRA adapter or HF directory)
+    include_base: list[bool] = [True, False]  # multi: merge with and without the base
+    methods: list[str] = list(METHODS)
+    baselines: BaselineConfig = BaselineConfig()
+    recall: RecallSettings = RecallSettings()
+    evaluate: ScenarioEval = ScenarioEval()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScenarioConfig":
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
+        if "recall_layer_constant" in self.methods and "recall" not in self.methods:
+            raise ValueError("recall_layer_constant needs RECALL's weights: keep 'recall' in methods")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be a non-empty list without repeats, got {self.tasks}")
+        if self.scenario == "multi" and len(self.tasks) < 2:
+            raise ValueError("the multi scenario merges several experts: give at least two tasks")
+        if not self.include_base:
+            raise ValueError("include_base must list at least one of true/false")
+        return self
+
+
+def load_scenario(path: str, overrides: list[str] = ()):
+    """A ScenarioConfig (single, multi) or a SequentialConfig (sequential), by `scenario`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"scenario config {path} does not exist")
+    tree = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"scenario config {path} must hold a YAML mapping")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        if tree.get("scenario") == "sequential":
+            from .sequential import SequentialConfig
+
+            return SequentialConfig.model_validate(tree)
+        return ScenarioConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+# ------------------------------------------------------------------------------- plan
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One merge setting of a scenario: which experts, which new task, with the base or not."""
+
+    name: str
+    experts: tuple[str, ...]  # tasks whose experts are merged as old experts
+    new_task: str  # whose expert is the new model and whose train data RECALL sees
+    include_base: bool
+    eval_tasks: tuple[str, ...]
+
+
+def variants(cfg: ScenarioConfig) -> list[Variant]:
+    if cfg.scenario == "single":
+        return [Variant(t, (), t, True, tuple(cfg.tasks) if cfg.evaluate.all_tasks else (t,)) for t in cfg.tasks]
+    *old, new = cfg.tasks
+    return [Variant("with_base" if b else "without_base", tuple(old), new, b, tuple(cfg.tasks))
+            for b in cfg.include_base]
+
+
+def expert_path(cfg: ScenarioConfig, task: str) -> str:
+    return str(Path(cfg.experts) / task)
+
+
+def recall_config(cfg: ScenarioConfig, v: Variant) -> RunConfig:
+    """The jobs/merge.py config that computes this variant's RECALL merge."""
+    r = cfg.recall
+    run_dir = f"{cfg.run_dir.rstrip('/')}/{v.name}/recall"
+    return RunConfig.model_validate({
+        "run_dir": run_dir,
+        "overwrite": True,  # the scenario owns its run directory
+        "base": {"name": "base", "path": cfg.base},
+        "experts": [{"name": t, "path": expert_path(cfg, t)} for t in v.experts],
+        "new_model": {"name": v.new_task, "path": expert_path(cfg, v.new_task)},
+        "include_base": v.include_base,
+        "task": {"name": v.new_task, "data": str(split_file(cfg.data_dir, v.new_task, "train")),
+                 "template": v.new_task, "max_samples": r.max_samples, "max_length": r.max_length},
+        "typical": r.typical.model_dump(), "similarity": r.similarity.model_dump(),
+        "representations": r.representations.model_dump(), "merge": r.merge.model_dump(),
+        "ray": cfg.ray.model_dump(),
+    })
+
+
+def preflight(cfg: ScenarioConfig) -> list[Variant]:
+    """Every check that needs no model: experts and data exist, RECALL never reads the
+    validation tail, evaluation references are present."""
+    from .evaluate import build_items, check_tasks
+
+    check_tasks(cfg.tasks)
+    if "://" in cfg.run_dir:
+        raise ConfigError("a scenario loads its merged models here to score them: use a local run_dir")
+    resolve_path(cfg.base)
+    missing = [t for t in cfg.tasks if not Path(expert_path(cfg, t)).exists()]
+    if missing:
+        raise ConfigError(f"no expert for tasks {missing} under {cfg.experts}: train them with "
+                          "`python jobs/train_adapters.py --config configs/adapters/repro.yaml`")
+    for t in cfg.tasks:
+        n_train = len(load_split(cfg.data_dir, t, "train"))
+        if cfg.recall.max_samples > n_train:
+            raise ConfigError(f"recall.max_samples={cfg.recall.max_samples} exceeds the {n_train} train records of"
+                              f" {t} (train.jsonl less its {VALIDATION_SIZE}-record validation tail)")
+    build_items(cfg.data_dir, cfg.tasks, cfg.evaluate.split, cfg.evaluate.max_samples)
+    vs = variants(cfg)
+    for v in vs:
+        recall_config(cfg, v)  # validates the derived RECALL config
+    return vs
+
+
+# -------------------------------------------------------------------------------- run
+
+@dataclasses.dataclass
+class ScenarioResult:
+    scores: pd.DataFrame  # variant, model, task, metric, value, n
+    table: pd.DataFrame  # primary metric per task and their mean, a row per (variant, model)
+    timings: dict[str, dict]
+
+
+@dataclasses.dataclass
+class Merged:
+    """The merges of one set of models: output directory per method, and what they came from."""
+
+    outputs: dict[str, str]  # method -> merged model directory
+    models: list  # ResolvedModel, merge order (base first)
+    modelset: object  # validate.ModelSet
+    keys: dict[str, str]  # method -> the key of the stage that produced it (for downstream keys)
+    recall_dir: str | None  # RECALL's run directory, when it ran
+
+
+def merge_methods(rc: RunConfig, methods: list[str], baselines: BaselineConfig, data_dir: str, root: RunDir,
+                  prefix: str, manifest: Manifest) -> Merged:
+    """Merge rc's models (base, experts, new model) by every method in `methods`: RECALL by
+    its own job (run directory rc.run_dir), the baselines by the same merge actors into
+    <root>/<prefix>/merged/<method>, each a resumable stage of `manifest`."""
+    from . import pipeline
+
+    plan = pipeline.preflight(rc)
+    models = [plan.base, *plan.experts, plan.new]
+    ms = plan.modelset
+    G, K = ms.grouping.num_groups, len(models)
+    recall_w, outputs, keys = None, {}, {}
+    if "recall" in methods or "recall_layer_constant" in methods:
+        res = pipeline.run_pipeline(rc)  # resumes by itself: its own manifest in rc.run_dir
+        manifest.timings.update({f"{prefix}/recall/{k}": t for k, t in res.timings.items()})
+        recall_w = pipeline.weights_matrix(res.table, [m.label for m in models], G)
+        if "recall" in methods:
+            outputs["recall"] = rc.output_dir
+            keys["recall"] = json.loads(RunDir(rc.run_dir).read_text("manifest.json"))["stages"]["merge"]["key"]
+    losses = None
+    if "lm_cocktail" in methods:
+        examples = load_split(data_dir, plan.cfg.task.template, "train", max_samples=baselines.cocktail_examples)
+        key = [ms.fingerprints, [(r["prompt"], r["target"]) for r in examples], rc.task.max_length]
+        losses = manifest.run(f"{prefix}/cocktail_losses", key, [],
+                              lambda: model_losses(models, examples, rc.task.max_length))
+    for name in methods:
+        if name == "recall":
+            continue
+        method = build_method(name, G, K, rc.include_base, baselines, recall_w, losses)
+        outputs[name] = root.uri(f"{prefix}/merged/{name}")
+        keys[name] = pipeline.merge_stage(manifest, f"{prefix}/merge_{name}", models, ms, method, outputs[name],
+                                          rc.merge)
+    return Merged(outputs, models, ms, keys, rc.run_dir if recall_w is not None else None)
+
+
+def evaluate_stage(to_score: list, tasks: list[str], ev: ScenarioEval, data_dir: str, num_actors, root: RunDir,
+                   prefix: str, manifest: Manifest, upstream: object, only: dict | None = None) -> pd.DataFrame:
+    from .evaluate import evaluation_stage
+
+    return evaluation_stage(manifest, root, prefix, to_score, tasks, data_dir, ev.split, ev.max_samples,
+                            ev.batch_size, num_actors, upstream, only)
+
+
+def run_scenario(cfg: ScenarioConfig) -> ScenarioResult:
+    """Run (or resume) every variant: RECALL, the baselines, the evaluation. Ray must be up."""
+    vs = preflight(cfg)
+    root = RunDir(cfg.run_dir)
+    manifest = Manifest(root, cfg.model_dump(mode="json"))
+    base_path = resolve_path(cfg.base)
+    all_scores = []
+    for v in vs:
+        merged = merge_methods(recall_config(cfg, v), cfg.methods, cfg.baselines, cfg.data_dir, root, v.name, manifest)
+        # Score: the base, the experts alone (on their own task), every merge.
+        models = merged.models
+        to_score = [models[0]] + [dataclasses.replace(m, label=f"expert:{m.label}") for m in models[1:]]
+        to_score += [resolve_model(name, out, base_path) for name, out in merged.outputs.items()]
+        only = {m.label: [m.label.split(":", 1)[1]] for m in to_score if m.label.startswith("expert:")}
+        upstream = [merged.keys, merged.modelset.fingerprints]
+        scores = evaluate_stage(to_score, list(v.eval_tasks), cfg.evaluate, cfg.data_dir,
+                                cfg.recall.representations.num_actors, root, v.name, manifest, upstream, only)
+        all_scores.append(scores.assign(variant=v.name))
+        if merged.recall_dir is not None:
+            _variant_plots(root, v.name, Path(merged.recall_dir))
+    scores = pd.concat(all_scores, ignore_index=True)[["variant", "model", "task", "metric", "value", "n"]]
+    table = summary_table(scores, cfg.scenario)
+    root.write_text("scores.csv", scores.to_csv(index=False, float_format="%.4f"))
+    root.write_text("table.csv", table.to_csv(index=False, float_format="%.2f"))
+    root.write_text("table.md", markdown_table(table))
+    return ScenarioResult(scores, table, manifest.timings)
+
+
+def summary_table(scores: pd.DataFrame, scenario: str) -> pd.DataFrame:
+    """Primary metric per task as columns and their mean over the tasks each row was scored
+    on. single: one row per model kind (base, expert, recall, baselines), the task columns
+    gathered from each task's own variant; multi: one row per (variant, model)."""
+    prim = scores[[primary_metric(t) == m for t, m in zip(scores["task"], scores["metric"])]].copy()
+    if scenario == "single":
+        prim["model"] = prim["model"].where(~prim["model"].str.startswith("expert:"), "expert")
+        index = ["model"]
+    else:
+        index = ["variant", "model"]
+    wide = prim.pivot_table(index=index, columns="task", values="value", aggfunc="mean", sort=False)
+    tasks = list(dict.fromkeys(prim["task"]))
+    wide = wide[tasks]
+    wide["mean"] = wide.mean(axis=1, skipna=True)
+    return wide.reset_index()
+
+
+def _variant_plots(root: RunDir, name: str, recall_dir: Path) -> None:
+    from .analysis import adjacent_table, figure_png, plot_lines
+
+    weights = pd.read_csv(recall_dir / "weights.csv")
+    title = f"{name}: "
+    root.write_bytes(f"plots/{name}_weights.png", figure_png(plot_lines(
+        weights, "layer", "weight", "model", title + "RECALL merge weights", "weight", "layer (0 = embeddings)")))
+    root.write_bytes(f"plots/{name}_similarity.png", figure_png(plot_lines(
+        weights, "layer", "similarity", "model", title + "similarity to the new model", "similarity",
+        "layer (0 = embeddings)")))
+    adj = adjacent_table(recall_dir)
+    root.write_bytes(f"plots/{name}_adjacent.png", figure_png(plot_lines(
+        adj, "layer", "similarity", "model", title + "adjacent-layer similarity", "mean cosine(layer i-1, layer i)",
+        "layer i")))
+
+
+__all__ = ["ScenarioConfig", "load_scenario", "run_scenario", "summary_table", "variants", "preflight"]

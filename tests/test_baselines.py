@@ -1,0 +1,59 @@
+"""Each named merge of a scenario maps to the MergeMethod the paper's baseline defines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from recall_ray.baselines import METHODS, BaselineConfig, build_method
+
+G, K = 4, 3
+CFG = BaselineConfig(lam=0.6, ties_density=0.3, dare_drop=0.8, seed=5, cocktail_temperature=2.0)
+RECALL = np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8], [1 / 3, 1 / 3, 1 / 3], [0.25, 0.25, 0.5]])
+
+
+def test_every_method_builds():
+    for name in METHODS:
+        m = build_method(name, G, K, True, CFG, RECALL, [1.0, 2.0, 3.0])
+        assert m.label == name and m.num_groups == G and m.num_models == K
+
+
+def test_linear_methods_weights():
+    assert np.allclose(build_method("recall", G, K, True, CFG, RECALL).weights, RECALL)
+    const = build_method("recall_layer_constant", G, K, True, CFG, RECALL).weights
+    expect = [(0.2 + 0.1 + 1 / 3 + 0.25) / 4, (0.3 + 0.1 + 1 / 3 + 0.25) / 4, (0.5 + 0.8 + 1 / 3 + 0.5) / 4]
+    assert np.allclose(const, [expect] * G)
+    assert np.allclose(build_method("average", G, K, True, CFG).weights, 1 / 3)
+    assert np.allclose(build_method("average", G, K, False, CFG).weights, [[0, 0.5, 0.5]] * G)
+
+
+@pytest.mark.parametrize("include_base", [True, False])
+def test_lm_cocktail_is_a_softmax_of_minus_loss_over_temperature(include_base):
+    losses = [2.0, 1.0, 0.5]
+    parts = [0, 1, 2] if include_base else [1, 2]
+    e = [np.exp(-losses[q] / 2.0) for q in parts]
+    row = [0.0] * K
+    for q, v in zip(parts, e):
+        row[q] = v / sum(e)
+    m = build_method("lm_cocktail", G, K, include_base, CFG, losses=losses)
+    assert m.kind == "linear" and np.allclose(m.weights, [row] * G)
+
+
+def test_task_vector_methods():
+    ta = build_method("task_arithmetic", G, K, True, CFG)
+    assert (ta.kind, ta.lam) == ("task_arithmetic", 0.6) and np.allclose(ta.weights, [[0, 1, 1]] * G)
+    ties = build_method("ties", G, K, True, CFG)
+    assert (ties.kind, ties.density, ties.lam, ties.normalize) == ("ties", 0.3, 0.6, True)
+    da = build_method("dare_average", G, K, True, CFG)
+    assert (da.kind, da.density, da.lam, da.normalize, da.seed) == ("dare_linear", pytest.approx(0.2), 1.0, True, 5)
+    dt = build_method("dare_task_arithmetic", G, K, True, CFG)
+    assert (dt.kind, dt.density, dt.lam, dt.normalize) == ("dare_linear", pytest.approx(0.2), 0.6, False)
+
+
+def test_bad_requests():
+    with pytest.raises(ValueError, match="unknown merge method 'soup'"):
+        build_method("soup", G, K, True, CFG)
+    with pytest.raises(ValueError, match="needs the \\[4, 3\\] RECALL weights"):
+        build_method("recall", G, K, True, CFG)
+    with pytest.raises(ValueError, match="one loss per model"):
+        build_method("lm_cocktail", G, K, True, CFG, losses=[1.0])

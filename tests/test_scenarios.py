@@ -1,0 +1,201 @@
+"""Scenario jobs on tiny models: every baseline's merged tensors against a float64 numpy
+reference, LM-Cocktail's weights from losses recomputed independently, the table, resume,
+and bad scenario configs refused before any work."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import DATA
+from recall_ray.config import ConfigError
+from recall_ray.scenarios import ScenarioConfig, load_scenario, preflight, run_scenario, summary_table, variants
+
+
+def _state(d: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update({k: v.to(torch.float64).numpy() for k, v in load_file(f).items()})
+    return out
+
+
+def _group(name: str, layers: int) -> int:
+    if name == "model.embed_tokens.weight":
+        return 0
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) + 1 if m else layers
+
+
+@pytest.fixture(scope="module")
+def experts_dir(tmp_path_factory, tiny_experts):
+    d = tmp_path_factory.mktemp("experts")
+    os.symlink(tiny_experts[0], d / "sst2")
+    os.symlink(tiny_experts[1], d / "ag_news")
+    return d
+
+
+def _cfg(tmp: Path, experts_dir: Path, tiny_dir: Path, **extra) -> ScenarioConfig:
+    tree = {
+        "scenario": "multi", "run_dir": str(tmp / "run"), "base": str(tiny_dir), "data_dir": str(DATA),
+        "tasks": ["sst2", "ag_news"], "experts": str(experts_dir),
+        "baselines": {"lam": 0.7, "ties_density": 0.5, "dare_drop": 0.5, "cocktail_examples": 4,
+                      "cocktail_temperature": 0.5},
+        "recall": {"max_samples": 24, "typical": {"k": 3}, "similarity": {"sigma": "median"},
+                   "representations": {"batch_size": 8}},
+        "evaluate": {"max_samples": 1, "batch_size": 4},
+        "include_base": [False],
+    }
+    tree.update(extra)
+    return ScenarioConfig.model_validate(tree)
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory, experts_dir, tiny_dir, ray_session):
+    tmp = tmp_path_factory.mktemp("multi")
+    cfg = _cfg(tmp, experts_dir, tiny_dir)
+    return cfg, run_scenario(cfg)
+
+
+def test_multi_table_has_every_variant_and_model(multi):
+    cfg, result = multi
+    rows = set(zip(result.table["variant"], result.table["model"]))
+    for variant in ("without_base",):
+        for model in ("base", "expert:sst2", "expert:ag_news", "recall", "recall_layer_constant", "average",
+                      "task_arithmetic", "ties", "dare_average", "dare_task_arithmetic", "lm_cocktail"):
+            assert (variant, model) in rows, (variant, model)
+    run = Path(cfg.run_dir)
+    for f in ("scores.csv", "table.csv", "table.md", "plots/without_base_weights.png", "plots/without_base_adjacent.png",
+              "without_base/recall/weights.csv", "without_base/eval/predictions.jsonl",
+              "without_base/merged/ties/mergekit.yaml", "without_base/recall/merged/mergekit.yaml"):
+        assert (run / f).exists(), f
+    # experts are scored on their own task only
+    s = result.scores
+    assert set(s.loc[s["model"] == "expert:sst2", "task"]) == {"sst2"}
+    assert set(s.loc[s["model"] == "recall", "task"]) == {"sst2", "ag_news"}
+
+
+@pytest.mark.parametrize("variant,include_base", [("without_base", False)])
+def test_merged_tensors_match_float64_reference(multi, tiny_dir, tiny_experts, variant, include_base):
+    cfg, _ = multi
+    run = Path(cfg.run_dir) / variant
+    base, e_sst2, e_ag = _state(tiny_dir), _state(tiny_experts[0]), _state(tiny_experts[1])
+    models = [base, e_sst2, e_ag]  # merge order: base, old experts, the new task's expert
+    layers = 2
+    w = pd.read_csv(run / "recall" / "weights.csv")
+    label = {"base": 0, "sst2": 1, "ag_news": 2}
+    W = np.zeros((layers + 1, 3))
+    for r in w.itertuples():
+        W[r.layer, label[r.model]] = r.weight
+    const = W.mean(axis=0)
+    lam = 0.7
+    for name, t in _state(run / "merged" / "average").items():
+        parts = models if include_base else models[1:]
+        assert np.allclose(t, sum(m[name] for m in parts) / len(parts), atol=1e-6), name
+    for name, t in _state(run / "recall" / "merged").items():
+        g = _group(name, layers)
+        assert np.allclose(t, sum(W[g, q] * models[q][name] for q in range(3)), atol=1e-6), name
+    for name, t in _state(run / "merged" / "recall_layer_constant").items():
+        assert np.allclose(t, sum(const[q] * models[q][name] for q in range(3)), atol=1e-6), name
+    for name, t in _state(run / "merged" / "task_arithmetic").items():
+        expect = base[name] + lam * ((e_sst2[name] - base[name]) + (e_ag[name] - base[name]))
+        assert np.allclose(t, expect, atol=1e-5), name
+    # TIES and DARE: the rules are checked in test_merge_methods; here they must be real merges
+    for method in ("ties", "dare_average", "dare_task_arithmetic"):
+        st = _state(run / "merged" / method)
+        assert set(st) == set(base)
+        assert any(not np.array_equal(st[n], base[n]) for n in st), method
+
+
+def test_lm_cocktail_weights_come_from_independent_losses(multi, tiny_dir, tiny_experts):
+    """Loss per answer token recomputed with HF's own `labels=` loss, one example at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recall_ray.splits import load_split
+
+    cfg, _ = multi
+    examples = load_split(DATA, "ag_news", "train", max_samples=4)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    losses = []
+    for d in (tiny_dir, tiny_experts[0], tiny_experts[1]):
+        lm = AutoModelForCausalLM.from_pretrained(d).eval()
+        total, count = 0.0, 0
+        for r in examples:
+            p = tok(r["prompt"])["input_ids"]
+            t = tok(r["target"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids = (p + t)[-128:]
+            labels = [-100] * (len(ids) - len(t)) + t
+            with torch.no_grad():
+                out = lm(torch.tensor([ids]), labels=torch.tensor([labels]))
+            total += float(out.loss) * len(t)
+            count += len(t)
+        losses.append(total / count)
+    base, e1, e2 = _state(tiny_dir), _state(tiny_experts[0]), _state(tiny_experts[1])
+    for variant, parts in (("without_base", [1, 2]),):
+        z = np.array([-losses[q] / 0.5 for q in parts])
+        w = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        got = _state(Path(cfg.run_dir) / variant / "merged" / "lm_cocktail")
+        models = [base, e1, e2]
+        for name, t in got.items():
+            assert np.allclose(t, sum(wq * models[q][name] for wq, q in zip(w, parts)), atol=1e-5), name
+
+
+def test_rerun_recomputes_nothing(multi):
+    cfg, _ = multi
+    again = run_scenario(cfg)
+    assert again.timings and all(t["skipped"] for t in again.timings.values()), again.timings
+
+
+def test_summary_table_single_gathers_each_tasks_own_variant():
+    scores = pd.DataFrame([
+        {"variant": "sst2", "model": "recall", "task": "sst2", "metric": "accuracy", "value": 80.0, "n": 2},
+        {"variant": "sst2", "model": "expert:sst2", "task": "sst2", "metric": "accuracy", "value": 90.0, "n": 2},
+        {"variant": "squad_v2", "model": "recall", "task": "squad_v2", "metric": "exact_match", "value": 20.0, "n": 2},
+        {"variant": "squad_v2", "model": "recall", "task": "squad_v2", "metric": "f1", "value": 30.0, "n": 2},
+        {"variant": "squad_v2", "model": "expert:squad_v2", "task": "squad_v2", "metric": "exact_match",
+         "value": 40.0, "n": 2},
+    ])
+    table = summary_table(scores, "single").set_index("model")
+    assert table.loc["recall", "sst2"] == 80.0 and table.loc["recall", "squad_v2"] == 20.0
+    assert table.loc["recall", "mean"] == 50.0
+    assert table.loc["expert", "mean"] == 65.0
+
+
+def test_single_scenario_variants():
+    cfg = ScenarioConfig.model_validate({"scenario": "single", "run_dir": "r", "tasks": ["sst2", "race"],
+                                         "experts": "adapters/repro"})
+    vs = variants(cfg)
+    assert [(v.name, v.experts, v.new_task, v.include_base, v.eval_tasks) for v in vs] == [
+        ("sst2", (), "sst2", True, ("sst2",)), ("race", (), "race", True, ("race",))]
+
+
+def test_bad_scenario_configs_are_refused(tmp_path, experts_dir, tiny_dir):
+    def write(tree) -> str:
+        p = tmp_path / "s.yaml"
+        p.write_text(yaml.safe_dump(tree))
+        return str(p)
+
+    good = {"scenario": "multi", "run_dir": str(tmp_path / "r"), "base": str(tiny_dir), "data_dir": str(DATA),
+            "tasks": ["sst2", "ag_news"], "experts": str(experts_dir)}
+    with pytest.raises(ConfigError, match="unknown methods \\['soup'\\]"):
+        load_scenario(write({**good, "methods": ["recall", "soup"]}))
+    with pytest.raises(ConfigError, match="unknown config key 'evaluate.maxsamples'"):
+        load_scenario(write({**good, "evaluate": {"maxsamples": 3}}))
+    with pytest.raises(ConfigError, match="at least two tasks"):
+        load_scenario(write({**good, "tasks": ["sst2"]}))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_scenario(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="no expert for tasks \\['medmcqa'\\]"):
+        preflight(load_scenario(write({**good, "tasks": ["sst2", "medmcqa"]})))
+    with pytest.raises(Exception, match="unknown task"):
+        preflight(load_scenario(write({**good, "tasks": ["sst2", "nope"]})))
+    with pytest.raises(ConfigError, match="recall.max_samples=5000 exceeds"):
+        preflight(load_scenario(write({**good, "recall": {"max_samples": 5000}})))
+    assert not (tmp_path / "r").exists()
