@@ -120,32 +120,50 @@ def wide_table(scores: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------------------- Ray parts
 
 class GreedyGenerator:
-    """Ray Data callable class: one model per actor; prompts in, greedy continuations out.
+    """Ray Data callable class: prompts in, greedy continuations out, for several models.
 
-    Left padding so that every row's continuation starts at the same position; prompts
-    longer than `max_prompt_tokens` lose their start (as in training, the end of the prompt
-    holds the question and the response cue)."""
+    Each row names its model (an index into `models`); rows come sorted by model, so an
+    actor loads each model once and keeps one loaded at a time: one pool serves a whole
+    list of models instead of a pool (and its start-up) per model. Left padding, so that
+    every row's continuation starts at the same position; prompts longer than
+    `max_prompt_tokens` lose their start (as in training, the end of the prompt holds the
+    question and the response cue)."""
 
-    def __init__(self, model: ResolvedModel, dtype: str = "float32", num_threads: int | None = None,
+    def __init__(self, models: Sequence[ResolvedModel], dtype: str = "float32", num_threads: int | None = None,
                  max_prompt_tokens: int = 1024):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tok = load_tokenizer(model)
+        self.models = list(models)
+        self.dtype = getattr(torch, dtype)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.loaded: int | None = None
+
+    def _load(self, index: int) -> None:
+        if self.loaded == index:
+            return
+        self.lm = None  # free the previous model before loading the next
+        self.tok = load_tokenizer(self.models[index])
         self.tok.padding_side = "left"
         self.tok.truncation_side = "left"
-        self.lm = load_causal_lm(model, dtype=getattr(torch, dtype), device=self.device)
-        self.max_prompt_tokens = max_prompt_tokens
+        self.lm = load_causal_lm(self.models[index], dtype=self.dtype, device=self.device)
+        self.loaded = index
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        enc = self.tok(list(batch["prompt"]), padding=True, truncation=True, max_length=self.max_prompt_tokens,
+    def _generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        enc = self.tok(prompts, padding=True, truncation=True, max_length=self.max_prompt_tokens,
                        return_tensors="pt").to(self.device)
         with torch.inference_mode():
-            out = self.lm.generate(**enc, max_new_tokens=int(batch["max_new_tokens"].max()), do_sample=False,
-                                   temperature=None, top_p=None, top_k=None, pad_token_id=self.tok.pad_token_id)
-        width = enc["input_ids"].shape[1]
-        texts = self.tok.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
-        return {"row": batch["row"], "generation": np.array(texts, dtype=object)}
+            out = self.lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                   top_p=None, top_k=None, pad_token_id=self.tok.pad_token_id)
+        return self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        texts = np.empty(len(batch["row"]), dtype=object)
+        for index in dict.fromkeys(int(m) for m in batch["model"]):  # usually one model per batch
+            sel = np.flatnonzero(batch["model"] == index)
+            self._load(index)
+            texts[sel] = self._generate([str(p) for p in batch["prompt"][sel]], int(batch["max_new_tokens"][sel].max()))
+        return {"model": batch["model"], "row": batch["row"], "generation": texts}
 
 
 @dataclass
@@ -159,32 +177,35 @@ class EvalResult:
         return wide_table(self.scores)
 
 
-def generate(model: ResolvedModel, items: Sequence[EvalItem], batch_size: int = 16, num_actors: int | str = "auto",
-             dtype: str = "float32") -> list[str]:
-    """Greedy generations for `items` (in their order) from a Ray Data actor pool."""
+def generate(work: Sequence[tuple[ResolvedModel, Sequence[EvalItem]]], batch_size: int = 16,
+             num_actors: int | str = "auto", dtype: str = "float32") -> list[list[str]]:
+    """Greedy generations for each (model, items) pair, in the items' order, from one Ray
+    Data actor pool serving every model."""
     import ray
 
     from .representations import pool_resources
 
-    pool = pool_resources(ray.cluster_resources(), num_actors, len(items))
-    # Rows sorted by task, then prompt length: batches share a generation length and pad little.
-    order = sorted(range(len(items)), key=lambda j: (items[j].task, len(items[j].prompt)))
-    rows = [{"row": j, "prompt": items[j].prompt, "max_new_tokens": max_new_tokens(items[j].task)}
-            for j in order]
+    models = [m for m, _ in work]
+    rows = [{"model": mi, "row": j, "prompt": it.prompt, "max_new_tokens": max_new_tokens(it.task)}
+            for mi, (_, items) in enumerate(work) for j, it in enumerate(items)]
+    # Sorted by model, then task and prompt length: a model loads once per actor, and a batch
+    # shares its generation length and pads little.
+    rows.sort(key=lambda r: (r["model"], work[r["model"]][1][r["row"]].task, len(r["prompt"])))
+    pool = pool_resources(ray.cluster_resources(), num_actors, max(1, len(rows) // batch_size))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 64)))
     ds = ds.map_batches(
         GreedyGenerator,
-        fn_constructor_kwargs={"model": model, "dtype": dtype, "num_threads": pool["threads"]},
+        fn_constructor_kwargs={"models": models, "dtype": dtype, "num_threads": pool["threads"]},
         batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=pool["size"]),
         num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"],
     )
-    out: list[str | None] = [None] * len(items)
+    out: list[list[str | None]] = [[None] * len(items) for _, items in work]
     for r in ds.iter_rows():
-        out[int(r["row"])] = str(r["generation"])
-    missing = [j for j, g in enumerate(out) if g is None]
+        out[int(r["model"])][int(r["row"])] = str(r["generation"])
+    missing = sum(g is None for gens in out for g in gens)
     if missing:
-        raise RuntimeError(f"generation returned no text for {len(missing)} of {len(items)} prompts")
+        raise RuntimeError(f"generation returned no text for {missing} of {len(rows)} prompts")
     return out  # type: ignore[return-value]
 
 
@@ -217,21 +238,20 @@ def evaluate_models(models: Sequence[ResolvedModel], tasks: Sequence[str], data_
     """Score every model on every task (Ray must be initialised); `only` limits a model
     (by label) to some of the tasks, e.g. an expert to its own."""
     items = items if items is not None else preflight(models, tasks, data_dir, split, max_samples)
-    scores, preds, seconds = [], [], {}
-    for m in models:
-        mine = [i for i in items if only is None or m.label not in only or i.task in only[m.label]]
-        if not mine:
-            continue
-        t0 = time.perf_counter()
-        gens = generate(m, mine, batch_size, num_actors, dtype)
-        seconds[m.label] = time.perf_counter() - t0
+    work = [(m, [i for i in items if only is None or m.label not in only or i.task in only[m.label]]) for m in models]
+    work = [(m, mine) for m, mine in work if mine]
+    t0 = time.perf_counter()
+    generations = generate(work, batch_size, num_actors, dtype)
+    seconds = {"generation": time.perf_counter() - t0}
+    log.info("evaluated %d models on %d prompts in %.1fs", len(work), sum(len(w) for _, w in work), seconds["generation"])
+    scores, preds = [], []
+    for (m, mine), gens in zip(work, generations):
         scores.append(score_table(m.label, mine, gens))
         preds.append(pd.DataFrame({
             "model": m.label, "task": [i.task for i in mine], "sample_id": [i.sample_id for i in mine],
             "generation": gens, "prediction": [extract_answer(i.task, g) for i, g in zip(mine, gens)],
             "references": [i.refs for i in mine],
         }))
-        log.info("evaluated %s on %d prompts in %.1fs", m.label, len(mine), seconds[m.label])
     return EvalResult(pd.concat(scores, ignore_index=True), pd.concat(preds, ignore_index=True), seconds)
 
 

@@ -85,17 +85,21 @@ def test_template_texts_hold_headers_and_labels():
 
 
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_experts):
-    model = resolve_model("m", str(tiny_experts[0]), str(tiny_experts[0]))
-    prompts = ["### Instruction:\nsay\n### Response:\n", "a longer prompt with several more words in it ### Response:\n",
-               "short"]
-    gen = GreedyGenerator(model)
-    out = gen({"row": np.arange(3), "prompt": np.array(prompts, dtype=object), "max_new_tokens": np.array([6, 6, 6])})
-    # Reference: each prompt alone, no padding, plain argmax decoding written out by hand.
+    """Batched, left-padded, two models in one batch: each row equals its own model's
+    argmax decoding of its prompt alone, written out by hand."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    lm = AutoModelForCausalLM.from_pretrained(tiny_experts[0]).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_experts[0])
-    for prompt, got in zip(prompts, out["generation"]):
+    dirs = [tiny_experts[1], tiny_experts[0]]
+    models = [resolve_model(f"m{i}", str(d), str(d)) for i, d in enumerate(dirs)]
+    prompts = ["### Instruction:\nsay\n### Response:\n", "a longer prompt with several more words in it ### Response:\n",
+               "short", "### Instruction:\nsay\n### Response:\n"]
+    which = np.array([1, 1, 1, 0])
+    out = GreedyGenerator(models)({"model": which, "row": np.arange(4), "prompt": np.array(prompts, dtype=object),
+                                   "max_new_tokens": np.array([6, 6, 6, 6])})
+
+    def reference(model_dir: Path, prompt: str) -> str:
+        lm = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        tok = AutoTokenizer.from_pretrained(model_dir)
         ids = tok(prompt, return_tensors="pt")["input_ids"]
         new = []
         with torch.no_grad():
@@ -105,7 +109,11 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_experts
                     break
                 new.append(nxt)
                 ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-        assert got == tok.decode(new, skip_special_tokens=True)
+        return tok.decode(new, skip_special_tokens=True)
+
+    expect = [reference(dirs[m], p) for m, p in zip(which, prompts)]
+    assert list(out["generation"]) == expect
+    assert list(out["model"]) == list(which) and list(out["row"]) == [0, 1, 2, 3]
 
 
 def test_pipeline_scores_new_model_average_and_merge(tiny_run, tiny_dir, tiny_experts):
