@@ -146,17 +146,22 @@ def test_pipeline_scores_new_model_average_and_merge(tiny_run, tiny_dir, tiny_ex
         assert np.allclose(t, (srcs[0][name] + srcs[1][name] + srcs[2][name]) / 3, atol=1e-6), name
 
 
-def test_cli_scores_a_model_and_writes_its_files(tmp_path, tiny_dir):
+def test_cli_scores_a_model_and_writes_its_files(tmp_path, tiny_dir, ray_session, capsys):
+    """jobs/evaluate.py's main() in this process: it joins the session's Ray runtime."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_job", REPO / "jobs" / "evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
     out = tmp_path / "eval"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--model", f"tiny={tiny_dir}", "--base", str(tiny_dir),
-         "--tasks", "sst2", "medmcqa", "--max-samples", "3", "--batch-size", "2", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "RAY_AUTH_MODE": "disabled"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    status = job.main(["--model", f"tiny={tiny_dir}", "--base", str(tiny_dir), "--tasks", "sst2", "medmcqa",
+                       "--max-samples", "3", "--batch-size", "2", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err[-2000:]
     assert {p.name for p in out.iterdir()} == {"scores.json", "scores.csv", "scores.md", "predictions.jsonl"}
     scores = pd.read_csv(out / "scores.csv")
     assert set(scores["task"]) == {"sst2", "medmcqa"} and (scores["n"] == 3).all()
-    assert "sst2/accuracy" in proc.stdout
+    assert "sst2/accuracy" in captured.out
 
 
 def test_cli_refuses_unknown_task_before_starting_ray(tmp_path, tiny_dir):

@@ -51,9 +51,9 @@ def seq(tmp_path_factory, tiny_dir, ray_session):
     cfg = SequentialConfig.model_validate({
         "scenario": "sequential", "run_dir": str(tmp_path_factory.mktemp("seq") / "run"), "base": str(tiny_dir),
         "data_dir": str(DATA), "tasks": ["sst2", "ag_news"], "chains": ["recall"], "seqft": True,
-        "finetune": {"steps": 2, "batch_size": 4, "max_samples": 16, "max_length": 64, "learning_rate": 0.05},
-        "recall": {"max_samples": 24, "typical": {"k": 3}, "similarity": {"sigma": "median"},
-                   "representations": {"batch_size": 8}},
+        "finetune": {"steps": 2, "batch_size": 4, "max_samples": 8, "max_length": 48, "learning_rate": 0.05},
+        "recall": {"max_samples": 12, "max_length": 48, "typical": {"k": 2}, "similarity": {"sigma": "median"},
+                   "representations": {"batch_size": 12}},
         "evaluate": {"max_samples": 1, "batch_size": 4},
     })
     return cfg, run_sequential(cfg)
