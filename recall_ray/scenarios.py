@@ -273,7 +273,7 @@ def run_scenario(cfg: ScenarioConfig) -> ScenarioResult:
                                 cfg.recall.representations.num_actors, root, v.name, manifest, upstream, only)
         all_scores.append(scores.assign(variant=v.name))
         if merged.recall_dir is not None:
-            _variant_plots(root, v.name, Path(merged.recall_dir))
+            variant_plots(root, v.name, Path(merged.recall_dir))
     scores = pd.concat(all_scores, ignore_index=True)[["variant", "model", "task", "metric", "value", "n"]]
     table = summary_table(scores, cfg.scenario)
     root.write_text("scores.csv", scores.to_csv(index=False, float_format="%.4f"))
@@ -299,7 +299,8 @@ def summary_table(scores: pd.DataFrame, scenario: str) -> pd.DataFrame:
     return wide.reset_index()
 
 
-def _variant_plots(root: RunDir, name: str, recall_dir: Path) -> None:
+def variant_plots(root: RunDir, name: str, recall_dir: Path) -> None:
+    """plots/<name>_{weights,similarity,adjacent}.png from a RECALL run directory."""
     from .analysis import adjacent_table, figure_png, plot_lines
 
     weights = pd.read_csv(recall_dir / "weights.csv")

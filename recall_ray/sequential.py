@@ -35,7 +35,7 @@ from .manifest import Manifest
 from .metrics import primary_metric
 from .models import resolve_model, resolve_path
 from .report import markdown_table
-from .scenarios import RecallSettings, ScenarioEval, _variant_plots, evaluate_stage, merge_methods
+from .scenarios import RecallSettings, ScenarioEval, variant_plots, evaluate_stage, merge_methods
 from .splits import load_split, split_file
 from .storage import RunDir
 
@@ -159,7 +159,7 @@ def run_sequential(cfg: SequentialConfig):
             merged = merge_methods(rc, [chain], cfg.baselines, cfg.data_dir, root, f"step{step}/{chain}", manifest)
             nxt[chain], nxt_key[chain] = merged.outputs[chain], merged.keys[chain]
             if merged.recall_dir is not None:
-                _variant_plots(root, f"step{step}_{chain}", Path(merged.recall_dir))
+                variant_plots(root, f"step{step}_{chain}", Path(merged.recall_dir))
         if cfg.seqft:
             start = current["seqft"]
             out = root.uri(f"step{step}/seqft/model")
