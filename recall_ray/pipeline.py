@@ -201,9 +201,10 @@ def _kmeans_all_layers(reps_uri: str, num_layers: int, cfg: RunConfig) -> list[l
 
 # ------------------------------------------------------------------------------ stages
 
-def run_pipeline(cfg: RunConfig) -> PipelineResult:
-    """Run (or resume) the whole job. Ray must already be initialised (see `connect_ray`)."""
-    plan = preflight(cfg)
+def run_pipeline(cfg: RunConfig, plan: Plan | None = None) -> PipelineResult:
+    """Run (or resume) the whole job. Ray must already be initialised (see `connect_ray`).
+    `plan`: this config's `preflight`, when the caller already made it."""
+    plan = plan if plan is not None else preflight(cfg)
     run_dir = RunDir(cfg.run_dir)
     manifest = Manifest(run_dir, cfg.model_dump(mode="json"))
     base, experts = plan.base, plan.experts

@@ -147,44 +147,60 @@ def expert_path(cfg: ScenarioConfig, task: str) -> str:
     return str(Path(cfg.experts) / task)
 
 
-def recall_config(cfg: ScenarioConfig, v: Variant) -> RunConfig:
-    """The jobs/merge.py config that computes this variant's RECALL merge."""
-    r = cfg.recall
-    run_dir = f"{cfg.run_dir.rstrip('/')}/{v.name}/recall"
+def recall_run_config(r: RecallSettings, ray: RayConfig, run_dir: str, base: str, experts: list[dict],
+                      new_model: dict, include_base: bool, task: str, data_dir: str) -> RunConfig:
+    """The jobs/merge.py config of one RECALL merge inside a scenario: the new task's train
+    split only (never its validation tail), RECALL's settings from `r`."""
     return RunConfig.model_validate({
         "run_dir": run_dir,
         "overwrite": True,  # the scenario owns its run directory
-        "base": {"name": "base", "path": cfg.base},
-        "experts": [{"name": t, "path": expert_path(cfg, t)} for t in v.experts],
-        "new_model": {"name": v.new_task, "path": expert_path(cfg, v.new_task)},
-        "include_base": v.include_base,
-        "task": {"name": v.new_task, "data": str(split_file(cfg.data_dir, v.new_task, "train")),
-                 "template": v.new_task, "max_samples": r.max_samples, "max_length": r.max_length},
+        "base": {"name": "base", "path": base},
+        "experts": experts,
+        "new_model": new_model,
+        "include_base": include_base,
+        "task": {"name": task, "data": str(split_file(data_dir, task, "train")), "template": task,
+                 "max_samples": r.max_samples, "max_length": r.max_length},
         "typical": r.typical.model_dump(), "similarity": r.similarity.model_dump(),
         "representations": r.representations.model_dump(), "merge": r.merge.model_dump(),
-        "ray": cfg.ray.model_dump(),
+        "ray": ray.model_dump(),
     })
+
+
+def recall_config(cfg: ScenarioConfig, v: Variant) -> RunConfig:
+    """The RECALL merge of one variant."""
+    return recall_run_config(
+        cfg.recall, cfg.ray, f"{cfg.run_dir.rstrip('/')}/{v.name}/recall", cfg.base,
+        [{"name": t, "path": expert_path(cfg, t)} for t in v.experts],
+        {"name": v.new_task, "path": expert_path(cfg, v.new_task)}, v.include_base, v.new_task, cfg.data_dir)
+
+
+def check_inputs(tasks: list[str], run_dir: str, base: str, data_dir: str, recall_max_samples: int,
+                 ev: ScenarioEval) -> None:
+    """The checks every scenario makes before any work: known tasks, a local run directory,
+    a base that resolves, enough train records for RECALL (the validation tail excluded),
+    references in the evaluation split."""
+    from .evaluate import build_items, check_tasks
+
+    check_tasks(tasks)
+    if "://" in run_dir:
+        raise ConfigError("a scenario loads (and fine-tunes) its models here to score them: use a local run_dir")
+    resolve_path(base)
+    for t in tasks:
+        n_train = len(load_split(data_dir, t, "train"))
+        if recall_max_samples > n_train:
+            raise ConfigError(f"recall.max_samples={recall_max_samples} exceeds the {n_train} train records of"
+                              f" {t} (train.jsonl less its {VALIDATION_SIZE}-record validation tail)")
+    build_items(data_dir, tasks, ev.split, ev.max_samples)
 
 
 def preflight(cfg: ScenarioConfig) -> list[Variant]:
     """Every check that needs no model: experts and data exist, RECALL never reads the
     validation tail, evaluation references are present."""
-    from .evaluate import build_items, check_tasks
-
-    check_tasks(cfg.tasks)
-    if "://" in cfg.run_dir:
-        raise ConfigError("a scenario loads its merged models here to score them: use a local run_dir")
-    resolve_path(cfg.base)
+    check_inputs(cfg.tasks, cfg.run_dir, cfg.base, cfg.data_dir, cfg.recall.max_samples, cfg.evaluate)
     missing = [t for t in cfg.tasks if not Path(expert_path(cfg, t)).exists()]
     if missing:
         raise ConfigError(f"no expert for tasks {missing} under {cfg.experts}: train them with "
                           "`python jobs/train_adapters.py --config configs/adapters/repro.yaml`")
-    for t in cfg.tasks:
-        n_train = len(load_split(cfg.data_dir, t, "train"))
-        if cfg.recall.max_samples > n_train:
-            raise ConfigError(f"recall.max_samples={cfg.recall.max_samples} exceeds the {n_train} train records of"
-                              f" {t} (train.jsonl less its {VALIDATION_SIZE}-record validation tail)")
-    build_items(cfg.data_dir, cfg.tasks, cfg.evaluate.split, cfg.evaluate.max_samples)
     vs = variants(cfg)
     for v in vs:
         recall_config(cfg, v)  # validates the derived RECALL config
@@ -224,7 +240,7 @@ def merge_methods(rc: RunConfig, methods: list[str], baselines: BaselineConfig, 
     G, K = ms.grouping.num_groups, len(models)
     recall_w, outputs, keys = None, {}, {}
     if "recall" in methods or "recall_layer_constant" in methods:
-        res = pipeline.run_pipeline(rc)  # resumes by itself: its own manifest in rc.run_dir
+        res = pipeline.run_pipeline(rc, plan)  # resumes by itself: its own manifest in rc.run_dir
         manifest.timings.update({f"{prefix}/recall/{k}": t for k, t in res.timings.items()})
         recall_w = pipeline.weights_matrix(res.table, [m.label for m in models], G)
         if "recall" in methods:

@@ -35,8 +35,16 @@ from .manifest import Manifest
 from .metrics import primary_metric
 from .models import resolve_model, resolve_path
 from .report import markdown_table
-from .scenarios import RecallSettings, ScenarioEval, variant_plots, evaluate_stage, merge_methods
-from .splits import load_split, split_file
+from .scenarios import (
+    RecallSettings,
+    ScenarioEval,
+    check_inputs,
+    evaluate_stage,
+    merge_methods,
+    recall_run_config,
+    variant_plots,
+)
+from .splits import load_split
 from .storage import RunDir
 
 log = logging.getLogger("recall_ray.sequential")
@@ -78,36 +86,17 @@ class SequentialConfig(_Section):
 
 
 def preflight(cfg: SequentialConfig) -> None:
-    from .config import ConfigError
-    from .evaluate import build_items, check_tasks
-
-    check_tasks(cfg.tasks)
-    if "://" in cfg.run_dir:
-        raise ConfigError("a sequential run fine-tunes and scores models here: use a local run_dir")
-    resolve_path(cfg.base)
-    for t in cfg.tasks:
-        n = len(load_split(cfg.data_dir, t, "train"))
-        if cfg.recall.max_samples > n:
-            raise ConfigError(f"recall.max_samples={cfg.recall.max_samples} exceeds the {n} train records of {t}")
-    build_items(cfg.data_dir, cfg.tasks, cfg.evaluate.split, cfg.evaluate.max_samples)
+    check_inputs(cfg.tasks, cfg.run_dir, cfg.base, cfg.data_dir, cfg.recall.max_samples, cfg.evaluate)
 
 
 def _merge_config(cfg: SequentialConfig, step: int, task: str, chain: str, previous: str | None, adapter: str,
                   start: str) -> RunConfig:
-    r = cfg.recall
-    run_dir = f"{cfg.run_dir.rstrip('/')}/step{step}/{chain}/recall"
-    return RunConfig.model_validate({
-        "run_dir": run_dir, "overwrite": True,
-        "base": {"name": "base", "path": cfg.base},
-        "experts": [{"name": "previous", "path": previous}] if previous else [],
-        "new_model": {"name": task, "path": adapter, "adapter_base": start},
-        "include_base": True,
-        "task": {"name": task, "data": str(split_file(cfg.data_dir, task, "train")), "template": task,
-                 "max_samples": r.max_samples, "max_length": r.max_length},
-        "typical": r.typical.model_dump(), "similarity": r.similarity.model_dump(),
-        "representations": r.representations.model_dump(), "merge": r.merge.model_dump(),
-        "ray": cfg.ray.model_dump(),
-    })
+    """Step `step`'s merge of chain `chain`: base, the previous merge (none at step 1) and
+    the adapter fine-tuned from it."""
+    return recall_run_config(
+        cfg.recall, cfg.ray, f"{cfg.run_dir.rstrip('/')}/step{step}/{chain}/recall", cfg.base,
+        [{"name": "previous", "path": previous}] if previous else [],
+        {"name": task, "path": adapter, "adapter_base": start}, True, task, cfg.data_dir)
 
 
 def run_sequential(cfg: SequentialConfig):

@@ -76,6 +76,31 @@ def perturbed_copy(src: Path, dst: Path, seed: int, scale: float = 0.02) -> Path
     return dst
 
 
+def float64_state(model_dir: Path) -> dict:
+    """Every tensor of a model directory's safetensors shards, as float64 numpy arrays (the
+    tests' independent reference)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update({k: v.to(torch.float64).numpy() for k, v in load_file(f).items()})
+    return out
+
+
+def reference_group(name: str, num_layers: int) -> int:
+    """The grouping rule of DESIGN.md for the tiny Llamas, written independently of
+    recall_ray.architectures."""
+    import re
+
+    if name == "model.embed_tokens.weight":
+        return 0
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) + 1
+    assert name in ("model.norm.weight", "lm_head.weight"), name
+    return num_layers
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_base"))

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import DATA, REPO
+from conftest import DATA, REPO, float64_state
 from recall_ray.evaluate import (
     EvaluationError,
     GreedyGenerator,
@@ -132,16 +132,8 @@ def test_pipeline_scores_new_model_average_and_merge(tiny_run, tiny_dir, tiny_ex
         got = scores[(scores["model"] == model) & (scores["task"] == task) & (scores["metric"] == "accuracy")]["value"]
         assert float(got.iloc[0]) == pytest.approx(100.0 * hits / len(sub))
     # the uniform-average baseline: every tensor the plain mean of the three models
-    from safetensors.torch import load_file
-
-    def state(d: Path) -> dict:
-        out = {}
-        for f in sorted(d.glob("*.safetensors")):
-            out.update({k: v.to(torch.float64).numpy() for k, v in load_file(f).items()})
-        return out
-
-    avg = state(run_dir / "baselines" / "average")
-    srcs = [state(tiny_dir), state(tiny_experts[0]), state(tiny_experts[1])]
+    avg = float64_state(run_dir / "baselines" / "average")
+    srcs = [float64_state(tiny_dir), float64_state(tiny_experts[0]), float64_state(tiny_experts[1])]
     for name, t in avg.items():
         assert np.allclose(t, (srcs[0][name] + srcs[1][name] + srcs[2][name]) / 3, atol=1e-6), name
 

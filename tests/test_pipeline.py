@@ -4,36 +4,15 @@ numbers against a float64 reference, loading and generating, resume."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from conftest import DATA
+from conftest import DATA, float64_state, reference_group
 from recall_ray.config import build_config
 from recall_ray.pipeline import run_pipeline
-
-
-def _state(model_dir: Path) -> dict[str, np.ndarray]:
-    out = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        out.update({k: v.to(torch.float64).numpy() for k, v in load_file(f).items()})
-    return out
-
-
-def _group_of(name: str, num_layers: int) -> int:
-    """The grouping rule of DESIGN.md, written independently of recall_ray.architectures."""
-    if name == "model.embed_tokens.weight":
-        return 0
-    m = re.match(r"model\.layers\.(\d+)\.", name)
-    if m:
-        return int(m.group(1)) + 1
-    assert name in ("model.norm.weight", "lm_head.weight"), name
-    return num_layers
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +78,11 @@ def test_merged_tensors_match_reference(run, tiny_dir, tiny_experts):
     cfg, result = run
     table = pd.read_csv(Path(cfg.run_dir) / "weights.csv")
     w = table.pivot(index="layer", columns="model", values="weight")
-    inputs = {"base": _state(tiny_dir), "e0": _state(tiny_experts[0]), "new": _state(tiny_experts[1])}
-    merged = _state(Path(result.output))
+    inputs = {"base": float64_state(tiny_dir), "e0": float64_state(tiny_experts[0]), "new": float64_state(tiny_experts[1])}
+    merged = float64_state(Path(result.output))
     assert set(merged) == set(inputs["base"])
     for name, got in merged.items():
-        g = _group_of(name, 2)
+        g = reference_group(name, 2)
         expect = sum(w.loc[g, lbl] * inputs[lbl][name] for lbl in inputs)
         np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6, err_msg=name)
 

@@ -5,7 +5,6 @@ and bad scenario configs refused before any work."""
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -13,25 +12,10 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
-from conftest import DATA
+from conftest import DATA, float64_state, reference_group
 from recall_ray.config import ConfigError
 from recall_ray.scenarios import ScenarioConfig, load_scenario, preflight, run_scenario, summary_table, variants
-
-
-def _state(d: Path) -> dict[str, np.ndarray]:
-    out = {}
-    for f in sorted(Path(d).glob("*.safetensors")):
-        out.update({k: v.to(torch.float64).numpy() for k, v in load_file(f).items()})
-    return out
-
-
-def _group(name: str, layers: int) -> int:
-    if name == "model.embed_tokens.weight":
-        return 0
-    m = re.match(r"model\.layers\.(\d+)\.", name)
-    return int(m.group(1)) + 1 if m else layers
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +70,7 @@ def test_multi_table_has_every_variant_and_model(multi):
 def test_merged_tensors_match_float64_reference(multi, tiny_dir, tiny_experts, variant, include_base):
     cfg, _ = multi
     run = Path(cfg.run_dir) / variant
-    base, e_sst2, e_ag = _state(tiny_dir), _state(tiny_experts[0]), _state(tiny_experts[1])
+    base, e_sst2, e_ag = float64_state(tiny_dir), float64_state(tiny_experts[0]), float64_state(tiny_experts[1])
     models = [base, e_sst2, e_ag]  # merge order: base, old experts, the new task's expert
     layers = 2
     w = pd.read_csv(run / "recall" / "weights.csv")
@@ -96,20 +80,20 @@ def test_merged_tensors_match_float64_reference(multi, tiny_dir, tiny_experts, v
         W[r.layer, label[r.model]] = r.weight
     const = W.mean(axis=0)
     lam = 0.7
-    for name, t in _state(run / "merged" / "average").items():
+    for name, t in float64_state(run / "merged" / "average").items():
         parts = models if include_base else models[1:]
         assert np.allclose(t, sum(m[name] for m in parts) / len(parts), atol=1e-6), name
-    for name, t in _state(run / "recall" / "merged").items():
-        g = _group(name, layers)
+    for name, t in float64_state(run / "recall" / "merged").items():
+        g = reference_group(name, layers)
         assert np.allclose(t, sum(W[g, q] * models[q][name] for q in range(3)), atol=1e-6), name
-    for name, t in _state(run / "merged" / "recall_layer_constant").items():
+    for name, t in float64_state(run / "merged" / "recall_layer_constant").items():
         assert np.allclose(t, sum(const[q] * models[q][name] for q in range(3)), atol=1e-6), name
-    for name, t in _state(run / "merged" / "task_arithmetic").items():
+    for name, t in float64_state(run / "merged" / "task_arithmetic").items():
         expect = base[name] + lam * ((e_sst2[name] - base[name]) + (e_ag[name] - base[name]))
         assert np.allclose(t, expect, atol=1e-5), name
     # TIES and DARE: the rules are checked in test_merge_methods; here they must be real merges
     for method in ("ties", "dare_average", "dare_task_arithmetic"):
-        st = _state(run / "merged" / method)
+        st = float64_state(run / "merged" / method)
         assert set(st) == set(base)
         assert any(not np.array_equal(st[n], base[n]) for n in st), method
 
@@ -137,11 +121,11 @@ def test_lm_cocktail_weights_come_from_independent_losses(multi, tiny_dir, tiny_
             total += float(out.loss) * len(t)
             count += len(t)
         losses.append(total / count)
-    base, e1, e2 = _state(tiny_dir), _state(tiny_experts[0]), _state(tiny_experts[1])
+    base, e1, e2 = float64_state(tiny_dir), float64_state(tiny_experts[0]), float64_state(tiny_experts[1])
     for variant, parts in (("without_base", [1, 2]),):
         z = np.array([-losses[q] / 0.5 for q in parts])
         w = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
-        got = _state(Path(cfg.run_dir) / variant / "merged" / "lm_cocktail")
+        got = float64_state(Path(cfg.run_dir) / variant / "merged" / "lm_cocktail")
         models = [base, e1, e2]
         for name, t in got.items():
             assert np.allclose(t, sum(wq * models[q][name] for wq, q in zip(w, parts)), atol=1e-5), name

@@ -13,15 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA
+from conftest import DATA, float64_state, reference_group
 from recall_ray.sequential import SequentialConfig, run_sequential, sequence_table
-
-
-def _state(d: Path) -> dict[str, np.ndarray]:
-    out = {}
-    for f in sorted(Path(d).glob("*.safetensors")):
-        out.update({k: v.to(torch.float64).numpy() for k, v in load_file(f).items()})
-    return out
 
 
 def _fold(state: dict[str, np.ndarray], adapter: Path) -> dict[str, np.ndarray]:
@@ -37,13 +30,6 @@ def _fold(state: dict[str, np.ndarray], adapter: Path) -> dict[str, np.ndarray]:
         name = re.sub(r"^base_model\.model\.", "", k).replace(".lora_A.weight", ".weight")
         out[name] = state[name] + scale * (b @ a)
     return out
-
-
-def _group(name: str, layers: int = 2) -> int:
-    if name == "model.embed_tokens.weight":
-        return 0
-    m = re.match(r"model\.layers\.(\d+)\.", name)
-    return int(m.group(1)) + 1 if m else layers
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +60,10 @@ def test_scores_cover_the_tasks_seen_so_far(seq):
 def test_seqft_is_the_chain_of_exact_folds(seq, tiny_dir):
     cfg, _ = seq
     run = Path(cfg.run_dir)
-    s1 = _fold(_state(tiny_dir), run / "step1" / "finetune" / "recall" / "adapter")  # step 1 shares E_1
-    got1 = _state(run / "step1" / "seqft" / "model")
+    s1 = _fold(float64_state(tiny_dir), run / "step1" / "finetune" / "recall" / "adapter")  # step 1 shares E_1
+    got1 = float64_state(run / "step1" / "seqft" / "model")
     s2 = _fold(got1, run / "step2" / "finetune" / "seqft" / "adapter")
-    got2 = _state(run / "step2" / "seqft" / "model")
+    got2 = float64_state(run / "step2" / "seqft" / "model")
     for name in got1:
         assert np.allclose(got1[name], s1[name], atol=1e-6), name
         assert np.allclose(got2[name], s2[name], atol=1e-6), name
@@ -87,13 +73,13 @@ def test_seqft_is_the_chain_of_exact_folds(seq, tiny_dir):
 def test_recall_chain_merges_base_previous_and_new(seq, tiny_dir):
     cfg, _ = seq
     run = Path(cfg.run_dir)
-    base = _state(tiny_dir)
+    base = float64_state(tiny_dir)
     e1 = _fold(base, run / "step1" / "finetune" / "recall" / "adapter")
     w1 = pd.read_csv(run / "step1" / "recall" / "recall" / "weights.csv")
-    m1 = _state(run / "step1" / "recall" / "recall" / "merged")
+    m1 = float64_state(run / "step1" / "recall" / "recall" / "merged")
     col1 = {"base": base, "sst2": e1}
     for name, t in m1.items():
-        g = _group(name)
+        g = reference_group(name, 2)
         rows = w1[w1["layer"] == g]
         assert np.allclose(t, sum(r.weight * col1[r.model][name] for r in rows.itertuples()), atol=1e-6), name
     # step 2 fine-tuned from M_1 and merged base, M_1 and E_2
@@ -106,8 +92,8 @@ def test_recall_chain_merges_base_previous_and_new(seq, tiny_dir):
     w2 = pd.read_csv(run / "step2" / "recall" / "recall" / "weights.csv")
     assert set(w2["model"]) == {"base", "previous", "ag_news"}
     col2 = {"base": base, "previous": m1, "ag_news": e2}
-    for name, t in _state(run / "step2" / "recall" / "recall" / "merged").items():
-        rows = w2[w2["layer"] == _group(name)]
+    for name, t in float64_state(run / "step2" / "recall" / "recall" / "merged").items():
+        rows = w2[w2["layer"] == reference_group(name, 2)]
         assert np.allclose(t, sum(r.weight * col2[r.model][name] for r in rows.itertuples()), atol=1e-5), name
 
 
