@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--publish", metavar="DIR", help="then copy the tables, scores, stage times and plots into DIR"
+                   " (e.g. docs/results/multi)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     from recall_ray.cli import guarded, ray_runtime, setup_logging
@@ -46,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
           f" {cfg.evaluate.max_samples} samples per task) ===")
     print(result.table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     print(f"\nrun directory: {cfg.run_dir} (scores.csv, table.csv, table.md, plots/); {time.perf_counter() - t0:.0f}s")
+    if args.publish:
+        from recall_ray.scenarios import publish
+
+        status, names = guarded("scenario", args.verbose, lambda: publish(cfg.run_dir, args.publish))
+        if status:
+            return status
+        print(f"published {len(names)} files to {args.publish}")
     return 0
 
 

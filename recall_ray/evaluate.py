@@ -277,23 +277,57 @@ def write_result(result: EvalResult, out_dir: str | Path, meta: dict | None = No
 
 def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedModel], tasks: Sequence[str],
                      data_dir: str | Path, split: str, max_samples: int | None, batch_size: int,
-                     num_actors: int | str, upstream: object, only: dict[str, Sequence[str]] | None = None,
-                     items: list[EvalItem] | None = None) -> pd.DataFrame:
-    """Score `models` on `tasks` as a resumable stage of `manifest` (keyed by `upstream`,
-    whatever decides the models' contents), writing <run_dir>/<prefix>/eval/; returns the
-    long scores."""
+                     num_actors: int | str, model_keys: dict[str, object], only: dict[str, Sequence[str]] | None = None,
+                     items: list[EvalItem] | None = None, dtype: str = "float32") -> pd.DataFrame:
+    """Score `models` on `tasks` as a resumable stage of `manifest`, writing
+    <run_dir>/<prefix>/eval/; returns the long scores.
+
+    `model_keys[label]` is whatever decides that model's contents (a fingerprint, the key
+    of the merge stage that wrote it). Each model's scores are cached under
+    <run_dir>/eval_cache/ by that key and the prompts it is asked, whatever its label: a
+    model scored once (the base in both variants of a scenario, an unchanged merge when a
+    sibling method's setting changes) is never generated for again in this run directory."""
     import io
 
+    from .manifest import stable_hash
+
     items = items if items is not None else preflight(models[:1], tasks, data_dir, split, max_samples)
+    missing = [m.label for m in models if m.label not in model_keys]
+    if missing:
+        raise ValueError(f"evaluation_stage: no model key for {missing}")
     rel = f"{prefix}/eval" if prefix else "eval"
-    key = [upstream, list(tasks), split, max_samples, [m.label for m in models], only,
-           [(i.task, i.sample_id, i.prompt, i.refs) for i in items]]
+
+    def mine(m: ResolvedModel) -> list[EvalItem]:
+        return [i for i in items if i.task in tasks and (only is None or m.label not in only or i.task in only[m.label])]
+
+    cache = {m.label: "eval_cache/" + stable_hash([
+        model_keys[m.label], split, dtype, [(i.task, i.sample_id, i.prompt, i.refs, max_new_tokens(i.task)) for i in mine(m)],
+    ])[:32] for m in models}
+    key = [split, max_samples, [(m.label, cache[m.label]) for m in models]]
 
     def run() -> dict:
-        r = evaluate_models(models, tasks, data_dir, split, max_samples, batch_size, num_actors, items=items, only=only)
-        for fname, text in result_files(r, {"split": split, "max_samples": max_samples}).items():
+        todo = [m for m in models if mine(m) and not run_dir.exists(f"{cache[m.label]}.scores.csv")]
+        seconds = {}
+        if todo:
+            log.info("evaluate: generating for %s (%d of %d models cached)", [m.label for m in todo],
+                     len(models) - len(todo), len(models))
+            r = evaluate_models(todo, tasks, data_dir, split, max_samples, batch_size, num_actors, dtype, items, only)
+            seconds = r.seconds
+            for m in todo:  # predictions first: a cache entry is complete once its scores exist
+                preds = r.predictions[r.predictions["model"] == m.label]
+                run_dir.write_text(f"{cache[m.label]}.predictions.jsonl",
+                                   preds.to_json(orient="records", lines=True, force_ascii=False))
+                run_dir.write_text(f"{cache[m.label]}.scores.csv",
+                                   r.scores[r.scores["model"] == m.label].to_csv(index=False))
+        parts = [(m.label, run_dir.read_bytes(f"{cache[m.label]}.scores.csv"),
+                  run_dir.read_bytes(f"{cache[m.label]}.predictions.jsonl")) for m in models if mine(m)]
+        scores = pd.concat([pd.read_csv(io.BytesIO(s)).assign(model=label) for label, s, _ in parts], ignore_index=True)
+        preds = pd.concat([pd.read_json(io.BytesIO(p), lines=True, dtype=False).assign(model=label)
+                           for label, _, p in parts if p.strip()], ignore_index=True)
+        result = EvalResult(scores, preds, seconds)
+        for fname, text in result_files(result, {"split": split, "max_samples": max_samples}).items():
             run_dir.write_text(f"{rel}/{fname}", text)
-        return {"seconds": r.seconds}
+        return {"seconds": seconds, "generated": [m.label for m in todo]}
 
     manifest.run(f"{prefix}/evaluate" if prefix else "evaluate", key, [run_dir.uri(f"{rel}/scores.csv")], run)
     return pd.read_csv(io.BytesIO(run_dir.read_bytes(f"{rel}/scores.csv")))

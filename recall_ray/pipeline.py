@@ -319,17 +319,18 @@ def _evaluate_stage(plan: Plan, models: list[ResolvedModel], modelset: ModelSet,
     from .merge_methods import uniform_weights
 
     cfg, ev = plan.cfg, plan.cfg.evaluate
-    to_score, keys = [models[-1]], [merge_key]
+    new = models[-1]
+    to_score, keys = [new], {new.label: modelset.fingerprints[new.label]}
     for name in ev.baselines:
         out = run_dir.uri(f"baselines/{name}")
         method = MergeMethod(name, "linear", uniform_weights(modelset.grouping.num_groups, len(models),
                                                              include_base=cfg.include_base))
-        keys.append(merge_stage(manifest, f"baseline_{name}", models, modelset, method, out, cfg.merge))
+        keys[name] = merge_stage(manifest, f"baseline_{name}", models, modelset, method, out, cfg.merge)
         to_score.append(resolve_model(name, out, models[0].path))
     to_score.append(resolve_model("recall", cfg.output_dir, models[0].path))
+    keys["recall"] = stable_hash(merge_key)
     return evaluation_stage(manifest, run_dir, "", to_score, ev.tasks, ev.data_dir, ev.split, ev.max_samples,
-                            ev.batch_size, cfg.representations.num_actors, [keys, modelset.fingerprints],
-                            items=plan.eval_items)
+                            ev.batch_size, cfg.representations.num_actors, keys, items=plan.eval_items)
 
 
 def weights_matrix(table: pd.DataFrame, labels: list[str], num_groups: int) -> np.ndarray:

@@ -263,11 +263,12 @@ def merge_methods(rc: RunConfig, methods: list[str], baselines: BaselineConfig, 
 
 
 def evaluate_stage(to_score: list, tasks: list[str], ev: ScenarioEval, data_dir: str, num_actors, root: RunDir,
-                   prefix: str, manifest: Manifest, upstream: object, only: dict | None = None) -> pd.DataFrame:
+                   prefix: str, manifest: Manifest, model_keys: dict[str, object], only: dict | None = None
+                   ) -> pd.DataFrame:
     from .evaluate import evaluation_stage
 
     return evaluation_stage(manifest, root, prefix, to_score, tasks, data_dir, ev.split, ev.max_samples,
-                            ev.batch_size, num_actors, upstream, only)
+                            ev.batch_size, num_actors, model_keys, only)
 
 
 def run_scenario(cfg: ScenarioConfig) -> ScenarioResult:
@@ -284,9 +285,11 @@ def run_scenario(cfg: ScenarioConfig) -> ScenarioResult:
         to_score = [models[0]] + [dataclasses.replace(m, label=f"expert:{m.label}") for m in models[1:]]
         to_score += [resolve_model(name, out, base_path) for name, out in merged.outputs.items()]
         only = {m.label: [m.label.split(":", 1)[1]] for m in to_score if m.label.startswith("expert:")}
-        upstream = [merged.keys, merged.modelset.fingerprints]
+        fps = merged.modelset.fingerprints
+        model_keys = {m.label: fps[m.label.removeprefix("expert:")] for m in to_score[:len(models)]}
+        model_keys.update(merged.keys)
         scores = evaluate_stage(to_score, list(v.eval_tasks), cfg.evaluate, cfg.data_dir,
-                                cfg.recall.representations.num_actors, root, v.name, manifest, upstream, only)
+                                cfg.recall.representations.num_actors, root, v.name, manifest, model_keys, only)
         all_scores.append(scores.assign(variant=v.name))
         if merged.recall_dir is not None:
             variant_plots(root, v.name, Path(merged.recall_dir))
@@ -315,6 +318,46 @@ def summary_table(scores: pd.DataFrame, scenario: str) -> pd.DataFrame:
     return wide.reset_index()
 
 
+def stage_times(run_dir: str | Path) -> pd.DataFrame:
+    """Seconds of every finished stage of a local run directory (its manifest and the nested
+    RECALL runs' manifests), as recorded by the run that computed it: what the scenario
+    costs from scratch, however many resumes it took."""
+    rows = []
+    root = Path(run_dir)
+    for mf in sorted(root.rglob("manifest.json")):
+        where = mf.parent.relative_to(root).as_posix()
+        for name, st in json.loads(mf.read_text()).get("stages", {}).items():
+            if st.get("status") == "done":
+                rows.append({"stage": f"{where}/{name}" if where != "." else name, "seconds": st.get("seconds", 0.0)})
+    return pd.DataFrame(rows, columns=["stage", "seconds"])
+
+
+PUBLISHED = ("table.md", "table.csv", "scores.csv", "stage_times.csv")
+
+
+def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
+    """Copy a finished scenario's small result files (tables, scores, stage times, plots)
+    into `dest` (e.g. docs/results/multi), replacing what was there; returns the names."""
+    import shutil
+
+    from .storage import staged
+
+    src = Path(run_dir)
+    if not (src / "table.csv").is_file():
+        raise FileNotFoundError(f"{run_dir} holds no finished scenario (no table.csv): run it first")
+    stage_times(src).to_csv(src / "stage_times.csv", index=False, float_format="%.1f")
+    names = [n for n in PUBLISHED if (src / n).is_file()]
+    plots = sorted((src / "plots").glob("*.png")) if (src / "plots").is_dir() else []
+    with staged(str(dest), overwrite=True) as tmp:
+        for n in names:
+            shutil.copy2(src / n, Path(tmp) / n)
+        if plots:
+            (Path(tmp) / "plots").mkdir()
+            for f in plots:
+                shutil.copy2(f, Path(tmp) / "plots" / f.name)
+    return names + [f"plots/{f.name}" for f in plots]
+
+
 def variant_plots(root: RunDir, name: str, recall_dir: Path) -> None:
     """plots/<name>_{weights,similarity,adjacent}.png from a RECALL run directory."""
     from .analysis import adjacent_table, figure_png, plot_lines
@@ -332,4 +375,5 @@ def variant_plots(root: RunDir, name: str, recall_dir: Path) -> None:
         "layer i")))
 
 
-__all__ = ["ScenarioConfig", "load_scenario", "run_scenario", "summary_table", "variants", "preflight"]
+__all__ = ["ScenarioConfig", "load_scenario", "run_scenario", "summary_table", "variants", "preflight",
+           "stage_times", "publish"]

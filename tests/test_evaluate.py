@@ -138,6 +138,35 @@ def test_pipeline_scores_new_model_average_and_merge(tiny_run, tiny_dir, tiny_ex
         assert np.allclose(t, (srcs[0][name] + srcs[1][name] + srcs[2][name]) / 3, atol=1e-6), name
 
 
+def test_evaluation_cache_is_keyed_by_model_content_not_label(tiny_run, tiny_dir, tiny_experts):
+    """A model scored once in a run directory is not generated for again, whatever its label
+    (the base in both variants of a scenario); a model with another key is."""
+    from recall_ray.evaluate import evaluation_stage
+    from recall_ray.manifest import Manifest
+    from recall_ray.storage import RunDir
+
+    cfg, _ = tiny_run
+    root = RunDir(cfg.run_dir)
+    manifest = Manifest(root, {"test": "cache"})
+    first = pd.read_csv(Path(cfg.run_dir) / "eval" / "scores.csv")
+    # the same content key as the pipeline gave the new model, under another label and prefix
+    from recall_ray.validate import check_models
+
+    new = resolve_model("renamed", str(tiny_experts[1]), str(tiny_dir))
+    fp = check_models([resolve_model("base", str(tiny_dir), str(tiny_dir)), new]).fingerprints["renamed"]
+    ev = cfg.evaluate
+    scores = evaluation_stage(manifest, root, "again", [new], ev.tasks, ev.data_dir, ev.split, ev.max_samples,
+                              ev.batch_size, 1, {"renamed": fp})
+    assert manifest.data["stages"]["again/evaluate"]["result"]["generated"] == []
+    want = first[first["model"] == "new"].drop(columns="model").reset_index(drop=True)
+    assert scores.drop(columns="model").reset_index(drop=True).equals(want)
+    assert set(scores["model"]) == {"renamed"}
+    # another key: generated afresh
+    evaluation_stage(manifest, root, "other", [new], ["sst2"], ev.data_dir, ev.split, 2, ev.batch_size, 1,
+                     {"renamed": "another-key"})
+    assert manifest.data["stages"]["other/evaluate"]["result"]["generated"] == ["renamed"]
+
+
 def test_cli_scores_a_model_and_writes_its_files(tmp_path, tiny_dir, ray_session, capsys):
     """jobs/evaluate.py's main() in this process: it joins the session's Ray runtime."""
     import importlib.util

@@ -137,6 +137,28 @@ def test_rerun_recomputes_nothing(multi):
     assert again.timings and all(t["skipped"] for t in again.timings.values()), again.timings
 
 
+def test_publish_copies_tables_plots_and_every_stage_time(multi, tmp_path):
+    import json
+
+    from recall_ray.scenarios import publish
+
+    cfg, _ = multi
+    names = publish(cfg.run_dir, tmp_path / "pub")
+    out = tmp_path / "pub"
+    assert {"table.md", "table.csv", "scores.csv", "stage_times.csv", "plots/without_base_weights.png"} <= set(names)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(names)
+    times = pd.read_csv(out / "stage_times.csv")
+    top = json.loads((Path(cfg.run_dir) / "manifest.json").read_text())["stages"]
+    nested = json.loads((Path(cfg.run_dir) / "without_base" / "recall" / "manifest.json").read_text())["stages"]
+    want = {**{k: v["seconds"] for k, v in top.items()},
+            **{f"without_base/recall/{k}": v["seconds"] for k, v in nested.items()}}
+    got = dict(zip(times["stage"], times["seconds"]))
+    assert set(got) == set(want)
+    assert all(abs(got[k] - want[k]) <= 0.05 for k in want)
+    with pytest.raises(FileNotFoundError, match="no table.csv"):
+        publish(tmp_path / "empty", tmp_path / "pub2")
+
+
 def test_summary_table_single_gathers_each_tasks_own_variant():
     scores = pd.DataFrame([
         {"variant": "sst2", "model": "recall", "task": "sst2", "metric": "accuracy", "value": 80.0, "n": 2},

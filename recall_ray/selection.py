@@ -1,0 +1,143 @@
+"""Choosing merge settings on the validation split, never on test.
+
+A selection config names a scenario config (single or multi) and the settings to choose,
+one parameter after another; each candidate is a set of `--set` overrides scored by the
+scenario itself on the validation split (the last 200 train records, never trained on):
+
+    scenario: configs/scenarios/multi.yaml
+    run_dir: runs/select_multi
+    set: [include_base=[true], evaluate.max_samples=30]     # every candidate
+    parameters:                                             # chosen in this order
+      - name: lambda
+        methods: [task_arithmetic]                          # the methods it is scored on
+        values: [{baselines.lam: 0.5}, {baselines.lam: 1.0}]
+
+A candidate's score is the mean over the scenario's tasks of the primary validation
+metric, averaged over the parameter's methods (and variants); the best is fixed for every
+later parameter, the first listed winning a tie. Every candidate runs in the same run
+directory, so what it shares with an earlier one (representations, unchanged merges,
+scores of unchanged models) is reused, not recomputed.
+
+Writes <run_dir>/selection.csv and selection.md (every candidate's scores) and
+selected.yaml (the chosen overrides, to copy into the scenario configs).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from .config import ConfigError, _format_errors, _Section
+
+log = logging.getLogger("recall_ray.selection")
+
+_SCORE_COLUMNS = ("variant", "model", "mean")
+
+
+class Parameter(_Section):
+    name: str
+    methods: list[str] = Field(min_length=1)
+    values: list[dict[str, Any]] = Field(min_length=1)  # each: {dotted.key: value, ...}
+
+    @field_validator("values")
+    @classmethod
+    def _non_empty(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if any(not c for c in v):
+            raise ValueError("every candidate needs at least one key: value")
+        return v
+
+
+class SelectionConfig(_Section):
+    scenario: str  # path of a single or multi scenario config
+    run_dir: str
+    set: list[str] = []
+    parameters: list[Parameter] = Field(min_length=1)
+
+
+def load_selection(path: str) -> SelectionConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"selection config {path} does not exist")
+    tree = yaml.safe_load(p.read_text()) or {}
+    try:
+        return SelectionConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def assignments(values: dict[str, Any]) -> list[str]:
+    """{a.b: 1, c: [x]} -> ['a.b=1', 'c=[x]'] (values written as YAML flow, as --set reads them)."""
+    out = []
+    for key, value in values.items():
+        text = yaml.safe_dump(value, default_flow_style=True).strip()
+        text = text.removesuffix("\n...").removesuffix("...").strip()
+        out.append(f"{key}={text}")
+    return out
+
+
+def candidate_score(table: pd.DataFrame, methods: list[str]) -> float:
+    """Mean over the rows of `methods` (every variant) of the per-row mean over tasks."""
+    rows = table[table["model"].isin(methods)]
+    missing = sorted(set(methods) - set(rows["model"]))
+    if missing:
+        raise ValueError(f"the scenario's table has no row for {missing}")
+    return float(rows["mean"].mean())
+
+
+def best_index(scores: list[float]) -> int:
+    """The highest score; the first on a tie (candidates are listed default first)."""
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def candidate_overrides(cfg: SelectionConfig, param: Parameter, values: dict[str, Any],
+                        chosen: dict[str, Any]) -> list[str]:
+    """The --set list of one candidate: the common overrides, the validation split, what was
+    chosen before, this candidate, only the methods it is scored on."""
+    return [*cfg.set, f"run_dir={cfg.run_dir}", "evaluate.split=validation", *assignments(chosen),
+            *assignments(values), *assignments({"methods": param.methods})]
+
+
+def run_selection(cfg: SelectionConfig, run_scenario, load_scenario) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Score every candidate (Ray must be up); returns (every candidate's rows, chosen overrides).
+    `run_scenario` and `load_scenario` are the scenario module's (passed in, so that this
+    module stays free of Ray)."""
+    chosen: dict[str, Any] = {}
+    rows = []
+    for param in cfg.parameters:
+        scores = []
+        for values in param.values:
+            sc = load_scenario(cfg.scenario, candidate_overrides(cfg, param, values, chosen))
+            if sc.scenario not in ("single", "multi"):
+                raise ConfigError(f"{cfg.scenario}: settings are chosen on a single or multi scenario")
+            log.info("selection: %s = %s", param.name, values)
+            table = run_scenario(sc).table
+            scores.append(candidate_score(table, param.methods))
+            label = ", ".join(assignments(values))
+            for r in table[table["model"].isin(param.methods)].to_dict(orient="records"):
+                rows.append({"parameter": param.name, "candidate": label, **r})
+        best = best_index(scores)
+        chosen.update(param.values[best])
+        for r in rows:
+            if r["parameter"] == param.name:
+                r["chosen"] = r["candidate"] == ", ".join(assignments(param.values[best]))
+    table = pd.DataFrame(rows)
+    front = ["parameter", "candidate", "chosen", *[c for c in _SCORE_COLUMNS if c in table]]
+    return table[front + [c for c in table.columns if c not in front]], chosen
+
+
+def write_selection(root, table: pd.DataFrame, chosen: dict[str, Any], source: str) -> None:
+    from .report import markdown_table
+
+    root.write_text("selection.csv", table.to_csv(index=False, float_format="%.2f"))
+    root.write_text("selection.md", markdown_table(table))
+    root.write_text("selected.yaml", f"# chosen on the validation split by jobs/select_settings.py --config {source}\n"
+                    + yaml.safe_dump(chosen, sort_keys=False))
+
+
+__all__ = ["SelectionConfig", "load_selection", "run_selection", "write_selection", "candidate_score", "best_index",
+           "assignments"]

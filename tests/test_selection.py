@@ -1,0 +1,103 @@
+"""Setting selection on the validation split: overrides, scoring, tie rule, and that each
+parameter's choice is fixed for the next (with a scenario runner that records its configs)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO
+from recall_ray.config import ConfigError
+from recall_ray.scenarios import load_scenario
+from recall_ray.selection import (
+    SelectionConfig,
+    assignments,
+    best_index,
+    candidate_score,
+    load_selection,
+    run_selection,
+)
+
+
+def test_assignments_round_trip_through_set_parsing():
+    from recall_ray.config import apply_override
+
+    values = {"recall.similarity.sigma": "median", "baselines.lam": 0.5, "include_base": [True, False],
+              "methods": ["ties", "dare_average"]}
+    tree: dict = {}
+    for a in assignments(values):
+        apply_override(tree, a)
+    assert tree == {"recall": {"similarity": {"sigma": "median"}}, "baselines": {"lam": 0.5},
+                    "include_base": [True, False], "methods": ["ties", "dare_average"]}
+
+
+def test_best_index_takes_the_first_of_a_tie():
+    assert best_index([1.0, 3.0, 3.0, 2.0]) == 1
+    assert best_index([5.0]) == 0
+    assert best_index([2.0, 1.0]) == 0
+
+
+def test_candidate_score_averages_methods_and_variants():
+    table = pd.DataFrame({"variant": ["a", "a", "b", "b"], "model": ["ties", "base", "ties", "x"],
+                          "mean": [10.0, 99.0, 30.0, 50.0]})
+    assert candidate_score(table, ["ties"]) == pytest.approx(20.0)
+    assert candidate_score(table, ["ties", "x"]) == pytest.approx((10 + 30 + 50) / 3)
+    with pytest.raises(ValueError, match="no row for"):
+        candidate_score(table, ["missing"])
+
+
+def test_each_choice_is_fixed_for_the_next_parameter(tmp_path):
+    cfg = SelectionConfig.model_validate({
+        "scenario": str(REPO / "configs" / "scenarios" / "multi.yaml"),
+        "run_dir": str(tmp_path / "sel"),
+        "set": ["include_base=[true]"],
+        "parameters": [
+            {"name": "lam", "methods": ["task_arithmetic"],
+             "values": [{"baselines.lam": 1.0}, {"baselines.lam": 0.5}, {"baselines.lam": 0.3}]},
+            {"name": "density", "methods": ["ties"],
+             "values": [{"baselines.ties_density": 0.2}, {"baselines.ties_density": 0.5}]},
+        ],
+    })
+    seen = []
+
+    def fake_run(sc):
+        seen.append(sc)
+        b = sc.baselines
+        # task arithmetic peaks at lam 0.5; TIES scores the same at both densities (a tie)
+        score = {"task_arithmetic": 50 - 40 * abs(b.lam - 0.5), "ties": 40.0}[sc.methods[0]]
+        return SimpleNamespace(table=pd.DataFrame({"variant": ["with_base"], "model": sc.methods[:1],
+                                                   "mean": [score]}))
+
+    table, chosen = run_selection(cfg, fake_run, load_scenario)
+    assert chosen == {"baselines.lam": 0.5, "baselines.ties_density": 0.2}
+    assert [s.baselines.lam for s in seen] == [1.0, 0.5, 0.3, 0.5, 0.5]  # lam 0.5 fixed for TIES
+    assert all(s.evaluate.split == "validation" and s.include_base == [True] for s in seen)
+    assert all(s.run_dir == str(tmp_path / "sel") for s in seen)
+    assert table["chosen"].tolist() == [False, True, False, True, False]
+    assert list(table["candidate"][:3]) == ["baselines.lam=1.0", "baselines.lam=0.5", "baselines.lam=0.3"]
+
+
+def test_the_committed_selection_config_loads_and_every_candidate_validates():
+    cfg = load_selection(str(REPO / "configs" / "selection" / "multi.yaml"))
+    from recall_ray.selection import candidate_overrides
+
+    for p in cfg.parameters:
+        for v in p.values:
+            sc = load_scenario(str(REPO / cfg.scenario), candidate_overrides(cfg, p, v, {}))
+            assert sc.evaluate.split == "validation" and sc.methods == p.methods
+
+
+def test_bad_selection_configs_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_selection(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"scenario": "x.yaml", "run_dir": "r", "parameters": []}))
+    with pytest.raises(ConfigError, match="parameters"):
+        load_selection(str(bad))
+    bad.write_text(yaml.safe_dump({"scenario": "x.yaml", "run_dir": "r",
+                                   "parameters": [{"name": "p", "methods": ["ties"], "values": [{}]}]}))
+    with pytest.raises(ConfigError, match="at least one key"):
+        load_selection(str(bad))
