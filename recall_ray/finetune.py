@@ -9,6 +9,11 @@ config), and gets the trained PEFT adapter back as a Ray Train checkpoint under
 (temporary sibling directory, renamed into place when complete) with a `recall_ray.json` that
 records the base model's fingerprint, the task, the steps, the final loss and the seed.
 
+With `ewc_fisher` (a diagonal Fisher saved by `recall_ray.ewc.save_fisher`, keyed by the
+LoRA-targeted weights) and `ewc_lambda`, every step's loss gets EWC's penalty
+`ewc_lambda / 2 * sum(F * delta^2)` on the LoRA deltas (recall_ray/ewc.py); `fisher_of`
+computes such a Fisher in a Ray task.
+
 The tokenisation/label masking (`build_example`), padding (`collate`) and data order
 (`batch_schedule`) are pure functions, tested without Ray.
 """
@@ -196,6 +201,14 @@ def train_loop_per_worker(config: dict) -> None:
     schedule = batch_schedule(len(examples), cfg.batch_size, cfg.steps, cfg.seed)
 
     model = _load_lora_model(base_dir, cfg)
+    peft_model = model  # DDP wraps this very module; lora_deltas needs it unwrapped
+    fisher, lam = None, float(config.get("ewc_lambda", 0.0))
+    if config.get("ewc_fisher") is not None:
+        from recall_ray.ewc import ewc_penalty, load_fisher, lora_deltas
+
+        fisher = load_fisher(config["ewc_fisher"], device)
+        with torch.no_grad():  # keys and shapes, before the first step
+            ewc_penalty(fisher, lora_deltas(peft_model), lam)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     if use_ds:
         model = _deepspeed_engine(model.to(device), cfg, optimizer)
@@ -206,10 +219,14 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed + rank)
 
     log_every = max(1, min(10, cfg.steps // 5))
-    loss_value = float("nan")
+    loss_value = penalty_value = float("nan")
     for step, idx in enumerate(schedule, start=1):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-        loss = model(**batch).loss
+        task_loss = loss = model(**batch).loss
+        if fisher is not None:  # the deviation from the start model is exactly the LoRA delta
+            penalty = ewc_penalty(fisher, lora_deltas(peft_model), lam)
+            loss = task_loss + penalty
+            penalty_value = penalty.item()
         if use_ds:
             model.backward(loss)
             model.step()
@@ -217,17 +234,22 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step}: lower finetune.learning_rate")
+        loss_value, total = task_loss.item(), loss.item()
+        if not math.isfinite(total):
+            raise FloatingPointError(f"loss became {total} at step {step}: lower finetune.learning_rate")
         if rank == 0 and (step % log_every == 0 or step == 1 or step == cfg.steps):
-            logger.info("step %d/%d loss %.4f", step, cfg.steps, loss_value)
+            if fisher is None:
+                logger.info("step %d/%d loss %.4f", step, cfg.steps, loss_value)
+            else:
+                logger.info("step %d/%d loss %.4f ewc penalty %.4g", step, cfg.steps, loss_value, penalty_value)
 
     final = torch.tensor([loss_value], dtype=torch.float64, device=device)
     if world > 1:  # report the mean last-step loss over ranks
         torch.distributed.all_reduce(final)
         final /= world
     metrics = {"final_loss": float(final.item()), "steps": cfg.steps}
+    if fisher is not None:
+        metrics["final_ewc_penalty"] = penalty_value  # identical on every rank (DDP keeps the adapters equal)
 
     with tempfile.TemporaryDirectory(prefix="rr_adapter_") as tmp:
         _save_adapter(model, tmp, use_ds, rank)
@@ -239,7 +261,36 @@ def train_loop_per_worker(config: dict) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
-def _validate(base_dir: str, records: Sequence[dict], cfg: FinetuneConfig, out_dir: str) -> None:
+def _validate_ewc(base_dir: str, cfg: FinetuneConfig, ewc_fisher: str | None, ewc_lambda: float) -> None:
+    """The EWC inputs: a Fisher file whose keys and shapes are exactly the weights the LoRA
+    targets in `base_dir` (read from the safetensors headers), and a lambda >= 0."""
+    from recall_ray.ewc import check_keys, target_weight_names
+    from recall_ray.safetensors_io import list_weight_files, read_header, tensor_infos
+
+    if not isinstance(ewc_lambda, (int, float)) or not math.isfinite(ewc_lambda) or ewc_lambda < 0:
+        raise ValueError(f"ewc_lambda must be a finite number >= 0, got {ewc_lambda!r}")
+    if ewc_fisher is None:
+        if ewc_lambda != 0:
+            raise ValueError(f"ewc_lambda={ewc_lambda} needs an ewc_fisher file (recall_ray.ewc.save_fisher)")
+        return
+    if cfg.deepspeed is not None:
+        raise ValueError("EWC (ewc_fisher) is not supported with DeepSpeed: unset finetune.deepspeed"
+                         " (DDP over num_workers works)")
+    if not Path(ewc_fisher).is_file():
+        raise ValueError(f"EWC Fisher {ewc_fisher} does not exist")
+    header, _ = read_header(ewc_fisher)
+    shapes = {n: tuple(v["shape"]) for n, v in header.items() if n != "__metadata__"}
+    infos = tensor_infos(list_weight_files(base_dir))
+    expected = target_weight_names(infos, cfg.target_modules)
+    check_keys(shapes, expected, f"EWC Fisher {ewc_fisher} (target_modules {list(cfg.target_modules)})")
+    for n in expected:
+        if shapes[n] != tuple(infos[n].shape):
+            raise ValueError(f"EWC Fisher {ewc_fisher}: {n} has shape {shapes[n]} but {base_dir} has"
+                             f" {tuple(infos[n].shape)}: it was computed for another model")
+
+
+def _validate(base_dir: str, records: Sequence[dict], cfg: FinetuneConfig, out_dir: str,
+              ewc_fisher: str | None = None, ewc_lambda: float = 0.0) -> None:
     """Cheap checks before any Ray work, each naming the fix."""
     if not (Path(base_dir) / "config.json").is_file():
         raise ValueError(f"base model {base_dir} has no config.json: pass a Hugging Face model directory")
@@ -256,6 +307,7 @@ def _validate(base_dir: str, records: Sequence[dict], cfg: FinetuneConfig, out_d
             raise ValueError("finetune.deepspeed needs GPUs: set finetune.use_gpu=true or unset finetune.deepspeed")
         if not Path(cfg.deepspeed).is_file():
             raise ValueError(f"DeepSpeed config {cfg.deepspeed} does not exist")
+    _validate_ewc(base_dir, cfg, ewc_fisher, ewc_lambda)
     if os.path.lexists(out_dir):
         raise FileExistsError(f"adapter output {out_dir} already exists: remove it or choose another --out")
 
@@ -278,7 +330,8 @@ def _is_uri(path: str) -> bool:
 
 
 def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_dir: str, storage_dir: str,
-                  *, task: str = "task", run_name: str | None = None) -> str:
+                  *, task: str = "task", run_name: str | None = None, ewc_fisher: str | None = None,
+                  ewc_lambda: float = 0.0) -> str:
     """Fine-tune a LoRA adapter of `base_dir` on `records` ({"prompt", "target"} dicts, e.g.
     from `load_task_records`; the first `cfg.max_samples` are used) and write it to `out_dir`.
 
@@ -290,6 +343,15 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     Returns `out_dir`, which holds adapter_config.json, adapter_model.safetensors and
     recall_ray.json. Raises FileExistsError when out_dir already exists, ValueError for bad
     inputs (before any Ray work), FinetuneError when training fails.
+
+    EWC: with `ewc_fisher`, a safetensors Fisher (recall_ray.ewc) whose keys are exactly the
+    `.weight` names of the modules `cfg.target_modules` wraps in `base_dir` (checked here,
+    before any Ray work, and again in the workers), every step minimises the task loss plus
+    `ewc_lambda / 2 * sum(F * (scaling * B @ A)^2)`: since the fine-tune starts at `base_dir`,
+    the LoRA delta is the deviation from it. The Fisher is read by each worker from that path
+    (on a cluster: a path every node sees). `final_loss` stays the task loss; recall_ray.json
+    records the lambda, the Fisher and the last step's penalty. `ewc_lambda` 0 adds an exact
+    zero (the same adapter as no Fisher). Not supported with DeepSpeed.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -298,7 +360,8 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
 
     base_dir = os.path.abspath(base_dir)  # workers may not share the driver's cwd
     out_dir = os.path.abspath(out_dir)
-    _validate(base_dir, records, cfg, out_dir)
+    ewc_fisher = os.path.abspath(ewc_fisher) if ewc_fisher is not None else None
+    _validate(base_dir, records, cfg, out_dir, ewc_fisher, ewc_lambda)
     records = [{"prompt": r["prompt"], "target": r["target"]} for r in records[:cfg.max_samples]]
     fingerprint = content_fingerprint(base_dir)  # fails early on a directory without weights
 
@@ -306,7 +369,8 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     storage = storage_dir if _is_uri(storage_dir) else os.path.abspath(storage_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "base_dir": base_dir, "records": records},
+        train_loop_config={"cfg": cfg.model_dump(), "base_dir": base_dir, "records": records,
+                           "ewc_fisher": ewc_fisher, "ewc_lambda": float(ewc_lambda)},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": 1}
@@ -326,6 +390,9 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
 
     meta = {"base_fingerprint": fingerprint, "task": task, "steps": cfg.steps,
             "final_loss": final_loss, "seed": cfg.seed}
+    if ewc_fisher is not None:
+        meta["ewc"] = {"fisher": ewc_fisher, "lambda": float(ewc_lambda),
+                       "final_penalty": float(result.metrics["final_ewc_penalty"])}
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     # Build the output next to its final place (same filesystem) and rename it in only when
@@ -351,3 +418,46 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
         raise
     logger.info("adapter written to %s", out_dir)
     return out_dir
+
+
+# ----------------------------------------------------------------------------- EWC Fisher
+
+
+def _fisher_task(model_dir: str, records: list[dict], max_length: int, target_modules: list[str],
+                 use_gpu: bool) -> dict[str, torch.Tensor]:
+    """In a Ray task: `ewc.diagonal_fisher` of `model_dir`'s LoRA-targeted weights on `records`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recall_ray.ewc import diagonal_fisher, target_weight_names
+
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = tokenize_records(tokenizer, records, max_length)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    names = target_weight_names([n for n, _ in model.named_parameters()], target_modules)
+    if not names:
+        raise ValueError(f"{model_dir} has no weights of the target modules {target_modules}")
+    fisher = diagonal_fisher(model, examples, names, pad_id)
+    return {n: t.cpu() for n, t in fisher.items()}
+
+
+def fisher_of(model_dir: str, records: Sequence[dict], max_length: int, target_modules: Sequence[str],
+              max_samples: int, *, use_gpu: bool = False) -> dict[str, torch.Tensor]:
+    """The empirical diagonal Fisher (recall_ray.ewc.diagonal_fisher: per-example squared
+    gradients of the summed target NLL, averaged) of the weights a LoRA on `target_modules`
+    would wrap in the plain model `model_dir`, over the first `max_samples` of `records`
+    ({"prompt", "target"} dicts, tokenised like the fine-tune with `max_length`). Runs in one
+    Ray task (num_cpus=1, and one GPU with `use_gpu`); returns float32 CPU tensors keyed by
+    the weights' names, ready for `ewc.accumulate` / `ewc.save_fisher`. Ray must be up."""
+    import ray
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ValueError(f"model {model_dir} has no config.json: pass a Hugging Face model directory")
+    if max_samples <= 0:
+        raise ValueError(f"max_samples must be > 0, got {max_samples}")
+    records = [{"prompt": r["prompt"], "target": r["target"]} for r in records[:max_samples]]
+    if not records:
+        raise ValueError("no records to compute the Fisher on: check the task data")
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=0)(_fisher_task)
+    return ray.get(task.remote(os.path.abspath(model_dir), records, max_length, list(target_modules), use_gpu))

@@ -12,11 +12,21 @@ Protocol (one YAML, one run directory; every step resumable):
       SeqFT (when `seqft`):
         S_t   = S_{t-1} with the LoRA fine-tuned on task t folded in (plain sequential
                 fine-tuning; E_1 is shared with the chains, which start from the same base)
-      score every M_t^X and S_t on the test split of tasks 1..t
+      EWC (when `ewc.enabled`; a training-side baseline, recall_ray/ewc.py):
+        E_t^ewc = LoRA fine-tune of S^ewc_{t-1} on task t, its loss plus
+                  ewc.lam / 2 * sum(F_{<t} * delta^2), delta the LoRA delta (= the move away
+                  from S^ewc_{t-1}) and F_{<t} the accumulated Fisher of tasks 1..t-1; at t = 1
+                  there is none: E_1^ewc is the shared E_1 and S^ewc_1 = S_1
+        S^ewc_t = S^ewc_{t-1} with E_t^ewc folded in (as SeqFT)
+        F_{<t+1} = F_{<t} + the diagonal Fisher of S^ewc_t on the first ewc.fisher_samples
+                  records of task t's train split (step{t}/ewc/fisher.safetensors)
+      score every M_t^X, S_t and S^ewc_t on the test split of tasks 1..t
 
 Writes scores.csv (step, trained, method, task, metric, value, n), table.csv / table.md
 (primary metric per task after each step, and the mean over the tasks seen so far),
-plots/forgetting.png and, per step, RECALL's weight and similarity plots.
+plots/forgetting.png and, per step, RECALL's weight and similarity plots. Every fine-tune,
+fold, Fisher and evaluation is a manifest stage keyed by what decides its output: a rerun
+recomputes nothing that is done.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 import pandas as pd
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from .baselines import METHODS, BaselineConfig
 from .config import FinetuneConfig, RayConfig, RunConfig, _Section
@@ -50,6 +60,17 @@ from .storage import RunDir
 log = logging.getLogger("recall_ray.sequential")
 
 
+class EwcSettings(_Section):
+    """The EWC line (recall_ray/ewc.py). `lam` weighs the penalty against the task loss (the
+    mean NLL per target token); the Fisher is of each example's summed target NLL, so with
+    lam = 1 the penalty is the quadratic estimate of the old tasks' mean loss increase *per
+    example*, weighed like the new task's loss per token. A default, not a tuned value."""
+
+    enabled: bool = False
+    lam: float = Field(1.0, ge=0)
+    fisher_samples: int = Field(64, gt=0)  # the first records of each task's train split
+
+
 class SequentialConfig(_Section):
     scenario: Literal["sequential"]
     run_dir: str
@@ -58,6 +79,7 @@ class SequentialConfig(_Section):
     tasks: list[str]  # in the order they are learned
     chains: list[str] = ["recall"]  # merge methods that each carry their own chain of models
     seqft: bool = True
+    ewc: EwcSettings = EwcSettings()
     finetune: FinetuneConfig = FinetuneConfig(steps=60, batch_size=8, max_length=128, seed=0)
     task_finetune: dict[str, dict] = {}  # per-task FinetuneConfig overrides, e.g. {squad_v2: {max_length: 256}}
     baselines: BaselineConfig = BaselineConfig()
@@ -72,13 +94,20 @@ class SequentialConfig(_Section):
         bad = [c for c in self.chains if c not in METHODS]
         if bad:
             raise ValueError(f"unknown chains {bad}: choose merge methods from {', '.join(METHODS)}")
-        if not self.chains and not self.seqft:
-            raise ValueError("nothing to run: give at least one chain or set seqft: true")
+        if not self.chains and not self.seqft and not self.ewc.enabled:
+            raise ValueError("nothing to run: give at least one chain, or set seqft: true or ewc.enabled: true")
         stray = sorted(set(self.task_finetune) - set(self.tasks))
         if stray:
             raise ValueError(f"task_finetune names tasks {stray} that are not in tasks {self.tasks}")
         for t in self.tasks:
             self.finetune_for(t)  # a bad override fails here, before any work
+        if self.ewc.enabled:
+            targets = {t: self.finetune_for(t).target_modules for t in self.tasks}
+            if len({tuple(v) for v in targets.values()}) > 1:
+                raise ValueError(f"ewc needs the same finetune.target_modules for every task (the Fisher is kept for"
+                                 f" the LoRA-targeted weights), got {targets}")
+            if any(self.finetune_for(t).deepspeed for t in self.tasks):
+                raise ValueError("ewc is not supported with finetune.deepspeed: unset one of them")
         return self
 
     def finetune_for(self, task: str) -> FinetuneConfig:
@@ -99,9 +128,14 @@ def _merge_config(cfg: SequentialConfig, step: int, task: str, chain: str, previ
         {"name": task, "path": adapter, "adapter_base": start}, True, task, cfg.data_dir)
 
 
+def _records_key(records: list[dict]) -> str:
+    return hashlib.sha256(repr([(r["prompt"], r["target"]) for r in records]).encode()).hexdigest()
+
+
 def run_sequential(cfg: SequentialConfig):
     """Run (or resume) the whole sequence. Ray must be up."""
-    from .finetune import finetune_lora
+    from .ewc import accumulate, load_fisher, save_fisher
+    from .finetune import finetune_lora, fisher_of
     from .merge import run_merge
     from .merge_methods import MergeMethod
     from .scenarios import ScenarioResult
@@ -111,62 +145,89 @@ def run_sequential(cfg: SequentialConfig):
     root = RunDir(cfg.run_dir)
     manifest = Manifest(root, cfg.model_dump(mode="json"))
     base_path = resolve_path(cfg.base)
-    current = {c: base_path for c in cfg.chains}  # M_{t-1} per chain
-    current_key = {c: "base" for c in cfg.chains}  # what decided its contents
-    if cfg.seqft:
-        current["seqft"] = base_path
-        current_key["seqft"] = "base"
+    folded = (["seqft"] if cfg.seqft else []) + (["ewc"] if cfg.ewc.enabled else [])  # lines that fold their adapter
+    current = {label: base_path for label in [*cfg.chains, *folded]}  # M_{t-1} per chain, S_{t-1}, S^ewc_{t-1}
+    current_key = {label: "base" for label in current}  # what decided its contents
+    fisher_path: str | None = None  # the EWC line's accumulated Fisher of tasks 1..t-1
+    fisher_key: str | None = None  # the key of the stage that wrote it
     all_scores = []
     for step, task in enumerate(cfg.tasks, start=1):
         ft = cfg.finetune_for(task)
         records = load_split(cfg.data_dir, task, "train", max_samples=ft.max_samples)
-        data_key = hashlib.sha256(repr([(r["prompt"], r["target"]) for r in records]).encode()).hexdigest()
-        # One fine-tune per distinct starting model (at step 1 every chain starts from the base).
-        adapters: dict[str, str] = {}
-        adapter_key: dict[str, str] = {}  # start -> the fine-tune stage's key
+        data_key = _records_key(records)
+        # One fine-tune per distinct (starting model, penalty): at step 1 every line starts from
+        # the base without a penalty, so the chains, SeqFT and EWC share E_1.
+        penalty = {label: fisher_path if label == "ewc" else None for label in current}
+        done: dict[tuple, tuple[str, str]] = {}  # (start, penalty) -> (adapter, stage key)
+        adapter_of: dict[str, str] = {}
+        adapter_key: dict[str, str] = {}  # label -> the key of its fine-tune stage
         for label, start in current.items():
-            if start in adapters:
-                continue
-            out = str(Path(cfg.run_dir, f"step{step}", "finetune", label, "adapter").resolve())
+            job = (start, penalty[label])
+            if job not in done:
+                out = str(Path(cfg.run_dir, f"step{step}", "finetune", label, "adapter").resolve())
+                key_parts = [current_key[label], data_key, ft.model_dump()]
+                ewc_args = {}
+                if penalty[label] is not None:
+                    key_parts.append({"ewc_fisher": fisher_key, "ewc_lambda": cfg.ewc.lam})
+                    ewc_args = {"ewc_fisher": penalty[label], "ewc_lambda": cfg.ewc.lam}
 
-            def finetune(start=start, out=out, label=label) -> dict:
-                import shutil
+                def finetune(start=start, out=out, label=label, ewc_args=ewc_args) -> dict:
+                    import shutil
 
-                shutil.rmtree(out, ignore_errors=True)  # a stale adapter of other settings
-                finetune_lora(start, records, ft, out,
-                              str(Path(cfg.run_dir, f"step{step}", "finetune", label, "ray_train").resolve()), task=task)
-                return {"adapter": out}
+                    shutil.rmtree(out, ignore_errors=True)  # a stale adapter of other settings
+                    finetune_lora(start, records, ft, out,
+                                  str(Path(cfg.run_dir, f"step{step}", "finetune", label, "ray_train").resolve()),
+                                  task=task, **ewc_args)
+                    return {"adapter": out}
 
-            manifest.run(f"step{step}/finetune_{label}", [current_key[label], data_key, ft.model_dump()],
-                         [out], finetune)
-            adapters[start] = out
-            adapter_key[start] = manifest.data["stages"][f"step{step}/finetune_{label}"]["key"]
+                manifest.run(f"step{step}/finetune_{label}", key_parts, [out], finetune)
+                done[job] = (out, manifest.data["stages"][f"step{step}/finetune_{label}"]["key"])
+            adapter_of[label], adapter_key[label] = done[job]
         nxt, nxt_key = {}, {}
         for chain in cfg.chains:
             start = current[chain]
-            rc = _merge_config(cfg, step, task, chain, None if step == 1 else start, adapters[start], start)
+            rc = _merge_config(cfg, step, task, chain, None if step == 1 else start, adapter_of[chain], start)
             merged = merge_methods(rc, [chain], cfg.baselines, cfg.data_dir, root, f"step{step}/{chain}", manifest)
             nxt[chain], nxt_key[chain] = merged.outputs[chain], merged.keys[chain]
             if merged.recall_dir is not None:
                 variant_plots(root, f"step{step}_{chain}", Path(merged.recall_dir))
-        if cfg.seqft:
-            start = current["seqft"]
-            out = root.uri(f"step{step}/seqft/model")
-            models = [resolve_model("previous", start, start), resolve_model(task, adapters[start], start)]
-            ms = check_models(models)
-            fold = MergeMethod("seqft", "linear", [[0.0, 1.0]] * ms.grouping.num_groups)  # exactly the adapted model
+        folds: dict[tuple[str, str], tuple[str, str]] = {}  # (start, adapter) -> (model, stage key)
+        for label in folded:  # SeqFT and EWC: S_t = S_{t-1} with the adapter folded in
+            start, adapter = current[label], adapter_of[label]
+            if (start, adapter) not in folds:  # EWC's step 1 is SeqFT's
+                out = root.uri(f"step{step}/{label}/model")
+                models = [resolve_model("previous", start, start), resolve_model(task, adapter, start)]
+                ms = check_models(models)
+                fold = MergeMethod(label, "linear", [[0.0, 1.0]] * ms.grouping.num_groups)  # exactly the adapted model
 
-            def fold_stage(models=models, ms=ms, out=out, fold=fold) -> dict:
-                rep = run_merge(models, ms.grouping, ms.infos, fold, out, True, cfg.recall.merge.num_actors,
-                                cfg.recall.merge.placement, cfg.recall.merge.max_shard_bytes, side_dir=start)
-                return {"output": out, "seconds": rep.seconds}
+                def fold_stage(models=models, ms=ms, out=out, fold=fold, start=start) -> dict:
+                    rep = run_merge(models, ms.grouping, ms.infos, fold, out, True, cfg.recall.merge.num_actors,
+                                    cfg.recall.merge.placement, cfg.recall.merge.max_shard_bytes, side_dir=start)
+                    return {"output": out, "seconds": rep.seconds}
 
-            manifest.run(f"step{step}/seqft_fold", [current_key["seqft"], adapter_key[start]], [out], fold_stage)
-            nxt["seqft"], nxt_key["seqft"] = out, manifest.data["stages"][f"step{step}/seqft_fold"]["key"]
+                manifest.run(f"step{step}/{label}_fold", [current_key[label], adapter_key[label]], [out], fold_stage)
+                folds[(start, adapter)] = (out, manifest.data["stages"][f"step{step}/{label}_fold"]["key"])
+            nxt[label], nxt_key[label] = folds[(start, adapter)]
+        if cfg.ewc.enabled:  # F_{<t+1} = F_{<t} + Fisher of S^ewc_t on task t
+            fisher_records = load_split(cfg.data_dir, task, "train", max_samples=cfg.ewc.fisher_samples)
+            out = str(Path(cfg.run_dir, f"step{step}", "ewc", "fisher.safetensors").resolve())
+
+            def fisher_stage(model=nxt["ewc"], previous=fisher_path, out=out, fisher_records=fisher_records) -> dict:
+                fisher = fisher_of(model, fisher_records, ft.max_length, ft.target_modules, cfg.ewc.fisher_samples,
+                                   use_gpu=ft.use_gpu)
+                if previous is not None:
+                    fisher = accumulate(load_fisher(previous), fisher)
+                save_fisher(fisher, out, {"tasks": ",".join(cfg.tasks[:step])})
+                return {"fisher": out, "tasks": cfg.tasks[:step], "samples": len(fisher_records)}
+
+            manifest.run(f"step{step}/ewc_fisher",
+                         [nxt_key["ewc"], _records_key(fisher_records), ft.max_length, list(ft.target_modules),
+                          fisher_key], [out], fisher_stage)
+            fisher_path, fisher_key = out, manifest.data["stages"][f"step{step}/ewc_fisher"]["key"]
         current, current_key = nxt, nxt_key
         to_score = [resolve_model(label, path, base_path) for label, path in current.items()]
         scores = evaluate_stage(to_score, cfg.tasks[:step], cfg.evaluate, cfg.data_dir,
-                                cfg.recall.representations.num_actors, root, f"step{step}", manifest, current_key)
+                                cfg.recall.representations.num_actors, root, f"step{step}", manifest, dict(current_key))
         all_scores.append(scores.assign(step=step, trained=task))
     scores = pd.concat(all_scores, ignore_index=True).rename(columns={"model": "method"})
     scores = scores[["step", "trained", "method", "task", "metric", "value", "n"]]

@@ -131,6 +131,33 @@ def ray_session():
     ray.shutdown()
 
 
+def small_finetune_cfg(**kw):
+    """The tests' short LoRA fine-tune: 3 steps of 4 records, r 4, alpha 8, lr 1e-2."""
+    from recall_ray.config import FinetuneConfig
+
+    base = dict(steps=3, batch_size=4, r=4, alpha=8.0, learning_rate=1e-2, max_length=64, seed=0)
+    return FinetuneConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def sst2_records():
+    from recall_ray.templates import load_task_records
+
+    return load_task_records(str(DATA / "sst2" / "train.jsonl"), "sst2", max_samples=16)
+
+
+@pytest.fixture(scope="session")
+def two_runs(ray_session, tiny_dir, sst2_records, tmp_path_factory):
+    """Two identical short fine-tunes (`small_finetune_cfg`) of the tiny model on SST-2:
+    test_finetune checks them, test_ewc compares its EWC fine-tunes with the first."""
+    from recall_ray.finetune import finetune_lora
+
+    root = tmp_path_factory.mktemp("ft")
+    outs = [finetune_lora(str(tiny_dir), sst2_records, small_finetune_cfg(), str(root / f"a{i}"), str(root / "ray"),
+                          task="sst2") for i in range(2)]
+    return root, outs
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_dir, tiny_experts, ray_session):
     """One finished RECALL job on the tiny models (base, expert e0, new model), with the

@@ -10,11 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recall_ray.config import FinetuneConfig
+from conftest import small_finetune_cfg
 from recall_ray.finetune import (
     IGNORE_INDEX, META_FILE, batch_schedule, build_example, collate, finetune_lora, shard, tokenize_records,
 )
-from recall_ray.templates import load_task_records
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 M = IGNORE_INDEX
@@ -69,9 +68,7 @@ def test_batch_schedule_cycles_and_is_seeded():
 # ----------------------------------------------------------------------------- validation (no Ray)
 
 
-def cfg(**kw) -> FinetuneConfig:
-    base = dict(steps=3, batch_size=4, r=4, alpha=8.0, learning_rate=1e-2, max_length=64, seed=0)
-    return FinetuneConfig(**{**base, **kw})
+cfg = small_finetune_cfg  # steps 3, batch 4, r 4, alpha 8, lr 1e-2, max_length 64, seed 0
 
 
 RECORDS = [{"prompt": "p\n", "target": "t"}]
@@ -100,17 +97,8 @@ def test_validates_before_work(tiny_dir, tmp_path):
 # ----------------------------------------------------------------------------- Ray Train runs
 
 
-@pytest.fixture(scope="module")
-def sst2_records():
-    return load_task_records(str(DATA / "sst2" / "train.jsonl"), "sst2", max_samples=16)
-
-
-@pytest.fixture(scope="module")
-def two_runs(ray_session, tiny_dir, sst2_records, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ft")
-    outs = [finetune_lora(str(tiny_dir), sst2_records, cfg(), str(root / f"a{i}"), str(root / "ray"), task="sst2")
-            for i in range(2)]
-    return root, outs
+# `two_runs` (two identical short fine-tunes of the tiny model on 16 SST-2 records) is a
+# session fixture in conftest.py: tests/test_ewc.py compares its EWC runs with it.
 
 
 def test_adapter_written_with_metadata(two_runs, tiny_dir):

@@ -1,5 +1,6 @@
 """The sequential scenario on tiny models: fine-tune, merge with what came before, score
-seen tasks; SeqFT and the RECALL chain checked against float64 folds written here."""
+seen tasks; SeqFT and the RECALL chain checked against float64 folds written here; the EWC
+line (penalised fine-tunes, accumulated Fishers) on the same run."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def seq(tmp_path_factory, tiny_dir, ray_session):
     cfg = SequentialConfig.model_validate({
         "scenario": "sequential", "run_dir": str(tmp_path_factory.mktemp("seq") / "run"), "base": str(tiny_dir),
         "data_dir": str(DATA), "tasks": ["sst2", "ag_news"], "chains": ["recall"], "seqft": True,
+        "ewc": {"enabled": True, "lam": 1000.0, "fisher_samples": 3},
         "finetune": {"steps": 2, "batch_size": 4, "max_samples": 8, "max_length": 48, "learning_rate": 0.05},
         "recall": {"max_samples": 12, "max_length": 48, "typical": {"k": 2}, "similarity": {"sigma": "median"},
                    "representations": {"batch_size": 12}},
@@ -50,7 +52,7 @@ def test_scores_cover_the_tasks_seen_so_far(seq):
     s = result.scores
     assert set(s.loc[s["step"] == 1, "task"]) == {"sst2"}
     assert set(s.loc[s["step"] == 2, "task"]) == {"sst2", "ag_news"}
-    assert set(s["method"]) == {"recall", "seqft"}
+    assert set(s["method"]) == {"recall", "seqft", "ewc"}
     assert list(s.loc[s["step"] == 2, "trained"].unique()) == ["ag_news"]
     run = Path(cfg.run_dir)
     for f in ("scores.csv", "table.md", "plots/forgetting.png", "plots/step2_recall_weights.png"):
@@ -97,6 +99,52 @@ def test_recall_chain_merges_base_previous_and_new(seq, tiny_dir):
         assert np.allclose(t, sum(r.weight * col2[r.model][name] for r in rows.itertuples()), atol=1e-5), name
 
 
+def _fisher_reference(model_dir: Path, task: str, n: int) -> dict[str, torch.Tensor]:
+    """ewc.diagonal_fisher run here, in process, on the first n train records of `task`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recall_ray.ewc import diagonal_fisher, target_weight_names
+    from recall_ray.finetune import tokenize_records
+    from recall_ray.splits import load_split
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    examples = tokenize_records(tok, load_split(DATA, task, "train", max_samples=n), 48)
+    names = target_weight_names([k for k, _ in model.named_parameters()], ["q_proj", "v_proj"])
+    return diagonal_fisher(model, examples, names, tok.pad_token_id)
+
+
+def test_ewc_line_shares_step_1_then_trains_with_the_accumulated_fisher(seq):
+    cfg, result = seq
+    run = Path(cfg.run_dir)
+    table = result.table.set_index(["step", "method"])
+    assert {(1, "ewc"), (2, "ewc")} <= set(table.index) and not np.isnan(table.loc[(2, "ewc"), "mean_seen"])
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    # step 1: no Fisher yet, so EWC is SeqFT's S_1 (no fine-tune or fold of its own)
+    assert "step1/finetune_ewc" not in stages and "step1/ewc_fold" not in stages
+    assert {"step1/ewc_fisher", "step2/finetune_ewc", "step2/ewc_fold", "step2/ewc_fisher"} <= set(stages)
+    s1 = run / "step1" / "seqft" / "model"
+    f1 = load_file(run / "step1" / "ewc" / "fisher.safetensors")
+    ref1 = _fisher_reference(s1, "sst2", 3)
+    assert f1.keys() == ref1.keys() and len(f1) == 4  # q and v of both layers
+    assert all(torch.allclose(f1[k], ref1[k], rtol=1e-4, atol=1e-9) for k in f1)
+    # step 2: E^ewc_2 starts from S_1 like SeqFT's, with the penalty of F_1: a different adapter
+    ewc_ad, seq_ad = run / "step2" / "finetune" / "ewc" / "adapter", run / "step2" / "finetune" / "seqft" / "adapter"
+    meta = json.loads((ewc_ad / "recall_ray.json").read_text())
+    assert meta["base_fingerprint"] == json.loads((seq_ad / "recall_ray.json").read_text())["base_fingerprint"]
+    assert meta["ewc"]["fisher"] == str((run / "step1" / "ewc" / "fisher.safetensors").resolve())
+    assert meta["ewc"]["lambda"] == 1000.0
+    a, b = load_file(ewc_ad / "adapter_model.safetensors"), load_file(seq_ad / "adapter_model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a if "lora_B" in k)
+    # S^ewc_2 is S_1 with E^ewc_2 folded in; F_2 = F_1 + the Fisher of S^ewc_2 on ag_news
+    got = float64_state(run / "step2" / "ewc" / "model")
+    want = _fold(float64_state(s1), ewc_ad)
+    assert all(np.allclose(got[n], want[n], atol=1e-6) for n in got)
+    f2 = load_file(run / "step2" / "ewc" / "fisher.safetensors")
+    ref2 = _fisher_reference(run / "step2" / "ewc" / "model", "ag_news", 3)
+    assert all(torch.allclose(f2[k], f1[k] + ref2[k], rtol=1e-4, atol=1e-9) for k in f1)
+
+
 def test_rerun_recomputes_nothing(seq):
     cfg, _ = seq
     again = run_sequential(cfg)
@@ -126,3 +174,10 @@ def test_bad_sequential_configs():
                                          "seqft": False})
     with pytest.raises(ValueError, match="tasks must be a non-empty"):
         SequentialConfig.model_validate({"scenario": "sequential", "run_dir": "r", "tasks": []})
+    ewc_only = {"scenario": "sequential", "run_dir": "r", "tasks": ["sst2", "race"], "chains": [], "seqft": False,
+                "ewc": {"enabled": True}}
+    assert SequentialConfig.model_validate(ewc_only).ewc.lam == 1.0
+    with pytest.raises(ValueError, match="same finetune.target_modules"):
+        SequentialConfig.model_validate({**ewc_only, "task_finetune": {"race": {"target_modules": ["q_proj"]}}})
+    with pytest.raises(ValueError, match="unknown config key|Extra inputs"):
+        SequentialConfig.model_validate({**ewc_only, "ewc": {"enabled": True, "lambda": 1.0}})
