@@ -20,6 +20,8 @@ import time
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
+    p.add_argument("--publish", metavar="DIR", help="then copy selection.csv, selection.md, selected.yaml and the"
+                   " stage times into DIR (e.g. docs/results/selection)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     from recall_ray.cli import guarded, ray_runtime, setup_logging
@@ -54,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     print("\nchosen:", ", ".join(f"{k}={v}" for k, v in chosen.items()))
     print(f"\nrun directory: {cfg.run_dir} (selection.csv, selection.md, selected.yaml); {time.perf_counter() - t0:.0f}s")
+    if args.publish:
+        from recall_ray.selection import publish_selection
+
+        status, names = guarded("select_settings", args.verbose, lambda: publish_selection(cfg.run_dir, args.publish))
+        if status:
+            return status
+        print(f"published {', '.join(names)} to {args.publish}")
     return 0
 
 

@@ -139,5 +139,25 @@ def write_selection(root, table: pd.DataFrame, chosen: dict[str, Any], source: s
                     + yaml.safe_dump(chosen, sort_keys=False))
 
 
-__all__ = ["SelectionConfig", "load_selection", "run_selection", "write_selection", "candidate_score", "best_index",
+def publish_selection(run_dir: str, dest: str) -> list[str]:
+    """Copy a finished selection's files and its stage times (every candidate's merges and
+    evaluations, as first computed) into `dest`, replacing what was there."""
+    import shutil
+
+    from .scenarios import stage_times
+    from .storage import staged
+
+    src = Path(run_dir)
+    names = ["selection.csv", "selection.md", "selected.yaml"]
+    missing = [n for n in names if not (src / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run_dir} holds no finished selection (no {', '.join(missing)}): run it first")
+    with staged(str(dest), overwrite=True) as tmp:
+        for n in names:
+            shutil.copy2(src / n, Path(tmp) / n)
+        stage_times(src).to_csv(Path(tmp) / "stage_times.csv", index=False, float_format="%.1f")
+    return names + ["stage_times.csv"]
+
+
+__all__ = ["publish_selection", "SelectionConfig", "load_selection", "run_selection", "write_selection", "candidate_score", "best_index",
            "assignments"]

@@ -146,16 +146,30 @@ def sst2_records():
     return load_task_records(str(DATA / "sst2" / "train.jsonl"), "sst2", max_samples=16)
 
 
+def ones_fisher(model_dir: Path, path: Path, target_modules=("q_proj", "v_proj")) -> str:
+    """An EWC Fisher of ones for every LoRA-targeted weight of `model_dir`."""
+    from safetensors import safe_open
+
+    from recall_ray.ewc import save_fisher, target_weight_names
+
+    with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as f:
+        names = target_weight_names(list(f.keys()), list(target_modules))
+        return save_fisher({n: torch.ones(f.get_slice(n).get_shape()) for n in names}, str(path))
+
+
 @pytest.fixture(scope="session")
 def two_runs(ray_session, tiny_dir, sst2_records, tmp_path_factory):
-    """Two identical short fine-tunes (`small_finetune_cfg`) of the tiny model on SST-2:
-    test_finetune checks them, test_ewc compares its EWC fine-tunes with the first."""
+    """Two short fine-tunes (`small_finetune_cfg`, same seed) of the tiny model on SST-2, the
+    second with an EWC Fisher of ones at lambda 0: identical adapters show both that a seed
+    fixes the run and that a zero-weight penalty changes nothing (test_finetune, test_ewc).
+    Returns (root, [plain, lambda 0], the Fisher's path)."""
     from recall_ray.finetune import finetune_lora
 
     root = tmp_path_factory.mktemp("ft")
+    ones = ones_fisher(tiny_dir, root / "ones.safetensors")
     outs = [finetune_lora(str(tiny_dir), sst2_records, small_finetune_cfg(), str(root / f"a{i}"), str(root / "ray"),
-                          task="sst2") for i in range(2)]
-    return root, outs
+                          task="sst2", **({"ewc_fisher": ones, "ewc_lambda": 0.0} if i else {})) for i in range(2)]
+    return root, outs, ones
 
 
 @pytest.fixture(scope="session")

@@ -205,13 +205,13 @@ def test_mismatched_fisher_is_refused_before_training(tiny_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def ewc_runs(two_runs, tiny_dir, sst2_records, tmp_path_factory):
-    """The same fine-tune as conftest's `two_runs` (same records, config and seed), with a
-    Fisher of ones and lambda 0, then lambda 1e4."""
+    """conftest's `two_runs` (a plain fine-tune, and the same with a Fisher of ones at lambda
+    0), and the same fine-tune at lambda 1e4."""
+    _, (plain, lam0), ones = two_runs
     root = tmp_path_factory.mktemp("ewc_ft")
-    ones = _ones_fisher(tiny_dir, root / "ones.safetensors")
-    runs = {lam: finetune_lora(str(tiny_dir), sst2_records, small_finetune_cfg(), str(root / f"lam{lam:g}"),
-                               str(root / "ray"), task="sst2", ewc_fisher=ones, ewc_lambda=lam) for lam in (0.0, 1e4)}
-    return two_runs[1][0], runs, ones
+    held = finetune_lora(str(tiny_dir), sst2_records, small_finetune_cfg(), str(root / "lam1e4"), str(root / "ray"),
+                         task="sst2", ewc_fisher=ones, ewc_lambda=1e4)
+    return plain, {0.0: lam0, 1e4: held}, ones
 
 
 def _adapter(path) -> dict[str, torch.Tensor]:

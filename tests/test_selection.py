@@ -101,3 +101,19 @@ def test_bad_selection_configs_are_refused(tmp_path):
                                    "parameters": [{"name": "p", "methods": ["ties"], "values": [{}]}]}))
     with pytest.raises(ConfigError, match="at least one key"):
         load_selection(str(bad))
+
+
+def test_write_and_publish_selection(tmp_path):
+    from recall_ray.selection import publish_selection, write_selection
+    from recall_ray.storage import RunDir
+
+    table = pd.DataFrame({"parameter": ["lam", "lam"], "candidate": ["baselines.lam=1.0", "baselines.lam=0.5"],
+                          "chosen": [False, True], "mean": [10.0, 20.0]})
+    write_selection(RunDir(str(tmp_path / "run")), table, {"baselines.lam": 0.5}, "sel.yaml")
+    chosen = yaml.safe_load((tmp_path / "run" / "selected.yaml").read_text())
+    assert chosen == {"baselines.lam": 0.5}
+    names = publish_selection(str(tmp_path / "run"), str(tmp_path / "pub"))
+    assert sorted(p.name for p in (tmp_path / "pub").iterdir()) == sorted(names)
+    assert pd.read_csv(tmp_path / "pub" / "selection.csv")["chosen"].tolist() == [False, True]
+    with pytest.raises(FileNotFoundError, match="no finished selection"):
+        publish_selection(str(tmp_path / "nothing"), str(tmp_path / "pub2"))
