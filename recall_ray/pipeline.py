@@ -178,6 +178,42 @@ def _extract(model: ResolvedModel, items: list[dict], out_uri: str, cfg: RunConf
     run_dir.replace_dir(tmp, rel)
 
 
+def _extract_many(models: list[ResolvedModel], items: list[dict], cfg: RunConfig, run_dir: RunDir,
+                  rels: list[str]) -> None:
+    """The representations of several models on the same `items`, from one actor pool (rows
+    sorted by model, one model loaded per actor at a time), each written to its `rels[i]`
+    (a partitioned write to a staging directory, each partition moved into place)."""
+    import ray
+
+    from .representations import RepresentationExtractor, pool_resources
+
+    if len(models) == 1:
+        return _extract(models[0], items, run_dir.uri(rels[0]), cfg, run_dir, rels[0])
+    rows = [{"model": q, **it} for q in range(len(models)) for it in items]
+    pool = pool_resources(ray.cluster_resources(), cfg.representations.num_actors, len(rows))
+    tmp = run_dir.tmp_name("reps/_pool")
+    log.info("representations of %s: %d samples each, %d actor(s) x %.2f CPU / %d GPU",
+             [m.label for m in models], len(items), pool["size"], pool["num_cpus"], pool["num_gpus"])
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // cfg.representations.batch_size, 64)))
+    ds = ds.map_batches(
+        RepresentationExtractor,
+        fn_constructor_kwargs={
+            "model": models, "max_length": cfg.task.max_length,
+            "exclude_first_token": cfg.representations.exclude_first_token,
+            "dtype": cfg.representations.dtype, "num_threads": pool["threads"],
+        },
+        batch_size=cfg.representations.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool["size"]),
+        num_cpus=pool["num_cpus"],
+        num_gpus=pool["num_gpus"],
+    )
+    ds.write_parquet(run_dir.uri(tmp), partition_cols=["model"])
+    for q, rel in enumerate(rels):
+        run_dir.replace_dir(f"{tmp}/model={q}", rel)
+    run_dir.delete(tmp)
+
+
 def _kmeans_all_layers(reps_uri: str, num_layers: int, cfg: RunConfig) -> list[list[int]]:
     """One Ray task per layer, each reading only its column; returns sample_idx per layer."""
     import ray
@@ -255,16 +291,27 @@ def run_pipeline(cfg: RunConfig, plan: Plan | None = None) -> PipelineResult:
     typical_idx = typical["sample_idx"]
     log.info("typical samples: %d distinct over %d layers (k=%d)", len(typical_idx), num_layers + 1, cfg.typical.k)
 
-    # Representations of every other model on the typical samples.
+    # Representations of every other model on the typical samples: one actor pool for all
+    # the models whose stage is not done (each model's stage keeps its own key, so adding an
+    # expert computes that expert alone).
     typical_items = [items[i] for i in typical_idx]
     rel_of = {new.label: new_rel}
-    for m in models:
-        if m is new:
-            continue
-        rel = f"reps/{m.label}"
-        rel_of[m.label] = rel
-        manifest.run(f"reps_{m.label}", [modelset.fingerprints[m.label], typical_key, reps_opts], [run_dir.uri(rel)],
-                     lambda m=m, rel=rel: _extract(m, typical_items, run_dir.uri(rel), cfg, run_dir, rel))
+    others = [m for m in models if m is not new]
+    keys = {m.label: [modelset.fingerprints[m.label], typical_key, reps_opts] for m in others}
+    for m in others:
+        rel_of[m.label] = f"reps/{m.label}"
+    todo = [m for m in others if not manifest.done(f"reps_{m.label}", stable_hash(keys[m.label]))]
+
+    def pool_stage() -> dict:  # the first pending model's stage runs the pool for all of them
+        _extract_many(todo, typical_items, cfg, run_dir, [rel_of[m.label] for m in todo])
+        return {"pool_models": [m.label for m in todo]}
+
+    for i, m in enumerate(todo):
+        manifest.run(f"reps_{m.label}", keys[m.label], [run_dir.uri(rel_of[m.label])],
+                     pool_stage if i == 0 else (lambda: {"pool_of": todo[0].label}))
+    for m in others:  # the reused ones: recorded as skipped
+        if m not in todo:
+            manifest.run(f"reps_{m.label}", keys[m.label], [run_dir.uri(rel_of[m.label])], dict)
 
     # Similarities and weights (small: on the driver, one layer at a time).
     weigh_labels = ([base.label] if cfg.include_base else []) + [e.label for e in experts] + [new.label]

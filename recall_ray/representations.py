@@ -59,26 +59,52 @@ def reps_table(sample_idx: np.ndarray, sample_id: Sequence[str], reps: np.ndarra
 
 
 class RepresentationExtractor:
-    """Ray Data callable class: one model per actor, batches of text in, a reps table out."""
+    """Ray Data callable class: batches of text in, a reps table out, for one model or several.
 
-    def __init__(self, model: ResolvedModel, max_length: int, exclude_first_token: bool, dtype: str,
-                 num_threads: int | None = None):
+    With several models each row names its model (`model`, an index into `models`) and rows
+    come sorted by model, so an actor loads each model once and keeps one loaded at a time:
+    one pool serves every model of a stage instead of a pool (and its start-up) per model.
+    The output then carries the `model` column (for a partitioned write)."""
+
+    def __init__(self, model: ResolvedModel | Sequence[ResolvedModel], max_length: int, exclude_first_token: bool,
+                 dtype: str, num_threads: int | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = device
-        self.tok = load_tokenizer(model)
-        self.tok.padding_side = "right"
-        self.lm = load_causal_lm(model, dtype=getattr(torch, dtype), device=device)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.many = not isinstance(model, ResolvedModel)
+        self.models = list(model) if self.many else [model]
+        self.dtype = getattr(torch, dtype)
         self.max_length = max_length
         self.exclude_first_token = exclude_first_token
+        self.loaded: int | None = None
+        if not self.many:
+            self._load(0)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        enc = self.tok(list(batch["text"]), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+    def _load(self, index: int) -> None:
+        if self.loaded == index:
+            return
+        self.lm = None  # free the previous model before loading the next
+        self.tok = load_tokenizer(self.models[index])
+        self.tok.padding_side = "right"
+        self.lm = load_causal_lm(self.models[index], dtype=self.dtype, device=self.device)
+        self.loaded = index
+
+    def _reps(self, texts: list[str]) -> np.ndarray:
+        enc = self.tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         with torch.inference_mode():
             hs = hidden_states_of(self.lm, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
-            reps = mean_pool([h.cpu() for h in hs], enc["attention_mask"], self.exclude_first_token)
-        return reps_table(batch["sample_idx"], batch["sample_id"], reps)
+            return mean_pool([h.cpu() for h in hs], enc["attention_mask"], self.exclude_first_token)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if not self.many:
+            return reps_table(batch["sample_idx"], batch["sample_id"], self._reps(list(batch["text"])))
+        tables = []
+        for index in dict.fromkeys(int(m) for m in batch["model"]):  # usually one model per batch
+            sel = np.flatnonzero(batch["model"] == index)
+            self._load(index)
+            t = reps_table(batch["sample_idx"][sel], batch["sample_id"][sel], self._reps([str(x) for x in batch["text"][sel]]))
+            tables.append(t.append_column("model", pa.array(np.full(len(sel), index, dtype=np.int32))))
+        return pa.concat_tables(tables)
 
 
 def pool_resources(cluster: dict[str, float], requested: int | str, num_items: int) -> dict:

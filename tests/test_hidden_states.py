@@ -51,3 +51,23 @@ def test_extractor_matches_manual_pooling(tiny_dir):
             expect = h[0].to(torch.float64).numpy().mean(axis=0)
             got = np.asarray(table.column(layer_column(i))[j].as_py())
             np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_one_extractor_for_several_models_equals_one_per_model(tiny_dir, tiny_experts):
+    """Rows of two models in one batch (as the shared pool sends them) give each model's own
+    representations, tagged with its index."""
+    models = [resolve_model("a", str(tiny_dir), str(tiny_dir)), resolve_model("b", str(tiny_experts[0]), str(tiny_dir))]
+    texts = ["a moving and funny film", "dull", "it is what it is"]
+    batch = {"model": np.array([0, 0, 0, 1, 1, 1]), "text": np.array(texts * 2, dtype=object),
+             "sample_idx": np.array([0, 1, 2, 0, 1, 2]), "sample_id": np.array(["x", "y", "z"] * 2, dtype=object)}
+    many = RepresentationExtractor(models, max_length=32, exclude_first_token=False, dtype="float32")(batch)
+    assert many.column("model").to_pylist() == [0, 0, 0, 1, 1, 1]
+    for q, m in enumerate(models):
+        one = RepresentationExtractor(m, max_length=32, exclude_first_token=False, dtype="float32")(
+            {"text": np.array(texts, dtype=object), "sample_idx": np.arange(3), "sample_id": np.array(["x", "y", "z"])})
+        for i in range(one.num_columns - 2):
+            got = np.asarray(many.column(layer_column(i)).to_pylist()[3 * q:3 * q + 3])
+            assert np.array_equal(got, np.asarray(one.column(layer_column(i)).to_pylist())), (q, i)
+    # the two models differ, so a swapped model index would fail above
+    assert not np.array_equal(np.asarray(many.column(layer_column(2)).to_pylist()[:3]),
+                              np.asarray(many.column(layer_column(2)).to_pylist()[3:]))
