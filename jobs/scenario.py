@@ -50,11 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nrun directory: {cfg.run_dir} (scores.csv, table.csv, table.md, plots/); {time.perf_counter() - t0:.0f}s")
     if args.publish:
         from recall_ray.scenarios import publish
+        from recall_ray.cli import publish_step
 
-        status, names = guarded("scenario", args.verbose, lambda: publish(cfg.run_dir, args.publish))
-        if status:
-            return status
-        print(f"published {len(names)} files to {args.publish}")
+        return publish_step("scenario", args.verbose, lambda: publish(cfg.run_dir, args.publish), args.publish)
     return 0
 
 

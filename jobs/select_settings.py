@@ -58,11 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nrun directory: {cfg.run_dir} (selection.csv, selection.md, selected.yaml); {time.perf_counter() - t0:.0f}s")
     if args.publish:
         from recall_ray.selection import publish_selection
+        from recall_ray.cli import publish_step
 
-        status, names = guarded("select_settings", args.verbose, lambda: publish_selection(cfg.run_dir, args.publish))
-        if status:
-            return status
-        print(f"published {', '.join(names)} to {args.publish}")
+        return publish_step("select_settings", args.verbose, lambda: publish_selection(cfg.run_dir, args.publish),
+                            args.publish)
     return 0
 
 

@@ -45,3 +45,11 @@ def ray_runtime(ray_cfg: RayConfig) -> Iterator[None]:
             import ray
 
             ray.shutdown()
+
+
+def publish_step(job: str, verbose: bool, publish: Callable[[], list[str]], dest: str) -> int:
+    """After a job: copy its published files into `dest`; 0, or the failure's exit status."""
+    status, names = guarded(job, verbose, publish)
+    if not status:
+        print(f"published {', '.join(names)} to {dest}")
+    return status

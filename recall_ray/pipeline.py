@@ -149,56 +149,27 @@ def _finite_scan(models: list[ResolvedModel]) -> None:
     raise_if_nonfinite({label: ray.get(r) for label, r in refs.items()})
 
 
-def _extract(model: ResolvedModel, items: list[dict], out_uri: str, cfg: RunConfig, run_dir: RunDir, rel: str) -> None:
-    """Run `items` (sample_idx, sample_id, text) through `model` with a Ray Data actor pool
-    and write the per-layer representations to Parquet at `rel` (staged, then moved)."""
+def _extract(models: list[ResolvedModel], items: list[dict], cfg: RunConfig, run_dir: RunDir, rels: list[str]) -> None:
+    """Run `items` (sample_idx, sample_id, text) through each of `models` with one Ray Data
+    actor pool and write each model's per-layer representations to Parquet at its `rels[i]`
+    (staged, then moved). Several models share the pool: rows sorted by model, one model
+    loaded per actor at a time, a write partitioned by model whose partitions are moved into
+    place."""
     import ray
 
     from .representations import RepresentationExtractor, pool_resources
 
-    pool = pool_resources(ray.cluster_resources(), cfg.representations.num_actors, len(items))
-    tmp = run_dir.tmp_name(rel)
-    log.info("representations of %s: %d samples, %d actor(s) x %.2f CPU / %d GPU", model.label, len(items),
-             pool["size"], pool["num_cpus"], pool["num_gpus"])
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.representations.batch_size, 64)))
-    ds = ds.map_batches(
-        RepresentationExtractor,
-        fn_constructor_kwargs={
-            "model": model, "max_length": cfg.task.max_length,
-            "exclude_first_token": cfg.representations.exclude_first_token,
-            "dtype": cfg.representations.dtype, "num_threads": pool["threads"],
-        },
-        batch_size=cfg.representations.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool["size"]),
-        num_cpus=pool["num_cpus"],
-        num_gpus=pool["num_gpus"],
-    )
-    ds.write_parquet(run_dir.uri(tmp))
-    run_dir.replace_dir(tmp, rel)
-
-
-def _extract_many(models: list[ResolvedModel], items: list[dict], cfg: RunConfig, run_dir: RunDir,
-                  rels: list[str]) -> None:
-    """The representations of several models on the same `items`, from one actor pool (rows
-    sorted by model, one model loaded per actor at a time), each written to its `rels[i]`
-    (a partitioned write to a staging directory, each partition moved into place)."""
-    import ray
-
-    from .representations import RepresentationExtractor, pool_resources
-
-    if len(models) == 1:
-        return _extract(models[0], items, run_dir.uri(rels[0]), cfg, run_dir, rels[0])
-    rows = [{"model": q, **it} for q in range(len(models)) for it in items]
+    many = len(models) > 1
+    rows = [{"model": q, **it} for q in range(len(models)) for it in items] if many else items
     pool = pool_resources(ray.cluster_resources(), cfg.representations.num_actors, len(rows))
-    tmp = run_dir.tmp_name("reps/_pool")
-    log.info("representations of %s: %d samples each, %d actor(s) x %.2f CPU / %d GPU",
-             [m.label for m in models], len(items), pool["size"], pool["num_cpus"], pool["num_gpus"])
+    tmp = run_dir.tmp_name(rels[0] if not many else "reps/_pool")
+    log.info("representations of %s: %d samples each, %d actor(s) x %.2f CPU / %d GPU", [m.label for m in models],
+             len(items), pool["size"], pool["num_cpus"], pool["num_gpus"])
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // cfg.representations.batch_size, 64)))
     ds = ds.map_batches(
         RepresentationExtractor,
         fn_constructor_kwargs={
-            "model": models, "max_length": cfg.task.max_length,
+            "model": models if many else models[0], "max_length": cfg.task.max_length,
             "exclude_first_token": cfg.representations.exclude_first_token,
             "dtype": cfg.representations.dtype, "num_threads": pool["threads"],
         },
@@ -208,6 +179,10 @@ def _extract_many(models: list[ResolvedModel], items: list[dict], cfg: RunConfig
         num_cpus=pool["num_cpus"],
         num_gpus=pool["num_gpus"],
     )
+    if not many:
+        ds.write_parquet(run_dir.uri(tmp))
+        run_dir.replace_dir(tmp, rels[0])
+        return
     ds.write_parquet(run_dir.uri(tmp), partition_cols=["model"])
     for q, rel in enumerate(rels):
         run_dir.replace_dir(f"{tmp}/model={q}", rel)
@@ -268,7 +243,7 @@ def run_pipeline(cfg: RunConfig, plan: Plan | None = None) -> PipelineResult:
     new_rel = f"reps/{new.label}"
     new_key = [modelset.fingerprints[new.label], plan.data_hash, cfg.task.model_dump(), reps_opts]
     manifest.run("reps_new", new_key, [run_dir.uri(new_rel)],
-                 lambda: _extract(new, items, run_dir.uri(new_rel), cfg, run_dir, new_rel))
+                 lambda: _extract([new], items, cfg, run_dir, [new_rel]))
 
     # Typical samples: KMeans per layer on the new model's representations.
     typical_key = [new_key, cfg.typical.model_dump()]
@@ -303,7 +278,7 @@ def run_pipeline(cfg: RunConfig, plan: Plan | None = None) -> PipelineResult:
     todo = [m for m in others if not manifest.done(f"reps_{m.label}", stable_hash(keys[m.label]))]
 
     def pool_stage() -> dict:  # the first pending model's stage runs the pool for all of them
-        _extract_many(todo, typical_items, cfg, run_dir, [rel_of[m.label] for m in todo])
+        _extract(todo, typical_items, cfg, run_dir, [rel_of[m.label] for m in todo])
         return {"pool_models": [m.label for m in todo]}
 
     for i, m in enumerate(todo):
