@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -178,9 +178,14 @@ class EvalResult:
 
 
 def generate(work: Sequence[tuple[ResolvedModel, Sequence[EvalItem]]], batch_size: int = 16,
-             num_actors: int | str = "auto", dtype: str = "float32") -> list[list[str]]:
+             num_actors: int | str = "auto", dtype: str = "float32",
+             on_complete: Callable[[int, list[str]], None] | None = None) -> list[list[str]]:
     """Greedy generations for each (model, items) pair, in the items' order, from one Ray
-    Data actor pool serving every model."""
+    Data actor pool serving every model.
+
+    `on_complete(i, generations)` is called once per model as soon as its last prompt comes
+    back (rows are sorted by model, so models finish one after another): a caller can save
+    each model's result then, and a run stopped midway loses only the models in flight."""
     import ray
 
     from .representations import pool_resources
@@ -201,8 +206,15 @@ def generate(work: Sequence[tuple[ResolvedModel, Sequence[EvalItem]]], batch_siz
         num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"],
     )
     out: list[list[str | None]] = [[None] * len(items) for _, items in work]
+    left = [len(items) for _, items in work]
     for r in ds.iter_rows():
-        out[int(r["model"])][int(r["row"])] = str(r["generation"])
+        mi, j = int(r["model"]), int(r["row"])
+        if out[mi][j] is None:
+            left[mi] -= 1
+        out[mi][j] = str(r["generation"])
+        if left[mi] == 0 and on_complete is not None:
+            left[mi] = -1  # reported once
+            on_complete(mi, out[mi])  # type: ignore[arg-type]
     missing = sum(g is None for gens in out for g in gens)
     if missing:
         raise RuntimeError(f"generation returned no text for {missing} of {len(rows)} prompts")
@@ -234,25 +246,40 @@ def preflight(models: Sequence[ResolvedModel], tasks: Sequence[str], data_dir: s
 def evaluate_models(models: Sequence[ResolvedModel], tasks: Sequence[str], data_dir: str | Path, split: str = "test",
                     max_samples: int | None = None, batch_size: int = 16, num_actors: int | str = "auto",
                     dtype: str = "float32", items: list[EvalItem] | None = None,
-                    only: dict[str, Sequence[str]] | None = None) -> EvalResult:
+                    only: dict[str, Sequence[str]] | None = None,
+                    on_model: Callable[[str, pd.DataFrame, pd.DataFrame], None] | None = None) -> EvalResult:
     """Score every model on every task (Ray must be initialised); `only` limits a model
-    (by label) to some of the tasks, e.g. an expert to its own."""
+    (by label) to some of the tasks, e.g. an expert to its own. `on_model(label, scores,
+    predictions)` receives each model's part of the result as soon as it is complete."""
     items = items if items is not None else preflight(models, tasks, data_dir, split, max_samples)
     work = [(m, [i for i in items if only is None or m.label not in only or i.task in only[m.label]]) for m in models]
     work = [(m, mine) for m, mine in work if mine]
+    parts: dict[int, tuple[pd.DataFrame, pd.DataFrame]] = {}
+
+    def complete(mi: int, gens: list[str]) -> None:
+        m, mine = work[mi]
+        parts[mi] = model_result(m.label, mine, gens)
+        if on_model is not None:
+            on_model(m.label, *parts[mi])
+
     t0 = time.perf_counter()
-    generations = generate(work, batch_size, num_actors, dtype)
+    generate(work, batch_size, num_actors, dtype, on_complete=complete)
     seconds = {"generation": time.perf_counter() - t0}
     log.info("evaluated %d models on %d prompts in %.1fs", len(work), sum(len(w) for _, w in work), seconds["generation"])
-    scores, preds = [], []
-    for (m, mine), gens in zip(work, generations):
-        scores.append(score_table(m.label, mine, gens))
-        preds.append(pd.DataFrame({
-            "model": m.label, "task": [i.task for i in mine], "sample_id": [i.sample_id for i in mine],
-            "generation": gens, "prediction": [extract_answer(i.task, g) for i, g in zip(mine, gens)],
-            "references": [i.refs for i in mine],
-        }))
-    return EvalResult(pd.concat(scores, ignore_index=True), pd.concat(preds, ignore_index=True), seconds)
+    ordered = [parts[mi] for mi in range(len(work))]
+    return EvalResult(pd.concat([s for s, _ in ordered], ignore_index=True),
+                      pd.concat([p for _, p in ordered], ignore_index=True), seconds)
+
+
+def model_result(label: str, items: Sequence[EvalItem], generations: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One model's long scores and its predictions table (every generation, its cleaned
+    answer and the references)."""
+    preds = pd.DataFrame({
+        "model": label, "task": [i.task for i in items], "sample_id": [i.sample_id for i in items],
+        "generation": list(generations), "prediction": [extract_answer(i.task, g) for i, g in zip(items, generations)],
+        "references": [i.refs for i in items],
+    })
+    return score_table(label, items, generations), preds
 
 
 def result_files(result: EvalResult, meta: dict | None = None) -> dict[str, str]:
@@ -311,14 +338,17 @@ def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedMo
         if todo:
             log.info("evaluate: generating for %s (%d of %d models cached)", [m.label for m in todo],
                      len(models) - len(todo), len(models))
-            r = evaluate_models(todo, tasks, data_dir, split, max_samples, batch_size, num_actors, dtype, items, only)
-            seconds = r.seconds
-            for m in todo:  # predictions first: a cache entry is complete once its scores exist
-                preds = r.predictions[r.predictions["model"] == m.label]
-                run_dir.write_text(f"{cache[m.label]}.predictions.jsonl",
+
+            def save(label: str, scores: pd.DataFrame, preds: pd.DataFrame) -> None:
+                # as soon as the model is done, so that a stage stopped midway resumes from the
+                # models it had finished; predictions first: an entry is complete once its scores exist
+                run_dir.write_text(f"{cache[label]}.predictions.jsonl",
                                    preds.to_json(orient="records", lines=True, force_ascii=False))
-                run_dir.write_text(f"{cache[m.label]}.scores.csv",
-                                   r.scores[r.scores["model"] == m.label].to_csv(index=False))
+                run_dir.write_text(f"{cache[label]}.scores.csv", scores.to_csv(index=False))
+
+            r = evaluate_models(todo, tasks, data_dir, split, max_samples, batch_size, num_actors, dtype, items, only,
+                                on_model=save)
+            seconds = r.seconds
         parts = [(m.label, run_dir.read_bytes(f"{cache[m.label]}.scores.csv"),
                   run_dir.read_bytes(f"{cache[m.label]}.predictions.jsonl")) for m in models if mine(m)]
         scores = pd.concat([pd.read_csv(io.BytesIO(s)).assign(model=label) for label, s, _ in parts], ignore_index=True)

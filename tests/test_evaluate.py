@@ -192,3 +192,21 @@ def test_cli_refuses_unknown_task_before_starting_ray(tmp_path, tiny_dir):
     assert proc.returncode == 1
     assert "unknown task(s) ['nope']" in proc.stderr
     assert not (tmp_path / "e").exists()
+
+
+def test_each_model_is_reported_once_as_soon_as_complete(tiny_dir, tiny_experts, ray_session):
+    """evaluate_models hands each model's scores and predictions to `on_model` once, equal to
+    its part of the final result: the evaluation stage saves a model's cache entry then, so
+    a stopped stage resumes from the models it had finished."""
+    from recall_ray.evaluate import evaluate_models
+
+    models = [resolve_model("a", str(tiny_experts[0]), str(tiny_dir)), resolve_model("b", str(tiny_dir), str(tiny_dir))]
+    seen: list[tuple[str, pd.DataFrame, pd.DataFrame]] = []
+    result = evaluate_models(models, ["sst2", "medmcqa"], DATA, "test", max_samples=3, batch_size=2, num_actors=1,
+                             only={"b": ["sst2"]}, on_model=lambda *part: seen.append(part))
+    assert sorted(label for label, _, _ in seen) == ["a", "b"]
+    for label, scores, preds in seen:
+        assert scores.equals(result.scores[result.scores["model"] == label].reset_index(drop=True))
+        assert preds.equals(result.predictions[result.predictions["model"] == label].reset_index(drop=True))
+    assert set(result.predictions[result.predictions["model"] == "b"]["task"]) == {"sst2"}
+    assert len(result.predictions) == 3 * 2 + 3
