@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
 
     def run():
-        from recall_ray import scenarios
+        from recall_ray import scenarios, sequential
         from recall_ray.selection import candidate_overrides, load_selection, run_selection, write_selection
         from recall_ray.storage import RunDir
 
@@ -38,13 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         first = []
         for param in cfg.parameters:  # every candidate's config is checked before Ray starts
             for values in param.values:
-                sc = scenarios.load_scenario(cfg.scenario, candidate_overrides(cfg, param, values, {}))
-                if sc.scenario == "sequential":
-                    raise ValueError(f"{cfg.scenario}: settings are chosen on a single or multi scenario")
-                first.append(sc)
-        scenarios.preflight(first[0])
+                first.append(scenarios.load_scenario(cfg.scenario, candidate_overrides(cfg, param, values, {})))
+        kind = sequential if first[0].scenario == "sequential" else scenarios
+        kind.preflight(first[0])
+
+        def run_one(sc):
+            return sequential.run_sequential(sc) if sc.scenario == "sequential" else scenarios.run_scenario(sc)
+
         with ray_runtime(first[0].ray):
-            table, chosen = run_selection(cfg, scenarios.run_scenario, scenarios.load_scenario)
+            table, chosen = run_selection(cfg, run_one, scenarios.load_scenario)
         write_selection(RunDir(cfg.run_dir), table, chosen, args.config)
         return cfg, table, chosen
 

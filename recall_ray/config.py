@@ -61,10 +61,21 @@ class FinetuneConfig(_Section):
     max_length: int = Field(128, gt=8)
     max_samples: int = Field(2000, gt=0)
     num_workers: int = Field(1, gt=0)
+    # CPUs (and torch threads) per Ray Train worker. "auto": 1 per GPU worker; without GPUs the
+    # cluster's CPUs shared among the workers, since a worker holding 1 CPU gets 1 torch thread
+    # (Ray sets OMP_NUM_THREADS to the CPUs it grants) and leaves the other cores idle.
+    cpus_per_worker: int | Literal["auto"] = "auto"
     use_gpu: bool = False
     deepspeed: str | None = None  # path to a DeepSpeed (ZeRO-3) JSON config; GPUs only
     bf16: bool = False
     seed: int = 0
+
+    @field_validator("cpus_per_worker")
+    @classmethod
+    def _positive_cpus(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError(f"must be a positive integer or 'auto', got {v}")
+        return v
 
 
 class RepresentationConfig(_Section):

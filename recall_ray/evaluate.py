@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from .metrics import TASK_METRICS, MetricError, extract_answer, max_new_tokens, references, score_task
-from .models import ResolvedModel, load_causal_lm, load_tokenizer
+from .models import LoadedModelSlot, ResolvedModel, load_tokenizer
 from .report import markdown_table
 from .splits import load_split_with_raw
 from .storage import staged
@@ -134,35 +134,25 @@ class GreedyGenerator:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.models = list(models)
-        self.dtype = getattr(torch, dtype)
+        self.slot = LoadedModelSlot(models, getattr(torch, dtype), self.device, padding_side="left",
+                                    truncation_side="left")
         self.max_prompt_tokens = max_prompt_tokens
-        self.loaded: int | None = None
 
-    def _load(self, index: int) -> None:
-        if self.loaded == index:
-            return
-        self.lm = None  # free the previous model before loading the next
-        self.tok = load_tokenizer(self.models[index])
-        self.tok.padding_side = "left"
-        self.tok.truncation_side = "left"
-        self.lm = load_causal_lm(self.models[index], dtype=self.dtype, device=self.device)
-        self.loaded = index
-
-    def _generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        enc = self.tok(prompts, padding=True, truncation=True, max_length=self.max_prompt_tokens,
-                       return_tensors="pt").to(self.device)
+    def _generate(self, index: int, prompts: list[str], max_new_tokens: int) -> list[str]:
+        tok, lm = self.slot.get(index)
+        enc = tok(prompts, padding=True, truncation=True, max_length=self.max_prompt_tokens,
+                  return_tensors="pt").to(self.device)
         with torch.inference_mode():
-            out = self.lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                   top_p=None, top_k=None, pad_token_id=self.tok.pad_token_id)
-        return self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
+            out = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                              top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
+        return tok.batch_decode(out[:, enc["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = np.empty(len(batch["row"]), dtype=object)
         for index in dict.fromkeys(int(m) for m in batch["model"]):  # usually one model per batch
             sel = np.flatnonzero(batch["model"] == index)
-            self._load(index)
-            texts[sel] = self._generate([str(p) for p in batch["prompt"][sel]], int(batch["max_new_tokens"][sel].max()))
+            texts[sel] = self._generate(index, [str(p) for p in batch["prompt"][sel]],
+                                        int(batch["max_new_tokens"][sel].max()))
         return {"model": batch["model"], "row": batch["row"], "generation": texts}
 
 

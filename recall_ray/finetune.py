@@ -189,6 +189,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     _worker_logging()
     cfg = FinetuneConfig.model_validate(config["cfg"])
+    torch.set_num_threads(config["threads"])  # Ray's OMP_NUM_THREADS may have set fewer at import
     base_dir: str = config["base_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -247,7 +248,7 @@ def train_loop_per_worker(config: dict) -> None:
     if world > 1:  # report the mean last-step loss over ranks
         torch.distributed.all_reduce(final)
         final /= world
-    metrics = {"final_loss": float(final.item()), "steps": cfg.steps}
+    metrics = {"final_loss": float(final.item()), "steps": cfg.steps, "torch_threads": torch.get_num_threads()}
     if fisher is not None:
         metrics["final_ewc_penalty"] = penalty_value  # identical on every rank (DDP keeps the adapters equal)
 
@@ -259,6 +260,16 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
+
+
+def worker_cpus(cfg: FinetuneConfig, cluster_cpus: float) -> int:
+    """CPUs requested per Ray Train worker, and its torch threads: `cfg.cpus_per_worker`, or
+    for "auto" 1 per GPU worker and otherwise the cluster's CPUs shared among the workers."""
+    if cfg.cpus_per_worker != "auto":
+        return int(cfg.cpus_per_worker)  # positive: checked by FinetuneConfig
+    if cfg.use_gpu:
+        return 1
+    return max(1, int(cluster_cpus // cfg.num_workers))
 
 
 def _validate_ewc(base_dir: str, cfg: FinetuneConfig, ewc_fisher: str | None, ewc_lambda: float) -> None:
@@ -365,20 +376,21 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     records = [{"prompt": r["prompt"], "target": r["target"]} for r in records[:cfg.max_samples]]
     fingerprint = content_fingerprint(base_dir)  # fails early on a directory without weights
 
+    threads = worker_cpus(cfg, ray.cluster_resources().get("CPU", 1.0))
     run_name = run_name or f"finetune-{task}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     storage = storage_dir if _is_uri(storage_dir) else os.path.abspath(storage_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "base_dir": base_dir, "records": records,
-                           "ewc_fisher": ewc_fisher, "ewc_lambda": float(ewc_lambda)},
+                           "ewc_fisher": ewc_fisher, "ewc_lambda": float(ewc_lambda), "threads": threads},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": 1}
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": threads}
         ),
         run_config=ray.train.RunConfig(storage_path=storage, name=run_name),
     )
-    logger.info("fine-tuning %s on %d records (%d steps, batch %d x %d workers); run %s/%s",
-                base_dir, len(records), cfg.steps, cfg.batch_size, cfg.num_workers, storage, run_name)
+    logger.info("fine-tuning %s on %d records (%d steps, batch %d x %d workers of %d CPUs); run %s/%s",
+                base_dir, len(records), cfg.steps, cfg.batch_size, cfg.num_workers, threads, storage, run_name)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
@@ -389,7 +401,7 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     logger.info("fine-tuning done: final loss %.4f, checkpoint %s", final_loss, result.checkpoint.path)
 
     meta = {"base_fingerprint": fingerprint, "task": task, "steps": cfg.steps,
-            "final_loss": final_loss, "seed": cfg.seed}
+            "final_loss": final_loss, "seed": cfg.seed, "torch_threads": int(result.metrics["torch_threads"])}
     if ewc_fisher is not None:
         meta["ewc"] = {"fisher": ewc_fisher, "lambda": float(ewc_lambda),
                        "final_penalty": float(result.metrics["final_ewc_penalty"])}

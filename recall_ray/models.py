@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
@@ -137,3 +137,29 @@ def load_tokenizer(model: ResolvedModel):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+class LoadedModelSlot:
+    """One of several models loaded at a time, for a Ray Data actor that serves a list of
+    models (its rows sorted by model, so each model loads once per actor): `get(i)` frees
+    the model held before loading model i, so an actor never holds two."""
+
+    def __init__(self, models: Sequence[ResolvedModel], dtype: torch.dtype, device: str, padding_side: str,
+                 truncation_side: str | None = None):
+        self.models = list(models)
+        self.dtype, self.device = dtype, device
+        self.padding_side, self.truncation_side = padding_side, truncation_side
+        self.index: int | None = None
+        self.tok = self.lm = None
+
+    def get(self, index: int):
+        """(tokenizer, model) of model `index`, loading it if another is held."""
+        if self.index != index:
+            self.lm = None  # drop the previous model first: peak memory stays one model
+            self.tok = load_tokenizer(self.models[index])
+            self.tok.padding_side = self.padding_side
+            if self.truncation_side is not None:
+                self.tok.truncation_side = self.truncation_side
+            self.lm = load_causal_lm(self.models[index], dtype=self.dtype, device=self.device)
+            self.index = index
+        return self.tok, self.lm

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import torch
 
-from .models import ResolvedModel, load_causal_lm, load_tokenizer
+from .models import LoadedModelSlot, ResolvedModel
 from .storage import filesystem
 
 log = logging.getLogger("recall_ray.representations")
@@ -72,27 +72,18 @@ class RepresentationExtractor:
             torch.set_num_threads(num_threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.many = not isinstance(model, ResolvedModel)
-        self.models = list(model) if self.many else [model]
-        self.dtype = getattr(torch, dtype)
+        self.slot = LoadedModelSlot(list(model) if self.many else [model], getattr(torch, dtype), self.device,
+                                    padding_side="right")
         self.max_length = max_length
         self.exclude_first_token = exclude_first_token
-        self.loaded: int | None = None
         if not self.many:
-            self._load(0)
+            self.slot.get(0)
 
-    def _load(self, index: int) -> None:
-        if self.loaded == index:
-            return
-        self.lm = None  # free the previous model before loading the next
-        self.tok = load_tokenizer(self.models[index])
-        self.tok.padding_side = "right"
-        self.lm = load_causal_lm(self.models[index], dtype=self.dtype, device=self.device)
-        self.loaded = index
-
-    def _reps(self, texts: list[str]) -> np.ndarray:
-        enc = self.tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+    def _reps(self, texts: list[str], index: int = 0) -> np.ndarray:
+        tok, lm = self.slot.get(index)
+        enc = tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         with torch.inference_mode():
-            hs = hidden_states_of(self.lm, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
+            hs = hidden_states_of(lm, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
             return mean_pool([h.cpu() for h in hs], enc["attention_mask"], self.exclude_first_token)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -101,8 +92,8 @@ class RepresentationExtractor:
         tables = []
         for index in dict.fromkeys(int(m) for m in batch["model"]):  # usually one model per batch
             sel = np.flatnonzero(batch["model"] == index)
-            self._load(index)
-            t = reps_table(batch["sample_idx"][sel], batch["sample_id"][sel], self._reps([str(x) for x in batch["text"][sel]]))
+            reps = self._reps([str(x) for x in batch["text"][sel]], index)
+            t = reps_table(batch["sample_idx"][sel], batch["sample_id"][sel], reps)
             tables.append(t.append_column("model", pa.array(np.full(len(sel), index, dtype=np.int32))))
         return pa.concat_tables(tables)
 

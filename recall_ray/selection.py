@@ -1,8 +1,8 @@
 """Choosing merge settings on the validation split, never on test.
 
-A selection config names a scenario config (single or multi) and the settings to choose,
-one parameter after another; each candidate is a set of `--set` overrides scored by the
-scenario itself on the validation split (the last 200 train records, never trained on):
+A selection config names a scenario config and the settings to choose, one parameter
+after another; each candidate is a set of `--set` overrides scored by the scenario itself
+on the validation split (the last 200 train records, never trained on):
 
     scenario: configs/scenarios/multi.yaml
     run_dir: runs/select_multi
@@ -14,7 +14,9 @@ scenario itself on the validation split (the last 200 train records, never train
 
 A candidate's score is the mean over the scenario's tasks of the primary validation
 metric, averaged over the parameter's methods (and variants); the best is fixed for every
-later parameter, the first listed winning a tie. Every candidate runs in the same run
+later parameter, the first listed winning a tie. On a sequential scenario the methods are
+its lines (a chain such as `recall`, `seqft`, `ewc`), all of which run (turn the others off
+with `set`), and a candidate's score is the mean over every task seen at the last step. Every candidate runs in the same run
 directory, so what it shares with an earlier one (representations, unchanged merges,
 scores of unchanged models) is reused, not recomputed.
 
@@ -53,7 +55,7 @@ class Parameter(_Section):
 
 
 class SelectionConfig(_Section):
-    scenario: str  # path of a single or multi scenario config
+    scenario: str  # path of a scenario config (single, multi or sequential)
     run_dir: str
     set: list[str] = []
     parameters: list[Parameter] = Field(min_length=1)
@@ -89,6 +91,20 @@ def candidate_score(table: pd.DataFrame, methods: list[str]) -> float:
     return float(rows["mean"].mean())
 
 
+def final_step_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """A sequential scenario's table (a row per step and method) as candidate_score reads a
+    single or multi one: the last step's rows, `method` as `model`, `mean_seen` as `mean`."""
+    last = table[table["step"] == table["step"].max()]
+    return last.rename(columns={"method": "model", "mean_seen": "mean"}).reset_index(drop=True)
+
+
+def is_sequential(scenario_path: str) -> bool:
+    p = Path(scenario_path)
+    if not p.is_file():
+        raise ConfigError(f"scenario config {scenario_path} does not exist")
+    return (yaml.safe_load(p.read_text()) or {}).get("scenario") == "sequential"
+
+
 def best_index(scores: list[float]) -> int:
     """The highest score; the first on a tie (candidates are listed default first)."""
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
@@ -97,25 +113,27 @@ def best_index(scores: list[float]) -> int:
 def candidate_overrides(cfg: SelectionConfig, param: Parameter, values: dict[str, Any],
                         chosen: dict[str, Any]) -> list[str]:
     """The --set list of one candidate: the common overrides, the validation split, what was
-    chosen before, this candidate, only the methods it is scored on."""
+    chosen before, this candidate, only the methods it is scored on (a sequential scenario
+    has no `methods`: its lines are set in the scenario config or `set`)."""
+    only = [] if is_sequential(cfg.scenario) else assignments({"methods": param.methods})
     return [*cfg.set, f"run_dir={cfg.run_dir}", "evaluate.split=validation", *assignments(chosen),
-            *assignments(values), *assignments({"methods": param.methods})]
+            *assignments(values), *only]
 
 
 def run_selection(cfg: SelectionConfig, run_scenario, load_scenario) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Score every candidate (Ray must be up); returns (every candidate's rows, chosen overrides).
-    `run_scenario` and `load_scenario` are the scenario module's (passed in, so that this
-    module stays free of Ray)."""
+    `run_scenario` (any scenario kind) and `load_scenario` are the scenario modules' (passed
+    in, so that this module stays free of Ray)."""
     chosen: dict[str, Any] = {}
     rows = []
     for param in cfg.parameters:
         scores = []
         for values in param.values:
             sc = load_scenario(cfg.scenario, candidate_overrides(cfg, param, values, chosen))
-            if sc.scenario not in ("single", "multi"):
-                raise ConfigError(f"{cfg.scenario}: settings are chosen on a single or multi scenario")
             log.info("selection: %s = %s", param.name, values)
             table = run_scenario(sc).table
+            if sc.scenario == "sequential":
+                table = final_step_rows(table)
             scores.append(candidate_score(table, param.methods))
             label = ", ".join(assignments(values))
             for r in table[table["model"].isin(param.methods)].to_dict(orient="records"):

@@ -111,6 +111,8 @@ def test_adapter_written_with_metadata(two_runs, tiny_dir):
     assert meta["base_fingerprint"] == content_fingerprint(tiny_dir)
     assert meta["task"] == "sst2" and meta["steps"] == 3 and meta["seed"] == 0
     assert meta["final_loss"] > 0
+    # cpus_per_worker "auto" on the session's 2 CPUs: the one worker gets both, as torch threads
+    assert meta["torch_threads"] == 2
     assert not [p for p in os.listdir(root) if p.startswith(".")]  # no temp dirs left behind
     # Ray Train kept its checkpoints under storage_dir
     assert list((root / "ray").glob("finetune-sst2-*/checkpoint_*/adapter_model.safetensors"))
@@ -189,3 +191,20 @@ def test_training_error_summary_names_first_failing_rank():
     err = ray.train.WorkerGroupError("long text", {1: KeyError("x"), 0: ValueError("Target modules {'nope'} not found\nmore")})
     assert training_error_summary(err) == "rank 0: ValueError: Target modules {'nope'} not found"
     assert training_error_summary(ray.train.ControllerError(RuntimeError("no resources"))) == "RuntimeError: no resources"
+
+
+@pytest.mark.parametrize("kw, cluster, want", [
+    ({}, 2.0, 2), ({}, 16.0, 16), ({"num_workers": 3}, 16.0, 5), ({"num_workers": 4}, 2.0, 1),
+    ({"use_gpu": True, "num_workers": 4}, 64.0, 1), ({"cpus_per_worker": 3}, 2.0, 3),
+])
+def test_worker_cpus(kw, cluster, want):
+    from recall_ray.finetune import worker_cpus
+
+    assert worker_cpus(small_finetune_cfg(**kw), cluster) == want
+
+
+def test_cpus_per_worker_must_be_positive():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="positive integer or 'auto'"):
+        small_finetune_cfg(cpus_per_worker=0)

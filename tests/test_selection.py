@@ -17,6 +17,7 @@ from recall_ray.selection import (
     assignments,
     best_index,
     candidate_score,
+    final_step_rows,
     load_selection,
     run_selection,
 )
@@ -117,3 +118,36 @@ def test_write_and_publish_selection(tmp_path):
     assert pd.read_csv(tmp_path / "pub" / "selection.csv")["chosen"].tolist() == [False, True]
     with pytest.raises(FileNotFoundError, match="no finished selection"):
         publish_selection(str(tmp_path / "nothing"), str(tmp_path / "pub2"))
+
+
+def test_final_step_rows_of_a_sequential_table():
+    table = pd.DataFrame({"step": [1, 1, 2, 2], "method": ["seqft", "ewc", "seqft", "ewc"],
+                          "sst2": [80.0, 80.0, 40.0, 70.0], "medmcqa": [None, None, 30.0, 20.0],
+                          "mean_seen": [80.0, 80.0, 35.0, 45.0]})
+    rows = final_step_rows(table)
+    assert rows["model"].tolist() == ["seqft", "ewc"] and rows["mean"].tolist() == [35.0, 45.0]
+    assert candidate_score(rows, ["ewc"]) == 45.0
+
+
+def test_the_committed_ewc_selection_runs_sequential_candidates(tmp_path):
+    """configs/selection/ewc.yaml: every candidate a valid 2-task sequential config on the
+    validation split (no `methods` override: a sequential config has none), and the
+    selection scores EWC's last step (with a runner that records its configs)."""
+    cfg = load_selection(str(REPO / "configs" / "selection" / "ewc.yaml"))
+    cfg = cfg.model_copy(update={"scenario": str(REPO / cfg.scenario), "run_dir": str(tmp_path / "sel")})
+    seen = []
+
+    def fake_run(sc):
+        seen.append(sc)
+        lam = sc.ewc.lam  # EWC peaks at lambda 100 here; SeqFT is the same whatever lambda
+        return SimpleNamespace(table=pd.DataFrame({
+            "step": [1, 1, 2, 2], "method": ["seqft", "ewc"] * 2, "sst2": [80.0, 80.0, 40.0, 60.0],
+            "medmcqa": [None, None, 30.0, 40.0 - abs(lam - 100) / 1000], "mean_seen": [80.0, 80.0, 35.0, 50.0 - abs(lam - 100) / 1000]}))
+
+    table, chosen = run_selection(cfg, fake_run, load_scenario)
+    assert chosen == {"ewc.lam": 100.0}
+    assert [s.ewc.lam for s in seen] == [1.0, 100.0, 10000.0]
+    for s in seen:
+        assert s.scenario == "sequential" and s.tasks == ["sst2", "medmcqa"] and s.chains == []
+        assert s.seqft and s.ewc.enabled and s.evaluate.split == "validation" and s.evaluate.max_samples == 20
+    assert table["model"].tolist() == ["ewc"] * 3 and table["chosen"].tolist() == [False, True, False]
