@@ -3,7 +3,9 @@
 - per-layer similarity of every model to the new model, and the merge weights (Figure 6
   and the weights behind every merge), from `weights.csv`;
 - similarity between adjacent layers of one model (Figure 7), from `reps/<model>/`;
-- the forgetting curve of a sequential run (Figure 5), from its `scores.csv`.
+- the forgetting curve of a sequential run (Figure 5), from its `scores.csv`;
+- how much each model's merge weight moves across layers (`weight_summary`): a per-layer
+  merge only differs from its layer-constant ablation where this spread is large.
 
 The numeric parts are pure (numpy / pandas in, numpy / pandas out); the plotting parts
 return matplotlib Figures, for notebooks (notebooks/analysis.ipynb) and for PNG files.
@@ -72,6 +74,25 @@ def forgetting_table(scores: pd.DataFrame, primary: dict[str, str]) -> pd.DataFr
     prim = prim[[learned_at.get(t, np.inf) <= s for t, s in zip(prim["task"], prim["step"])]]
     return (prim.groupby(["method", "step"])["value"].mean().rename("mean_seen").reset_index()
             .sort_values(["method", "step"], ignore_index=True))
+
+
+def weight_summary(weights: pd.DataFrame) -> pd.DataFrame:
+    """Per model, its RECALL weight over the layers of one merge (a `weights.csv`: columns
+    layer, model, weight, saturated): mean (the weight `recall_layer_constant` gives it in
+    every layer), min, max, spread (max - min), the layer of its largest weight, and the
+    number of saturated layers (every model's similarity to the new model was 0 or 1 there,
+    so the softmax gave that layer the weights of a constant). Models in first-seen order."""
+    need = {"layer", "model", "weight", "saturated"}
+    if not need <= set(weights.columns):
+        raise ValueError(f"weights need columns {sorted(need)}, got {sorted(weights.columns)}")
+    rows = []
+    for model in dict.fromkeys(weights["model"]):
+        m = weights[weights["model"] == model].sort_values("layer")
+        w = m["weight"].to_numpy(dtype=np.float64)
+        rows.append({"model": model, "mean": w.mean(), "min": w.min(), "max": w.max(), "spread": w.max() - w.min(),
+                     "argmax_layer": int(m["layer"].to_numpy()[int(np.argmax(w))]),
+                     "saturated_layers": int(m["saturated"].astype(bool).sum())})
+    return pd.DataFrame(rows)
 
 
 # -------------------------------------------------------------------------------- plots

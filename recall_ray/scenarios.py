@@ -336,11 +336,13 @@ PUBLISHED = ("table.md", "table.csv", "scores.csv", "stage_times.csv")
 
 
 def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
-    """Copy a finished scenario's small result files (tables, scores, stage times, plots)
-    into `dest` (e.g. docs/results/multi), replacing what was there; returns the names."""
+    """Copy a finished scenario's small result files (tables, scores, stage times, plots,
+    each RECALL merge's per-layer weights and their summary) into `dest` (e.g. docs/results/multi), replacing what was there; returns the names."""
     import shutil
 
     from .storage import staged
+
+    from .analysis import weight_summary
 
     src = Path(run_dir)
     if not (src / "table.csv").is_file():
@@ -348,6 +350,7 @@ def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
     stage_times(src).to_csv(src / "stage_times.csv", index=False, float_format="%.1f")
     names = [n for n in PUBLISHED if (src / n).is_file()]
     plots = sorted((src / "plots").glob("*.png")) if (src / "plots").is_dir() else []
+    weights = recall_weights(src)
     with staged(str(dest), overwrite=True) as tmp:
         for n in names:
             shutil.copy2(src / n, Path(tmp) / n)
@@ -355,7 +358,28 @@ def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
             (Path(tmp) / "plots").mkdir()
             for f in plots:
                 shutil.copy2(f, Path(tmp) / "plots" / f.name)
-    return names + [f"plots/{f.name}" for f in plots]
+        if weights:
+            (Path(tmp) / "weights").mkdir()
+            for name, f in weights.items():
+                shutil.copy2(f, Path(tmp) / "weights" / f"{name}.csv")
+            summary = pd.concat([weight_summary(pd.read_csv(f)).assign(merge=name) for name, f in weights.items()],
+                                ignore_index=True)
+            summary = summary[["merge", *[c for c in summary.columns if c != "merge"]]]
+            summary.to_csv(Path(tmp) / "weights_summary.csv", index=False, float_format="%.4f")
+    extra = [f"weights/{n}.csv" for n in weights] + (["weights_summary.csv"] if weights else [])
+    return names + [f"plots/{f.name}" for f in plots] + extra
+
+
+def recall_weights(run_dir: Path) -> dict[str, Path]:
+    """The per-layer weights.csv of every RECALL merge inside a scenario's run directory,
+    named as its plots are: the RECALL run's parent directory, '/' -> '_' (with_base,
+    step2_recall, sst2)."""
+    found = {}
+    for f in sorted(run_dir.rglob("weights.csv")):
+        if (f.parent / "manifest.json").is_file() and f.parent != run_dir:
+            where = f.parent.parent.relative_to(run_dir).as_posix()
+            found["recall" if where == "." else where.replace("/", "_")] = f
+    return found
 
 
 def variant_plots(root: RunDir, name: str, recall_dir: Path) -> None:

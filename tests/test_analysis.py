@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO
-from recall_ray.analysis import adjacent_layer_similarity, adjacent_table, forgetting_table
+from recall_ray.analysis import adjacent_layer_similarity, adjacent_table, forgetting_table, weight_summary
 
 
 def test_adjacent_layer_similarity_matches_numpy():
@@ -43,6 +43,28 @@ def test_forgetting_table_averages_seen_tasks_only():
     table = forgetting_table(pd.DataFrame(rows), {"a": "accuracy", "b": "accuracy"})
     got = {(r.method, r.step): r.mean_seen for r in table.itertuples()}
     assert got == {("recall", 1): 80, ("recall", 2): 65, ("seqft", 1): 80, ("seqft", 2): 48}
+
+
+def test_weight_summary_matches_a_plain_computation():
+    rng = np.random.default_rng(3)
+    layers, models = 5, ["base", "e0", "new"]
+    raw = rng.random((layers, len(models)))
+    w = raw / raw.sum(axis=1, keepdims=True)
+    sat = [True, False, False, True, False]
+    rows = [{"layer": i, "model": m, "weight": w[i, q], "saturated": sat[i]} for q, m in enumerate(models)
+            for i in reversed(range(layers))]  # unsorted on purpose
+    got = weight_summary(pd.DataFrame(rows))
+    assert list(got["model"]) == models
+    for q, m in enumerate(models):
+        col = [float(w[i, q]) for i in range(layers)]
+        row = got[got["model"] == m].iloc[0]
+        assert row["mean"] == pytest.approx(sum(col) / layers, abs=1e-12)
+        assert (row["min"], row["max"]) == (min(col), max(col))
+        assert row["spread"] == pytest.approx(max(col) - min(col), abs=1e-12)
+        assert row["argmax_layer"] == col.index(max(col))
+        assert row["saturated_layers"] == 2
+    with pytest.raises(ValueError, match="saturated"):
+        weight_summary(pd.DataFrame(rows).drop(columns="saturated"))
 
 
 def test_adjacent_table_reads_every_model_of_a_run(tiny_run):

@@ -145,8 +145,22 @@ def test_publish_copies_tables_plots_and_every_stage_time(multi, tmp_path):
     cfg, _ = multi
     names = publish(cfg.run_dir, tmp_path / "pub")
     out = tmp_path / "pub"
-    assert {"table.md", "table.csv", "scores.csv", "stage_times.csv", "plots/without_base_weights.png"} <= set(names)
+    assert {"table.md", "table.csv", "scores.csv", "stage_times.csv", "plots/without_base_weights.png",
+            "weights/without_base.csv", "weights_summary.csv"} <= set(names)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(names)
+    src_weights = Path(cfg.run_dir) / "without_base" / "recall" / "weights.csv"
+    assert (out / "weights" / "without_base.csv").read_bytes() == src_weights.read_bytes()
+    # the summary, recomputed plainly from the per-layer weights
+    w = pd.read_csv(src_weights)
+    summary = pd.read_csv(out / "weights_summary.csv")
+    assert set(summary["merge"]) == {"without_base"} and list(summary["model"]) == list(dict.fromkeys(w["model"]))
+    for _, row in summary.iterrows():
+        mine = w[w["model"] == row["model"]]
+        vals = np.array(mine["weight"], dtype=np.float64)
+        assert row["mean"] == pytest.approx(vals.sum() / len(vals), abs=1e-4)
+        assert row["spread"] == pytest.approx(vals.max() - vals.min(), abs=1e-4)
+        assert row["argmax_layer"] == int(mine["layer"].iloc[int(np.argmax(vals))])
+        assert row["saturated_layers"] == int(mine["saturated"].sum())
     times = pd.read_csv(out / "stage_times.csv")
     top = json.loads((Path(cfg.run_dir) / "manifest.json").read_text())["stages"]
     nested = json.loads((Path(cfg.run_dir) / "without_base" / "recall" / "manifest.json").read_text())["stages"]
