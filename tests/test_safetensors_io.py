@@ -210,6 +210,19 @@ def test_model_fingerprint(tmp_path):
     assert fp1 != write(tmp_path / "m4", {"a": torch.zeros(3, 5), "b": base["b"]})
     assert fp1 != write(tmp_path / "m5", {"a": torch.zeros(3, 4, dtype=torch.float16).float(), "b": base["b"].float()})
 
+    # the same shapes with other values: a model retrained in place must not reuse stale stages
+    big = {"w": torch.zeros(64, 1024), "v": torch.zeros(8)}  # 256 KiB: first and last 4 KiB are sampled
+    fp_big = write(tmp_path / "m6", big)
+    for where in ((0, 0), (-1, -1), (10, 5)):
+        other = {k: t.clone() for k, t in big.items()}
+        other["w"][where] = 1.0
+        changed = write(tmp_path / f"m7_{where[0]}_{where[1]}", other)
+        # a change in the first or last 4 KiB of a tensor is seen; one in its middle is not
+        assert (changed != fp_big) == (where != (10, 5)), where
+    small = {k: t.clone() for k, t in big.items()}
+    small["v"][3] = 2.0
+    assert write(tmp_path / "m8", small) != fp_big
+
 
 def test_read_header_size_mismatch_is_checkpoint_error(tmp_path):
     """A byte range that does not match shape x dtype is refused before any read."""
