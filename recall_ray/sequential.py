@@ -128,6 +128,16 @@ def _merge_config(cfg: SequentialConfig, step: int, task: str, chain: str, previ
         {"name": task, "path": adapter, "adapter_base": start}, True, task, cfg.data_dir)
 
 
+def start_keys(base_path: str, labels: list[str]) -> dict[str, str]:
+    """The key of every line's M_0: the base's weights (file fingerprint), so that a run
+    directory resumed with another base retrains from step 1 instead of reusing adapters
+    trained on the old one."""
+    from .safetensors_io import model_fingerprint
+
+    fp = f"base:{model_fingerprint(base_path)}"
+    return {label: fp for label in labels}
+
+
 def _records_key(records: list[dict]) -> str:
     return hashlib.sha256(repr([(r["prompt"], r["target"]) for r in records]).encode()).hexdigest()
 
@@ -147,7 +157,7 @@ def run_sequential(cfg: SequentialConfig):
     base_path = resolve_path(cfg.base)
     folded = (["seqft"] if cfg.seqft else []) + (["ewc"] if cfg.ewc.enabled else [])  # lines that fold their adapter
     current = {label: base_path for label in [*cfg.chains, *folded]}  # M_{t-1} per chain, S_{t-1}, S^ewc_{t-1}
-    current_key = {label: "base" for label in current}  # what decided its contents
+    current_key = start_keys(base_path, list(current))  # what decided its contents
     fisher_path: str | None = None  # the EWC line's accumulated Fisher of tasks 1..t-1
     fisher_key: str | None = None  # the key of the stage that wrote it
     all_scores = []

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DATA, float64_state, reference_group
-from recall_ray.sequential import SequentialConfig, run_sequential, sequence_table
+from recall_ray.sequential import SequentialConfig, run_sequential, sequence_table, start_keys
 
 
 def _fold(state: dict[str, np.ndarray], adapter: Path) -> dict[str, np.ndarray]:
@@ -149,6 +149,17 @@ def test_rerun_recomputes_nothing(seq):
     cfg, _ = seq
     again = run_sequential(cfg)
     assert all(t["skipped"] for t in again.timings.values()), again.timings
+
+
+def test_step_1_is_keyed_by_the_base_weights(tiny_dir, tiny_experts, tmp_path):
+    """A run directory resumed with another base must not reuse step 1's fine-tune: the
+    lines' starting key is the base's weights, equal for a byte copy, not its name."""
+    import shutil
+
+    copy = Path(shutil.copytree(tiny_dir, tmp_path / "copy"))
+    keys = start_keys(str(tiny_dir), ["recall", "seqft"])
+    assert keys["recall"] == keys["seqft"] == start_keys(str(copy), ["x"])["x"]
+    assert start_keys(str(tiny_experts[0]), ["recall"])["recall"] != keys["recall"]
 
 
 def test_sequence_table_means_seen_tasks():
