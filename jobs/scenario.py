@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--publish", metavar="DIR", help="then copy the tables, scores, stage times and plots into DIR"
                    " (e.g. docs/results/multi)")
+    p.add_argument("--export-adapters", metavar="DIR", help="sequential only: then copy every step's adapter into DIR"
+                   " (e.g. adapters/sequential), the config's `adapters:` for regenerating the tables without"
+                   " retraining")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     from recall_ray.cli import guarded, ray_runtime, setup_logging
@@ -35,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         from recall_ray import scenarios, sequential
 
         cfg = scenarios.load_scenario(args.config, args.overrides)
+        if args.export_adapters and cfg.scenario != "sequential":
+            from recall_ray.config import ConfigError
+
+            raise ConfigError(f"--export-adapters is for sequential scenarios (they train adapters), not"
+                              f" {cfg.scenario}: drop it")
         kind = sequential if cfg.scenario == "sequential" else scenarios
         kind.preflight(cfg)  # every check before Ray starts
         with ray_runtime(cfg.ray):
@@ -48,9 +56,17 @@ def main(argv: list[str] | None = None) -> int:
           f" {cfg.evaluate.max_samples} samples per task) ===")
     print(result.table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     print(f"\nrun directory: {cfg.run_dir} (scores.csv, table.csv, table.md, plots/); {time.perf_counter() - t0:.0f}s")
+    from recall_ray.cli import publish_step
+
+    if args.export_adapters:
+        from recall_ray.sequential import export_adapters
+
+        status = publish_step("scenario", args.verbose, lambda: export_adapters(cfg.run_dir, args.export_adapters),
+                              args.export_adapters)
+        if status:
+            return status
     if args.publish:
         from recall_ray.scenarios import publish
-        from recall_ray.cli import publish_step
 
         return publish_step("scenario", args.verbose, lambda: publish(cfg.run_dir, args.publish), args.publish)
     return 0

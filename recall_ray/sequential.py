@@ -26,13 +26,17 @@ Writes scores.csv (step, trained, method, task, metric, value, n), table.csv / t
 (primary metric per task after each step, and the mean over the tasks seen so far),
 plots/forgetting.png and, per step, RECALL's weight and similarity plots. Every fine-tune,
 fold, Fisher and evaluation is a manifest stage keyed by what decides its output: a rerun
-recomputes nothing that is done.
+recomputes nothing that is done. `export_adapters` copies a run's step adapters out (small:
+LoRA only); a later run given them as `adapters:` copies each one whose stage key and
+starting model match instead of training it, so the tables regenerate without retraining.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -40,8 +44,8 @@ import pandas as pd
 from pydantic import Field, model_validator
 
 from .baselines import METHODS, BaselineConfig
-from .config import FinetuneConfig, RayConfig, RunConfig, _Section
-from .manifest import Manifest
+from .config import ConfigError, FinetuneConfig, RayConfig, RunConfig, _Section
+from .manifest import Manifest, stable_hash
 from .metrics import primary_metric
 from .models import resolve_model, resolve_path
 from .report import markdown_table
@@ -82,6 +86,10 @@ class SequentialConfig(_Section):
     ewc: EwcSettings = EwcSettings()
     finetune: FinetuneConfig = FinetuneConfig(steps=60, batch_size=8, max_length=128, seed=0)
     task_finetune: dict[str, dict] = {}  # per-task FinetuneConfig overrides, e.g. {squad_v2: {max_length: 256}}
+    # Step adapters exported by an earlier run (export_adapters; jobs/scenario.py --export-adapters):
+    # a fine-tune whose stage key and starting model match an exported one copies it instead of
+    # training, so the tables regenerate without retraining; any other step is trained.
+    adapters: str | None = None
     baselines: BaselineConfig = BaselineConfig()
     recall: RecallSettings = RecallSettings()
     evaluate: ScenarioEval = ScenarioEval()
@@ -116,6 +124,10 @@ class SequentialConfig(_Section):
 
 def preflight(cfg: SequentialConfig) -> None:
     check_inputs(cfg.tasks, cfg.run_dir, cfg.base, cfg.data_dir, cfg.recall.max_samples, cfg.evaluate)
+    if cfg.adapters is not None and not Path(cfg.adapters).is_dir():
+        raise ConfigError(f"adapters: {cfg.adapters} is not a directory of exported step adapters: export them with"
+                          " `python jobs/scenario.py --config <sequential.yaml> --export-adapters DIR`, or remove"
+                          " the key to train every step")
 
 
 def _merge_config(cfg: SequentialConfig, step: int, task: str, chain: str, previous: str | None, adapter: str,
@@ -140,6 +152,62 @@ def start_keys(base_path: str, labels: list[str]) -> dict[str, str]:
 
 def _records_key(records: list[dict]) -> str:
     return hashlib.sha256(repr([(r["prompt"], r["target"]) for r in records]).encode()).hexdigest()
+
+
+STAGE_FILE = "stage.json"  # beside an exported adapter: the fine-tune stage and key it came from
+_FINETUNE_STAGE = re.compile(r"^step\d+/finetune_\w+$")
+
+
+def find_prebuilt(adapters_dir: str | None, key: str, start: str) -> Path | None:
+    """The adapter exported (export_adapters) under `adapters_dir` for a fine-tune stage of
+    this key, when it was trained on this starting model: the base fingerprint it recorded
+    equals the content fingerprint of `start` (a merge recomputed on another CPU may differ
+    in its last bits, and the adapter would then not fit it exactly). Found by key, not by
+    stage name, so a run with other lines (whose shared step-1 stage is named after another
+    line) still finds it. None otherwise: the step is trained."""
+    from .safetensors_io import content_fingerprint
+
+    if adapters_dir is None:
+        return None
+    found = [f.parent for f in sorted(Path(adapters_dir).rglob(STAGE_FILE))
+             if json.loads(f.read_text()).get("key") == key]
+    if not found:
+        log.info("no adapter exported in %s for this fine-tune's inputs and settings: training", adapters_dir)
+        return None
+    d = found[0]
+    if json.loads((d / "recall_ray.json").read_text()).get("base_fingerprint") != content_fingerprint(start):
+        log.warning("the adapter exported in %s was trained on a starting model that differs from %s (in its last"
+                    " bits, if recomputed on another machine): training", d, start)
+        return None
+    return d
+
+
+def export_adapters(run_dir: str | Path, dest: str | Path) -> list[str]:
+    """Copy every finished fine-tune of a sequential run (its adapter files, without Ray
+    Train's checkpoints) into dest/<stage>/ with a stage.json of the stage's key, replacing
+    `dest`: the `adapters:` input of a later run. Returns the stages exported."""
+    import shutil
+
+    from .storage import staged
+
+    mf = Path(run_dir, Manifest.FILE)
+    if not mf.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no run (no {Manifest.FILE}): run the sequential scenario first")
+    stages = json.loads(mf.read_text())["stages"]
+    done = {n: st for n, st in stages.items() if _FINETUNE_STAGE.match(n) and st.get("status") == "done"}
+    if not done:
+        raise FileNotFoundError(f"{run_dir} has no finished fine-tune stage to export")
+    with staged(str(dest), overwrite=True) as tmp:
+        for name, st in sorted(done.items()):
+            src, out = Path(st["result"]["adapter"]), Path(tmp, name)
+            out.mkdir(parents=True)
+            for f in sorted(src.iterdir()):
+                if f.is_file() and f.suffix in (".json", ".safetensors"):
+                    shutil.copy2(f, out / f.name)
+            trained = (st.get("result") or {}).get("trained_seconds") or st.get("seconds")  # a reused one's first cost
+            (out / STAGE_FILE).write_text(json.dumps({"stage": name, "key": st["key"], "trained_seconds": trained},
+                                                     indent=1) + "\n")
+    return sorted(done)
 
 
 def run_sequential(cfg: SequentialConfig):
@@ -181,17 +249,26 @@ def run_sequential(cfg: SequentialConfig):
                     key_parts.append({"ewc_fisher": fisher_key, "ewc_lambda": cfg.ewc.lam})
                     ewc_args = {"ewc_fisher": penalty[label], "ewc_lambda": cfg.ewc.lam}
 
-                def finetune(start=start, out=out, label=label, ewc_args=ewc_args) -> dict:
+                stage = f"step{step}/finetune_{label}"
+
+                def finetune(start=start, out=out, label=label, ewc_args=ewc_args, stage=stage,
+                             key=stable_hash(key_parts)) -> dict:
                     import shutil
 
                     shutil.rmtree(out, ignore_errors=True)  # a stale adapter of other settings
+                    prebuilt = find_prebuilt(cfg.adapters, key, start)
+                    if prebuilt is not None:  # the same inputs and settings: the same adapter, trained before
+                        shutil.copytree(prebuilt, out, ignore=shutil.ignore_patterns(STAGE_FILE))
+                        log.info("%s: reusing the adapter exported in %s", stage, prebuilt)
+                        trained = json.loads((prebuilt / STAGE_FILE).read_text()).get("trained_seconds")
+                        return {"adapter": out, "prebuilt": str(prebuilt), "trained_seconds": trained}
                     finetune_lora(start, records, ft, out,
                                   str(Path(cfg.run_dir, f"step{step}", "finetune", label, "ray_train").resolve()),
                                   task=task, **ewc_args)
                     return {"adapter": out}
 
-                manifest.run(f"step{step}/finetune_{label}", key_parts, [out], finetune)
-                done[job] = (out, manifest.data["stages"][f"step{step}/finetune_{label}"]["key"])
+                manifest.run(stage, key_parts, [out], finetune)
+                done[job] = (out, manifest.data["stages"][stage]["key"])
             adapter_of[label], adapter_key[label] = done[job]
         nxt, nxt_key = {}, {}
         for chain in cfg.chains:

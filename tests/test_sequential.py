@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DATA, float64_state, reference_group
-from recall_ray.sequential import SequentialConfig, run_sequential, sequence_table, start_keys
+from recall_ray.sequential import (SequentialConfig, export_adapters, find_prebuilt, preflight, run_sequential,
+                                  sequence_table, start_keys)
 
 
 def _fold(state: dict[str, np.ndarray], adapter: Path) -> dict[str, np.ndarray]:
@@ -149,6 +150,55 @@ def test_rerun_recomputes_nothing(seq):
     cfg, _ = seq
     again = run_sequential(cfg)
     assert all(t["skipped"] for t in again.timings.values()), again.timings
+
+
+def test_exported_adapters_regenerate_a_step_without_training(seq, tmp_path):
+    """export_adapters copies every fine-tune with its stage key; a new run given them reuses
+    each one whose key and starting model match: no Ray Train run, the same adapter bytes,
+    the same folded model bit for bit and the same scores. Here a SeqFT-only run of step 1,
+    whose shared fine-tune the first run named after its RECALL chain: found by key."""
+    cfg, result = seq
+    run = Path(cfg.run_dir)
+    exported = export_adapters(run, tmp_path / "adapters")
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    assert exported == sorted(n for n in stages if "/finetune_" in n) == [
+        "step1/finetune_recall", "step2/finetune_ewc", "step2/finetune_recall", "step2/finetune_seqft"]
+    for name in exported:
+        d = tmp_path / "adapters" / name
+        assert sorted(f.name for f in d.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                         "recall_ray.json", "stage.json"]
+        assert json.loads((d / "stage.json").read_text())["key"] == stages[name]["key"]
+        assert (d / "adapter_model.safetensors").read_bytes() == (
+            Path(stages[name]["result"]["adapter"]) / "adapter_model.safetensors").read_bytes()
+
+    again = cfg.model_copy(update={"run_dir": str(tmp_path / "again"), "tasks": ["sst2"], "chains": [],
+                                   "ewc": cfg.ewc.model_copy(update={"enabled": False}),
+                                   "adapters": str(tmp_path / "adapters")})
+    res = run_sequential(again)
+    st = json.loads((tmp_path / "again" / "manifest.json").read_text())["stages"]["step1/finetune_seqft"]
+    assert st["result"]["prebuilt"] == str(tmp_path / "adapters" / "step1" / "finetune_recall")
+    assert not (tmp_path / "again" / "step1" / "finetune" / "seqft" / "ray_train").exists()  # nothing trained
+    a = tmp_path / "again" / "step1" / "finetune" / "seqft" / "adapter" / "adapter_model.safetensors"
+    assert a.read_bytes() == (run / "step1" / "finetune" / "recall" / "adapter" / "adapter_model.safetensors").read_bytes()
+    new_model, old_model = (float64_state(r / "step1" / "seqft" / "model") for r in (tmp_path / "again", run))
+    assert new_model.keys() == old_model.keys() and all(np.array_equal(new_model[k], old_model[k]) for k in new_model)
+    want = result.scores[(result.scores["step"] == 1) & (result.scores["method"] == "seqft")]
+    pd.testing.assert_frame_equal(res.scores.reset_index(drop=True), want.reset_index(drop=True))
+
+
+def test_an_exported_adapter_is_used_only_on_its_own_starting_model(seq, tiny_experts, tmp_path):
+    cfg, _ = seq
+    export_adapters(cfg.run_dir, tmp_path / "adapters")
+    stage = json.loads((tmp_path / "adapters" / "step1" / "finetune_recall" / "stage.json").read_text())
+    start = str(Path(cfg.base).resolve())
+    assert find_prebuilt(str(tmp_path / "adapters"), stage["key"], start) == tmp_path / "adapters" / "step1" / "finetune_recall"
+    assert find_prebuilt(str(tmp_path / "adapters"), "another key", start) is None
+    assert find_prebuilt(str(tmp_path / "adapters"), stage["key"], str(tiny_experts[0])) is None  # another start
+    assert find_prebuilt(None, stage["key"], start) is None
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        export_adapters(tmp_path / "nothing", tmp_path / "out")
+    with pytest.raises(ValueError, match="not a directory of exported step adapters"):
+        preflight(cfg.model_copy(update={"adapters": str(tmp_path / "missing")}))
 
 
 def test_step_1_is_keyed_by_the_base_weights(tiny_dir, tiny_experts, tmp_path):
