@@ -119,6 +119,12 @@ def wide_table(scores: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------- Ray parts
 
+# Bumped whenever what a prompt's generation is changes, so that cached scores of the old
+# protocol are not reused: 2 = each row cut at its own task's budget (1 let a batch that
+# straddled two tasks give every row the larger one).
+GENERATION_PROTOCOL = 2
+
+
 class GreedyGenerator:
     """Ray Data callable class: prompts in, greedy continuations out, for several models.
 
@@ -138,21 +144,26 @@ class GreedyGenerator:
                                     truncation_side="left")
         self.max_prompt_tokens = max_prompt_tokens
 
-    def _generate(self, index: int, prompts: list[str], max_new_tokens: int) -> list[str]:
+    def _generate(self, index: int, prompts: list[str], budgets: list[int]) -> list[str]:
+        """Greedy continuations, each cut at its own budget: a batch that straddles two tasks
+        generates for the larger budget, and without the cut a row's answer (and its score)
+        would depend on its neighbours. Greedy tokens do not depend on later ones, so the
+        cut gives exactly what generating with the row's own budget gives."""
         tok, lm = self.slot.get(index)
         enc = tok(prompts, padding=True, truncation=True, max_length=self.max_prompt_tokens,
                   return_tensors="pt").to(self.device)
         with torch.inference_mode():
-            out = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+            out = lm.generate(**enc, max_new_tokens=max(budgets), do_sample=False, temperature=None,
                               top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
-        return tok.batch_decode(out[:, enc["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
+        new = out[:, enc["input_ids"].shape[1]:].cpu()
+        return [tok.decode(row[:b], skip_special_tokens=True) for row, b in zip(new, budgets)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = np.empty(len(batch["row"]), dtype=object)
         for index in dict.fromkeys(int(m) for m in batch["model"]):  # usually one model per batch
             sel = np.flatnonzero(batch["model"] == index)
             texts[sel] = self._generate(index, [str(p) for p in batch["prompt"][sel]],
-                                        int(batch["max_new_tokens"][sel].max()))
+                                        [int(b) for b in batch["max_new_tokens"][sel]])
         return {"model": batch["model"], "row": batch["row"], "generation": texts}
 
 
@@ -319,6 +330,7 @@ def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedMo
 
     cache = {m.label: "eval_cache/" + stable_hash([
         model_keys[m.label], split, dtype, [(i.task, i.sample_id, i.prompt, i.refs, max_new_tokens(i.task)) for i in mine(m)],
+        {"generation": GENERATION_PROTOCOL},
     ])[:32] for m in models}
     key = [split, max_samples, [(m.label, cache[m.label]) for m in models]]
 

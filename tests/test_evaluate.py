@@ -85,8 +85,9 @@ def test_template_texts_hold_headers_and_labels():
 
 
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_experts):
-    """Batched, left-padded, two models in one batch: each row equals its own model's
-    argmax decoding of its prompt alone, written out by hand."""
+    """Batched, left-padded, two models and two generation budgets in one batch (a batch
+    that straddles two tasks): each row equals its own model's argmax decoding of its prompt
+    alone with its own budget, written out by hand."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dirs = [tiny_experts[1], tiny_experts[0]]
@@ -95,15 +96,16 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_experts
                "short", "### Instruction:\nsay\n### Response:\n"]
     which = np.array([1, 1, 1, 0])
     out = GreedyGenerator(models)({"model": which, "row": np.arange(4), "prompt": np.array(prompts, dtype=object),
-                                   "max_new_tokens": np.array([6, 6, 6, 6])})
+                                   "max_new_tokens": np.array([6, 2, 6, 3])})
+    budgets = [6, 2, 6, 3]
 
-    def reference(model_dir: Path, prompt: str) -> str:
+    def reference(model_dir: Path, prompt: str, budget: int) -> str:
         lm = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         tok = AutoTokenizer.from_pretrained(model_dir)
         ids = tok(prompt, return_tensors="pt")["input_ids"]
         new = []
         with torch.no_grad():
-            for _ in range(6):
+            for _ in range(budget):
                 nxt = int(lm(ids).logits[0, -1].argmax())
                 if nxt == tok.eos_token_id:
                     break
@@ -111,8 +113,9 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_experts
                 ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
         return tok.decode(new, skip_special_tokens=True)
 
-    expect = [reference(dirs[m], p) for m, p in zip(which, prompts)]
+    expect = [reference(dirs[m], p, b) for m, p, b in zip(which, prompts, budgets)]
     assert list(out["generation"]) == expect
+    assert reference(dirs[1], prompts[1], 6) != expect[1]  # the batch's largest budget would give another text
     assert list(out["model"]) == list(which) and list(out["row"]) == [0, 1, 2, 3]
 
 
