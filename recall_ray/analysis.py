@@ -6,6 +6,9 @@
 - the forgetting curve of a sequential run (Figure 5), from its `scores.csv`;
 - how much each model's merge weight moves across layers (`weight_summary`): a per-layer
   merge only differs from its layer-constant ablation where this spread is large.
+- paired comparisons of two models on the same test samples (`paired_comparison`): how
+  many samples only one of them gets right, and the exact sign test on those, since at a
+  few dozen samples per task most differences between merges are within noise.
 
 The numeric parts are pure (numpy / pandas in, numpy / pandas out); the plotting parts
 return matplotlib Figures, for notebooks (notebooks/analysis.ipynb) and for PNG files.
@@ -14,6 +17,7 @@ return matplotlib Figures, for notebooks (notebooks/analysis.ipynb) and for PNG 
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +97,61 @@ def weight_summary(weights: pd.DataFrame) -> pd.DataFrame:
                      "argmax_layer": int(m["layer"].to_numpy()[int(np.argmax(w))]),
                      "saturated_layers": int(m["saturated"].astype(bool).sum())})
     return pd.DataFrame(rows)
+
+
+def sign_test(only_a: int, only_b: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test) of the discordant pairs: the
+    probability, if both models were equally good, of a split at least this uneven."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def paired_comparison(predictions: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
+    """Model `a` against model `b` on the samples both were scored on (predictions.jsonl:
+    model, task, sample_id, prediction, references), on each task's primary metric: per
+    task and over all of them ("all"), n, both right, only a, only b, neither, each one's
+    score (%) on these samples, and the sign test's p-value on (only a, only b)."""
+    from .metrics import sample_hits
+
+    need = {"model", "task", "sample_id", "prediction", "references"}
+    if not need <= set(predictions.columns):
+        raise ValueError(f"predictions need columns {sorted(need)}, got {sorted(predictions.columns)}")
+    hits = {}
+    for model in (a, b):
+        mine = predictions[predictions["model"] == model]
+        if mine.empty:
+            raise ValueError(f"no predictions of model {model!r}; models: {sorted(set(predictions['model']))}")
+        for task, sub in mine.groupby("task", sort=False):
+            preds = [x if isinstance(x, str) else None for x in sub["prediction"]]  # NaN: pandas' None
+            for sid, h in zip(sub["sample_id"], sample_hits(task, preds, list(sub["references"]))):
+                hits[(model, task, str(sid))] = h
+    tasks = list(dict.fromkeys(predictions.loc[predictions["model"] == a, "task"]))
+    rows = []
+    pooled = np.zeros(4, dtype=int)  # both, only a, only b, neither
+    for task in tasks:
+        ids = [k[2] for k in hits if k[0] == a and k[1] == task and (b, task, k[2]) in hits]
+        if not ids:
+            continue
+        ha = np.array([hits[(a, task, i)] for i in ids])
+        hb = np.array([hits[(b, task, i)] for i in ids])
+        counts = np.array([(ha & hb).sum(), (ha & (1 - hb)).sum(), ((1 - ha) & hb).sum(), ((1 - ha) & (1 - hb)).sum()])
+        pooled += counts
+        rows.append((task, counts))
+    if not rows:
+        raise ValueError(f"models {a!r} and {b!r} share no scored sample")
+    if len(rows) > 1:
+        rows.append(("all", pooled))
+    out = []
+    for task, (both, only_a, only_b, neither) in rows:
+        n = int(both + only_a + only_b + neither)
+        out.append({"task": task, "n": n, "both": int(both), "only_a": int(only_a), "only_b": int(only_b),
+                    "neither": int(neither), "score_a": 100.0 * (both + only_a) / n,
+                    "score_b": 100.0 * (both + only_b) / n, "p_value": sign_test(int(only_a), int(only_b))})
+    return pd.DataFrame(out).assign(a=a, b=b)[["a", "b", "task", "n", "both", "only_a", "only_b", "neither",
+                                                 "score_a", "score_b", "p_value"]]
 
 
 # -------------------------------------------------------------------------------- plots

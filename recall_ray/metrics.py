@@ -189,13 +189,16 @@ def _percent(hits: float, n: int) -> float:
     return 100.0 * hits / n
 
 
+def _label_hit(p: str | None, rs: list[str]) -> int:
+    """1 when the extracted label equals a reference (case-insensitive); a None prediction
+    (nothing extracted) is wrong, not dropped."""
+    return int(p is not None and any(p.casefold() == r.casefold() for r in rs))
+
+
 def _accuracy(preds: Sequence[str | None], refs: Sequence[list[str]]) -> dict[str, float]:
-    """Accuracy in percent; a None prediction (nothing extracted) is counted as wrong, not
-    dropped (`extract_answer` shows which generations had no answer)."""
-    hits = sum(
-        p is not None and any(p.casefold() == r.casefold() for r in rs) for p, rs in zip(preds, refs)
-    )
-    return {"accuracy": _percent(hits, len(preds))}
+    """Accuracy in percent (`_label_hit` per sample; `extract_answer` shows which generations
+    had no answer)."""
+    return {"accuracy": _percent(sum(_label_hit(p, rs) for p, rs in zip(preds, refs)), len(preds))}
 
 
 _SQUAD_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
@@ -242,13 +245,15 @@ def _squad_golds(refs: list[str]) -> list[str]:
     return [r for r in refs if normalize_squad(r)] or [""]
 
 
+def _squad_hit(p: str | None, rs: list[str]) -> int:
+    """SQuAD exact match of one sample: the max over its references."""
+    return max(squad_exact(p or "", g) for g in _squad_golds(rs))
+
+
 def _squad(preds: Sequence[str | None], refs: Sequence[list[str]]) -> dict[str, float]:
     """SQuAD 2.0 exact match and token F1 in percent, each the max over the references."""
-    em = f1 = 0.0
-    for p, rs in zip(preds, refs):
-        golds, p = _squad_golds(rs), p or ""
-        em += max(squad_exact(p, g) for g in golds)
-        f1 += max(squad_f1(p, g) for g in golds)
+    em = sum(_squad_hit(p, rs) for p, rs in zip(preds, refs))
+    f1 = sum(max(squad_f1(p or "", g) for g in _squad_golds(rs)) for p, rs in zip(preds, refs))
     return {"exact_match": _percent(em, len(preds)), "f1": _percent(f1, len(preds))}
 
 
@@ -257,6 +262,11 @@ def normalize_translation(text: str) -> str:
     space (the IWSLT segments keep the source's double spaces). Case, accents and
     punctuation are kept: only a verbatim translation counts."""
     return " ".join(text.split())
+
+
+def _translation_hit(p: str | None, rs: list[str]) -> int:
+    """Translation exact match of one sample (`normalize_translation` on both sides)."""
+    return int(any(normalize_translation(p or "") == normalize_translation(r) for r in rs))
 
 
 def _translation(preds: Sequence[str | None], refs: Sequence[list[str]]) -> dict[str, float]:
@@ -271,9 +281,7 @@ def _translation(preds: Sequence[str | None], refs: Sequence[list[str]]) -> dict
     except ImportError:  # pragma: no cover - depends on the environment
         raise MetricError("BLEU needs sacrebleu: pip install sacrebleu==2.6.0") from None
     preds = [p or "" for p in preds]
-    hits = sum(
-        any(normalize_translation(p) == normalize_translation(r) for r in rs) for p, rs in zip(preds, refs)
-    )
+    hits = sum(_translation_hit(p, rs) for p, rs in zip(preds, refs))
     counts = {len(rs) for rs in refs}
     if len(counts) != 1:
         raise MetricError(
@@ -298,26 +306,29 @@ class TaskMetric:
     score: (predictions, references per sample) -> {metric: value 0-100, ...}.
     max_new_tokens: suggested generation budget (greedy decoding stops at EOS earlier; the
         budget only bounds runaway generations, so it is set to cover the longest reference).
+    hit: (prediction, references) -> 1 or 0, one sample's primary metric (the primary
+        metric of every task is a mean of these), for paired comparisons of two models.
     """
 
     metrics: tuple[str, ...]
     extract: Callable[[str], str | None]
     score: Callable[[Sequence[str | None], Sequence[list[str]]], dict[str, float]]
     max_new_tokens: int
+    hit: Callable[[str | None, list[str]], int]
 
 
 TASK_METRICS: dict[str, TaskMetric] = {
     # Label words are 1-3 tokens plus EOS.
-    "sst2": TaskMetric(("accuracy",), label_extractor(["positive", "negative"]), _accuracy, 4),
+    "sst2": TaskMetric(("accuracy",), label_extractor(["positive", "negative"]), _accuracy, 4, _label_hit),
     "ag_news": TaskMetric(
-        ("accuracy",), label_extractor(["World", "Sports", "Business", "Sci/Tech"]), _accuracy, 6
+        ("accuracy",), label_extractor(["World", "Sports", "Business", "Sci/Tech"]), _accuracy, 6, _label_hit
     ),
-    "medmcqa": TaskMetric(("accuracy",), extract_letter, _accuracy, 4),
-    "race": TaskMetric(("accuracy",), extract_letter, _accuracy, 4),
+    "medmcqa": TaskMetric(("accuracy",), extract_letter, _accuracy, 4, _label_hit),
+    "race": TaskMetric(("accuracy",), extract_letter, _accuracy, 4, _label_hit),
     # Test answers reach 160 characters (5 of 227 first answers exceed 110): 48 tokens, not 32.
-    "squad_v2": TaskMetric(("exact_match", "f1"), _identity, _squad, 48),
+    "squad_v2": TaskMetric(("exact_match", "f1"), _identity, _squad, 48, _squad_hit),
     # Test references reach 437 characters (9 of 500 exceed 300, about 90-100 tokens): 128.
-    "iwslt2017_en_fr": TaskMetric(("exact_match", "bleu"), _identity, _translation, 128),
+    "iwslt2017_en_fr": TaskMetric(("exact_match", "bleu"), _identity, _translation, 128, _translation_hit),
 }
 
 
@@ -346,6 +357,16 @@ def extract_answer(task: str, generation: str) -> str | None:
     """The prediction scored for one raw generation (clean, then the task's extractor);
     None when no answer could be extracted. Useful to log next to each sample."""
     return _check_task(task).extract(clean_generation(generation))
+
+
+def sample_hits(task: str, predictions: Sequence[str | None], refs: Sequence[list[str]]) -> list[int]:
+    """Per sample, 1 or 0: whether the extracted prediction (`extract_answer`, as saved in
+    predictions.jsonl) scores on the task's primary metric; their mean times 100 is that
+    metric. For paired comparisons of two models on the same samples."""
+    spec = _check_task(task)
+    if len(predictions) != len(refs):
+        raise MetricError(f"{task}: {len(predictions)} predictions but {len(refs)} reference lists")
+    return [spec.hit(p, list(rs)) for p, rs in zip(predictions, refs)]
 
 
 def score_task(task: str, generations: Sequence[str], refs: Sequence[list[str]]) -> dict[str, float]:
@@ -381,6 +402,6 @@ def score_task(task: str, generations: Sequence[str], refs: Sequence[list[str]])
 
 __all__ = [
     "EOS_MARKERS", "MetricError", "TASK_METRICS", "TaskMetric", "clean_generation", "extract_answer",
-    "extract_letter", "label_extractor", "max_new_tokens", "normalize_squad", "normalize_translation",
+    "extract_letter", "label_extractor", "max_new_tokens", "sample_hits", "normalize_squad", "normalize_translation",
     "primary_metric", "references", "score_task", "squad_exact", "squad_f1",
 ]

@@ -337,7 +337,8 @@ PUBLISHED = ("table.md", "table.csv", "scores.csv", "stage_times.csv")
 
 def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
     """Copy a finished scenario's small result files (tables, scores, stage times, plots,
-    each RECALL merge's per-layer weights and their summary) into `dest` (e.g. docs/results/multi), replacing what was there; returns the names."""
+    each RECALL merge's per-layer weights and their summary, RECALL paired against every
+    other model on the same samples) into `dest` (e.g. docs/results/multi), replacing what was there; returns the names."""
     import shutil
 
     from .storage import staged
@@ -351,6 +352,7 @@ def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
     names = [n for n in PUBLISHED if (src / n).is_file()]
     plots = sorted((src / "plots").glob("*.png")) if (src / "plots").is_dir() else []
     weights = recall_weights(src)
+    paired = paired_against(src)
     with staged(str(dest), overwrite=True) as tmp:
         for n in names:
             shutil.copy2(src / n, Path(tmp) / n)
@@ -366,8 +368,31 @@ def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
                                 ignore_index=True)
             summary = summary[["merge", *[c for c in summary.columns if c != "merge"]]]
             summary.to_csv(Path(tmp) / "weights_summary.csv", index=False, float_format="%.4f")
+        if paired is not None:
+            paired.to_csv(Path(tmp) / "paired.csv", index=False, float_format="%.4f")
     extra = [f"weights/{n}.csv" for n in weights] + (["weights_summary.csv"] if weights else [])
-    return names + [f"plots/{f.name}" for f in plots] + extra
+    return names + [f"plots/{f.name}" for f in plots] + extra + (["paired.csv"] if paired is not None else [])
+
+
+def paired_against(run_dir: Path, model: str = "recall") -> pd.DataFrame | None:
+    """`analysis.paired_comparison` of `model` against every other model scored beside it,
+    in every evaluation of the run (<where>/eval/predictions.jsonl; column `eval` names
+    where), or None when no evaluation scored `model`."""
+    from .analysis import paired_comparison
+
+    parts = []
+    for f in sorted(run_dir.rglob("eval/predictions.jsonl")):
+        preds = pd.DataFrame([json.loads(line) for line in f.read_text().splitlines() if line.strip()])
+        if model not in set(preds["model"]):
+            continue
+        where = f.parent.parent.relative_to(run_dir).as_posix()
+        for other in dict.fromkeys(preds["model"]):
+            if other != model:
+                parts.append(paired_comparison(preds, model, other).assign(eval=where))
+    if not parts:
+        return None
+    out = pd.concat(parts, ignore_index=True)
+    return out[["eval", *[c for c in out.columns if c != "eval"]]]
 
 
 def recall_weights(run_dir: Path) -> dict[str, Path]:

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from conftest import REPO
-from recall_ray.analysis import adjacent_layer_similarity, adjacent_table, forgetting_table, weight_summary
+from recall_ray.analysis import (adjacent_layer_similarity, adjacent_table, forgetting_table, paired_comparison,
+                                 sign_test, weight_summary)
 
 
 def test_adjacent_layer_similarity_matches_numpy():
@@ -65,6 +66,49 @@ def test_weight_summary_matches_a_plain_computation():
         assert row["saturated_layers"] == 2
     with pytest.raises(ValueError, match="saturated"):
         weight_summary(pd.DataFrame(rows).drop(columns="saturated"))
+
+
+@pytest.mark.parametrize("only_a,only_b", [(0, 0), (3, 0), (0, 3), (4, 9), (7, 19), (10, 10), (1, 30), (52, 10)])
+def test_sign_test_equals_scipys_exact_binomial_test(only_a, only_b):
+    from scipy.stats import binomtest
+
+    want = 1.0 if only_a + only_b == 0 else binomtest(only_a, only_a + only_b, 0.5).pvalue
+    assert sign_test(only_a, only_b) == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def test_paired_comparison_counts_each_sample_once_against_a_plain_count():
+    rng = np.random.default_rng(7)
+    rows, truth = [], {}
+    for task, labels in (("sst2", ["positive", "negative"]), ("medmcqa", ["A", "B", "C", "D"])):
+        for i in range(25):
+            ref = labels[rng.integers(len(labels))]
+            for model in ("recall", "average", "expert"):
+                if model == "expert" and task == "sst2":
+                    continue  # scored on medmcqa only, like an expert on its own task
+                pred = ref if rng.random() < 0.5 else (None if rng.random() < 0.3 else labels[0])
+                truth[(model, task, str(i))] = int(pred == ref)
+                rows.append({"model": model, "task": task, "sample_id": str(i), "prediction": pred, "references": [ref]})
+    preds = pd.DataFrame(rows).sample(frac=1.0, random_state=0)  # any order
+
+    def plain(a, b, tasks):
+        keys = [(t, str(i)) for t in tasks for i in range(25)]
+        both = sum(truth[(a, t, i)] and truth[(b, t, i)] for t, i in keys)
+        oa = sum(truth[(a, t, i)] and not truth[(b, t, i)] for t, i in keys)
+        ob = sum(not truth[(a, t, i)] and truth[(b, t, i)] for t, i in keys)
+        return len(keys), both, oa, ob
+
+    got = paired_comparison(preds, "recall", "average").set_index("task")
+    assert list(got.index) == [t for t in dict.fromkeys(preds.loc[preds["model"] == "recall", "task"])] + ["all"]
+    for task, tasks in (("sst2", ["sst2"]), ("medmcqa", ["medmcqa"]), ("all", ["sst2", "medmcqa"])):
+        n, both, oa, ob = plain("recall", "average", tasks)
+        row = got.loc[task]
+        assert (row["n"], row["both"], row["only_a"], row["only_b"], row["neither"]) == (n, both, oa, ob, n - both - oa - ob)
+        assert row["score_a"] == pytest.approx(100.0 * (both + oa) / n)
+        assert row["p_value"] == pytest.approx(sign_test(oa, ob))
+    only = paired_comparison(preds, "recall", "expert")  # the shared samples only: one task, no "all" row
+    assert list(only["task"]) == ["medmcqa"] and only["n"].iloc[0] == 25
+    with pytest.raises(ValueError, match="no predictions of model 'nobody'"):
+        paired_comparison(preds, "recall", "nobody")
 
 
 def test_adjacent_table_reads_every_model_of_a_run(tiny_run):

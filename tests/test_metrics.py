@@ -20,6 +20,7 @@ from recall_ray.metrics import (
     normalize_translation,
     primary_metric,
     references,
+    sample_hits,
     score_task,
     squad_exact,
     squad_f1,
@@ -327,6 +328,24 @@ def test_training_targets_score_100(task):
     for metric in TASK_METRICS[task].metrics:
         assert out[metric] == pytest.approx(100.0), (task, metric, out)
     assert out["n"] == 40
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_sample_hits_average_to_the_primary_metric(task):
+    """Per-sample hits (for paired comparisons) are the primary metric sample by sample: a
+    mix of right answers, other samples' answers and empty generations, whose hits are
+    known by construction and whose mean is score_task's primary value."""
+    rendered = load_task_records(str(DATA / task / "test.jsonl"), task, max_samples=30)
+    refs = [references(task, r) for r in first_test_records(task, 30)]
+    gens = []
+    for i, r in enumerate(rendered):
+        gens.append(r["target"] if i % 3 == 0 else "" if i % 3 == 1 else rendered[(i + 7) % 30]["target"])
+    preds = [extract_answer(task, g) for g in gens]
+    hits = sample_hits(task, preds, refs)
+    assert set(hits) <= {0, 1}
+    assert all(hits[i] == 1 for i in range(0, 30, 3))  # its own target
+    assert sum(hits[i] for i in range(1, 30, 3)) == 0  # an empty generation scores nothing
+    assert 100.0 * sum(hits) / len(hits) == pytest.approx(score_task(task, gens, refs)[primary_metric(task)])
 
 
 # --- errors -------------------------------------------------------------------------------

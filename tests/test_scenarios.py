@@ -146,7 +146,7 @@ def test_publish_copies_tables_plots_and_every_stage_time(multi, tmp_path):
     names = publish(cfg.run_dir, tmp_path / "pub")
     out = tmp_path / "pub"
     assert {"table.md", "table.csv", "scores.csv", "stage_times.csv", "plots/without_base_weights.png",
-            "weights/without_base.csv", "weights_summary.csv"} <= set(names)
+            "weights/without_base.csv", "weights_summary.csv", "paired.csv"} <= set(names)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(names)
     src_weights = Path(cfg.run_dir) / "without_base" / "recall" / "weights.csv"
     assert (out / "weights" / "without_base.csv").read_bytes() == src_weights.read_bytes()
@@ -161,6 +161,15 @@ def test_publish_copies_tables_plots_and_every_stage_time(multi, tmp_path):
         assert row["spread"] == pytest.approx(vals.max() - vals.min(), abs=1e-4)
         assert row["argmax_layer"] == int(mine["layer"].iloc[int(np.argmax(vals))])
         assert row["saturated_layers"] == int(mine["saturated"].sum())
+    # RECALL paired against every other model of the evaluation; each side's score on the
+    # shared samples is that model's score in the scenario's own table
+    paired = pd.read_csv(out / "paired.csv")
+    table = pd.read_csv(out / "table.csv").set_index(["variant", "model"])
+    others = set(table.loc["without_base"].index) - {"recall"}
+    assert set(paired["b"]) == others and set(paired["a"]) == {"recall"} and set(paired["eval"]) == {"without_base"}
+    for _, row in paired[paired["task"] != "all"].iterrows():
+        assert row["score_a"] == pytest.approx(table.loc[("without_base", "recall"), row["task"]], abs=0.01)
+        assert row["score_b"] == pytest.approx(table.loc[("without_base", row["b"]), row["task"]], abs=0.01)
     times = pd.read_csv(out / "stage_times.csv")
     top = json.loads((Path(cfg.run_dir) / "manifest.json").read_text())["stages"]
     nested = json.loads((Path(cfg.run_dir) / "without_base" / "recall" / "manifest.json").read_text())["stages"]
