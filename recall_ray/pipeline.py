@@ -480,18 +480,25 @@ def connect_ray(ray_cfg: RayConfig) -> bool:
         ray.init(address=address)
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a laptop run needs no token auth
-    # Ray Train's placement-group cleaner asks the state API, from inside the cluster, every
-    # second whether the run's controller is alive, and removes the workers' placement group
-    # when told it is not. Left to find "the" local cluster itself, it fails without a
-    # dashboard and, with another Ray instance on the machine (a test suite, a second job),
-    # can ask that one, hear "no such actor" and kill a healthy fine-tune (seen after 15 min
-    # of training here). So the local runtime gets a dashboard on a port chosen here, and its
-    # processes (the raylet inherits this environment) are pointed at it.
+    ray.init(address="local", num_cpus=ray_cfg.num_cpus, object_store_memory=ray_cfg.object_store_memory,
+             configure_logging=False, **own_dashboard())
+    return True
+
+
+def own_dashboard() -> dict:
+    """ray.init arguments for a local runtime whose processes ask their own dashboard.
+
+    Ray Train's placement-group cleaner asks the state API, from inside the cluster, every
+    second whether the run's controller is alive, and removes the workers' placement group
+    when told it is not. Left to find "the" local cluster itself, it fails without a
+    dashboard and, with another Ray instance on the machine (a test suite, a second job),
+    can ask that one, hear "no such actor" and kill a healthy fine-tune (seen after 15 min
+    of training here). So the runtime gets a dashboard on a free port of 127.0.0.1, and
+    RAY_API_SERVER_ADDRESS names it in this process's environment, which the raylet and
+    every worker inherit. Call it just before `ray.init`."""
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=ray_cfg.num_cpus, object_store_memory=ray_cfg.object_store_memory,
-             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, configure_logging=False)
-    return True
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
 
 
 def _free_port() -> int:
@@ -502,4 +509,4 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-__all__ = ["run_pipeline", "connect_ray", "preflight", "PipelineError", "CheckpointError", "ModelMismatchError"]
+__all__ = ["run_pipeline", "connect_ray", "own_dashboard", "preflight", "PipelineError", "CheckpointError", "ModelMismatchError"]

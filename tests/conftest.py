@@ -120,12 +120,14 @@ def ray_session():
     """One local Ray runtime for the whole test session."""
     import ray
 
+    from recall_ray.pipeline import own_dashboard
+
     if not ray.is_initialized():
         ray.init(
             address="local",
             num_cpus=2,
             object_store_memory=256 * 1024**2,
-            include_dashboard=False,
+            **own_dashboard(),  # its fine-tunes must not ask another Ray instance whether they live
             _temp_dir=tempfile.mkdtemp(prefix="rr_ray_", dir="/tmp"),
             log_to_driver=False,
             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
