@@ -392,7 +392,28 @@ def paired_against(run_dir: Path, model: str = "recall") -> pd.DataFrame | None:
     if not parts:
         return None
     out = pd.concat(parts, ignore_index=True)
-    return out[["eval", *[c for c in out.columns if c != "eval"]]]
+    out = out[["eval", *[c for c in out.columns if c != "eval"]]]
+    return pd.concat([out, pooled_over_evals(out)], ignore_index=True)
+
+
+def pooled_over_evals(paired: pd.DataFrame) -> pd.DataFrame:
+    """Rows `eval` = "all" that pool the per-task rows of several evaluations on disjoint
+    tasks (the single scenario: one variant per task), each `expert:<task>` counted as
+    "expert"; empty when the evaluations share tasks (multi: the same samples twice)."""
+    from .analysis import sign_test
+
+    rows = paired[paired["task"] != "all"]
+    tasks_of = rows.groupby("eval")["task"].apply(set)
+    if len(tasks_of) < 2 or sum(map(len, tasks_of)) != len(set().union(*tasks_of)):
+        return paired.iloc[0:0]
+    rows = rows.assign(b=rows["b"].where(~rows["b"].str.startswith("expert:"), "expert"))
+    out = []
+    for (a, b), g in rows.groupby(["a", "b"], sort=False):
+        n, both, oa, ob = (int(g[c].sum()) for c in ("n", "both", "only_a", "only_b"))
+        out.append({"eval": "all", "a": a, "b": b, "task": "all", "n": n, "both": both, "only_a": oa, "only_b": ob,
+                    "neither": n - both - oa - ob, "score_a": 100.0 * (both + oa) / n,
+                    "score_b": 100.0 * (both + ob) / n, "p_value": sign_test(oa, ob)})
+    return pd.DataFrame(out, columns=paired.columns)
 
 
 def recall_weights(run_dir: Path) -> dict[str, Path]:

@@ -15,7 +15,8 @@ import yaml
 
 from conftest import DATA, float64_state, reference_group
 from recall_ray.config import ConfigError
-from recall_ray.scenarios import ScenarioConfig, load_scenario, preflight, run_scenario, summary_table, variants
+from recall_ray.scenarios import (ScenarioConfig, load_scenario, pooled_over_evals, preflight, run_scenario,
+                                  summary_table, variants)
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +181,26 @@ def test_publish_copies_tables_plots_and_every_stage_time(multi, tmp_path):
     assert all(abs(got[k] - want[k]) <= 0.05 for k in want)
     with pytest.raises(FileNotFoundError, match="no table.csv"):
         publish(tmp_path / "empty", tmp_path / "pub2")
+
+
+def test_pooled_over_evals_sums_disjoint_variants_only():
+    from recall_ray.analysis import sign_test
+
+    def row(ev, b, task, both, oa, ob, neither):
+        n = both + oa + ob + neither
+        return {"eval": ev, "a": "recall", "b": b, "task": task, "n": n, "both": both, "only_a": oa, "only_b": ob,
+                "neither": neither, "score_a": 100.0 * (both + oa) / n, "score_b": 100.0 * (both + ob) / n,
+                "p_value": sign_test(oa, ob)}
+
+    single = pd.DataFrame([row("sst2", "expert:sst2", "sst2", 5, 1, 4, 0), row("sst2", "average", "sst2", 6, 0, 1, 3),
+                           row("race", "expert:race", "race", 2, 0, 3, 5), row("race", "average", "race", 1, 2, 0, 7)])
+    got = pooled_over_evals(single).set_index("b")
+    assert list(got.index) == ["expert", "average"] and set(got["eval"]) == {"all"}
+    assert tuple(got.loc["expert", ["n", "both", "only_a", "only_b", "neither"]]) == (20, 7, 1, 7, 5)
+    assert got.loc["expert", "score_b"] == pytest.approx(70.0) and got.loc["expert", "p_value"] == sign_test(1, 7)
+    assert tuple(got.loc["average", ["n", "only_a", "only_b"]]) == (20, 2, 1)
+    multi = pd.DataFrame([row("with_base", "average", "sst2", 5, 1, 1, 3), row("without_base", "average", "sst2", 5, 1, 1, 3)])
+    assert pooled_over_evals(multi).empty  # the same samples in both variants: no pooling
 
 
 def test_summary_table_single_gathers_each_tasks_own_variant():
