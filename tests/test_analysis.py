@@ -68,7 +68,8 @@ def test_weight_summary_matches_a_plain_computation():
         weight_summary(pd.DataFrame(rows).drop(columns="saturated"))
 
 
-@pytest.mark.parametrize("only_a,only_b", [(0, 0), (3, 0), (0, 3), (4, 9), (7, 19), (10, 10), (1, 30), (52, 10)])
+@pytest.mark.parametrize("only_a,only_b", [(0, 0), (3, 0), (0, 3), (4, 9), (7, 19), (10, 10), (1, 30), (52, 10),
+                                           (600, 500), (3000, 2800)])
 def test_sign_test_equals_scipys_exact_binomial_test(only_a, only_b):
     from scipy.stats import binomtest
 
