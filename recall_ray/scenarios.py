@@ -369,7 +369,9 @@ def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
             summary = summary[["merge", *[c for c in summary.columns if c != "merge"]]]
             summary.to_csv(Path(tmp) / "weights_summary.csv", index=False, float_format="%.4f")
         if paired is not None:
-            paired.to_csv(Path(tmp) / "paired.csv", index=False, float_format="%.4f")
+            # p-values with 3 significant digits: a fixed 4 decimals writes p = 4e-6 as 0.0000
+            paired.assign(p_value=paired["p_value"].map("{:.3g}".format)).to_csv(
+                Path(tmp) / "paired.csv", index=False, float_format="%.4f")
     extra = [f"weights/{n}.csv" for n in weights] + (["weights_summary.csv"] if weights else [])
     return names + [f"plots/{f.name}" for f in plots] + extra + (["paired.csv"] if paired is not None else [])
 

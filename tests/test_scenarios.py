@@ -168,6 +168,10 @@ def test_publish_copies_tables_plots_and_every_stage_time(multi, tmp_path):
     table = pd.read_csv(out / "table.csv").set_index(["variant", "model"])
     others = set(table.loc["without_base"].index) - {"recall"}
     assert set(paired["b"]) == others and set(paired["a"]) == {"recall"} and set(paired["eval"]) == {"without_base"}
+    from recall_ray.analysis import sign_test
+
+    for _, row in paired.iterrows():  # 3 significant digits, however small
+        assert row["p_value"] == pytest.approx(sign_test(row["only_a"], row["only_b"]), rel=5e-3)
     for _, row in paired[paired["task"] != "all"].iterrows():
         assert row["score_a"] == pytest.approx(table.loc[("without_base", "recall"), row["task"]], abs=0.01)
         assert row["score_b"] == pytest.approx(table.loc[("without_base", row["b"]), row["task"]], abs=0.01)
