@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 import time
@@ -60,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     base = resolve_path(spec["base"])
     out_root = REPO / spec["out"]
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
+    from recall_ray.cli import ray_runtime
+    from recall_ray.config import RayConfig
     from recall_ray.finetune import finetune_lora
 
-    ray.init(address="local", include_dashboard=False)
-    try:
+    # joins RAY_ADDRESS when set, else local Ray with its own dashboard (pipeline.own_dashboard:
+    # a fine-tune beside another Ray instance on the machine must not be killed as orphaned)
+    with ray_runtime(RayConfig()):
         for task, cfg, records in plans:
             out = out_root / task
             if out.exists():
@@ -77,8 +76,6 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             finetune_lora(str(base), records, cfg, str(out), str(REPO / "runs" / "adapter_training"), task=task)
             print(f"{task}: adapter in {out} ({time.perf_counter() - t0:.0f}s, {len(records)} records)", flush=True)
-    finally:
-        ray.shutdown()
     return 0
 
 

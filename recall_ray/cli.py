@@ -44,7 +44,10 @@ def ray_runtime(ray_cfg: RayConfig) -> Iterator[None]:
         if started:
             import ray
 
+            from .pipeline import release_dashboard
+
             ray.shutdown()
+            release_dashboard()
 
 
 def publish_step(job: str, verbose: bool, publish: Callable[[], list[str]], dest: str) -> int:

@@ -495,10 +495,28 @@ def own_dashboard() -> dict:
     can ask that one, hear "no such actor" and kill a healthy fine-tune (seen after 15 min
     of training here). So the runtime gets a dashboard on a free port of 127.0.0.1, and
     RAY_API_SERVER_ADDRESS names it in this process's environment, which the raylet and
-    every worker inherit. Call it just before `ray.init`."""
+    every worker inherit. Call it just before `ray.init`, and `release_dashboard` after
+    `ray.shutdown`."""
     port = _free_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    _replaced_api_server.append(os.environ.get(_API_SERVER_ENV))
+    os.environ[_API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+
+
+_API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+_replaced_api_server: list[str | None] = []  # what each own_dashboard() call replaced
+
+
+def release_dashboard() -> None:
+    """After `ray.shutdown` of a runtime started with `own_dashboard`: put back the
+    RAY_API_SERVER_ADDRESS it replaced, so that Ray clients of this process (the state API,
+    a later cluster join) do not ask a dashboard that no longer exists."""
+    if _replaced_api_server:
+        previous = _replaced_api_server.pop()
+        if previous is None:
+            os.environ.pop(_API_SERVER_ENV, None)
+        else:
+            os.environ[_API_SERVER_ENV] = previous
 
 
 def _free_port() -> int:
@@ -509,4 +527,4 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-__all__ = ["run_pipeline", "connect_ray", "own_dashboard", "preflight", "PipelineError", "CheckpointError", "ModelMismatchError"]
+__all__ = ["run_pipeline", "connect_ray", "own_dashboard", "release_dashboard", "preflight", "PipelineError", "CheckpointError", "ModelMismatchError"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -120,21 +121,26 @@ def ray_session():
     """One local Ray runtime for the whole test session."""
     import ray
 
-    from recall_ray.pipeline import own_dashboard
+    from recall_ray.pipeline import own_dashboard, release_dashboard
 
+    ray_tmp = None
     if not ray.is_initialized():
+        ray_tmp = tempfile.mkdtemp(prefix="rr_ray_", dir="/tmp")  # short: Ray's socket paths live under it
         ray.init(
             address="local",
             num_cpus=2,
             object_store_memory=256 * 1024**2,
             **own_dashboard(),  # its fine-tunes must not ask another Ray instance whether they live
-            _temp_dir=tempfile.mkdtemp(prefix="rr_ray_", dir="/tmp"),
+            _temp_dir=ray_tmp,
             log_to_driver=False,
             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
                                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}},
         )
     yield ray
     ray.shutdown()
+    if ray_tmp is not None:
+        release_dashboard()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def small_finetune_cfg(**kw):

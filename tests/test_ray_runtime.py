@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,9 +40,31 @@ def test_workers_ask_their_own_runtime_about_actors_beside_another_ray(ray_sessi
     job's local runtime must still see its own live actors through the state API: Ray
     Train's placement-group cleaner removes a fine-tune's workers when it hears that the
     run's controller is not alive, which an auto-detected cluster address got wrong."""
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rr_rt_", dir="/tmp")}
+    ray_tmp = tempfile.mkdtemp(prefix="rr_rt_", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_API_SERVER_ADDRESS", None)
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=240)
+    try:
+        out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "STATE ALIVE" in out.stdout, (out.stdout[-2000:], out.stderr[-2000:])
+
+
+def test_release_dashboard_puts_back_the_api_server_address(monkeypatch):
+    """A runtime's dashboard address must not outlive it in the process's environment:
+    Ray's state and job clients prefer RAY_API_SERVER_ADDRESS over any other address."""
+    from recall_ray.pipeline import own_dashboard, release_dashboard
+
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://10.0.0.1:8265")
+    port = own_dashboard()["dashboard_port"]
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{port}"
+    release_dashboard()
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://10.0.0.1:8265"
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
+    own_dashboard()
+    release_dashboard()
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
+    release_dashboard()  # nothing left to put back: a no-op
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
