@@ -174,12 +174,18 @@ def find_prebuilt(adapters_dir: str | None, key: str, start: str) -> Path | None
     if not found:
         log.info("no adapter exported in %s for this fine-tune's inputs and settings: training", adapters_dir)
         return None
-    d = found[0]
-    if json.loads((d / "recall_ray.json").read_text()).get("base_fingerprint") != content_fingerprint(start):
-        log.warning("the adapter exported in %s was trained on a starting model that differs from %s (in its last"
-                    " bits, if recomputed on another machine): training", d, start)
-        return None
-    return d
+    want = content_fingerprint(start)
+    for d in found:  # several exports may hold this key (e.g. copies of one directory): any that fits
+        meta = d / "recall_ray.json"
+        if not meta.is_file():
+            raise ConfigError(f"{d} holds an exported adapter without the recall_ray.json that names the model it"
+                              f" was trained on: export it again (jobs/scenario.py --export-adapters) or remove it")
+        if json.loads(meta.read_text()).get("base_fingerprint") == want:
+            return d
+    log.warning("the adapters exported in %s for this fine-tune were trained on a starting model that differs"
+                " from %s (in its last bits, if recomputed on another machine): training",
+                ", ".join(map(str, found)), start)
+    return None
 
 
 def export_adapters(run_dir: str | Path, dest: str | Path) -> list[str]:

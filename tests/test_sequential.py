@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DATA, float64_state, reference_group
+from recall_ray.config import ConfigError
 from recall_ray.sequential import (SequentialConfig, export_adapters, find_prebuilt, preflight, run_sequential,
                                   sequence_table, start_keys)
 
@@ -195,6 +196,17 @@ def test_an_exported_adapter_is_used_only_on_its_own_starting_model(seq, tiny_ex
     assert find_prebuilt(str(tmp_path / "adapters"), "another key", start) is None
     assert find_prebuilt(str(tmp_path / "adapters"), stage["key"], str(tiny_experts[0])) is None  # another start
     assert find_prebuilt(None, stage["key"], start) is None
+    # a second copy of the export: the one that fits is found, whichever comes first
+    import shutil
+
+    shutil.copytree(tmp_path / "adapters", tmp_path / "two" / "b")
+    shutil.copytree(tmp_path / "adapters", tmp_path / "two" / "a")
+    meta = tmp_path / "two" / "a" / "step1" / "finetune_recall" / "recall_ray.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "base_fingerprint": "another model"}))
+    assert find_prebuilt(str(tmp_path / "two"), stage["key"], start) == tmp_path / "two" / "b" / "step1" / "finetune_recall"
+    meta.unlink()
+    with pytest.raises(ConfigError, match="without the recall_ray.json.*export it again"):
+        find_prebuilt(str(tmp_path / "two"), stage["key"], start)
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         export_adapters(tmp_path / "nothing", tmp_path / "out")
     with pytest.raises(ValueError, match="not a directory of exported step adapters"):
