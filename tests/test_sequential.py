@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -197,8 +198,6 @@ def test_an_exported_adapter_is_used_only_on_its_own_starting_model(seq, tiny_ex
     assert find_prebuilt(str(tmp_path / "adapters"), stage["key"], str(tiny_experts[0])) is None  # another start
     assert find_prebuilt(None, stage["key"], start) is None
     # a second copy of the export: the one that fits is found, whichever comes first
-    import shutil
-
     shutil.copytree(tmp_path / "adapters", tmp_path / "two" / "b")
     shutil.copytree(tmp_path / "adapters", tmp_path / "two" / "a")
     meta = tmp_path / "two" / "a" / "step1" / "finetune_recall" / "recall_ray.json"
@@ -216,8 +215,6 @@ def test_an_exported_adapter_is_used_only_on_its_own_starting_model(seq, tiny_ex
 def test_step_1_is_keyed_by_the_base_weights(tiny_dir, tiny_experts, tmp_path):
     """A run directory resumed with another base must not reuse step 1's fine-tune: the
     lines' starting key is the base's weights, equal for a byte copy, not its name."""
-    import shutil
-
     copy = Path(shutil.copytree(tiny_dir, tmp_path / "copy"))
     keys = start_keys(str(tiny_dir), ["recall", "seqft"])
     assert keys["recall"] == keys["seqft"] == start_keys(str(copy), ["x"])["x"]
