@@ -7,7 +7,8 @@ actor pool, prompts from the fine-tuning templates.
 A model is a Hugging Face directory or a LoRA adapter directory on --base (default: the
 builtin SmolLM2-135M-Instruct). Writes <out>/scores.json, scores.csv (model, task, metric,
 value, n), scores.md and predictions.jsonl, and prints the table. Joins RAY_ADDRESS if set,
-else starts local Ray. Exit status 0 on success; otherwise one line on stderr.
+else starts local Ray. Exit status 0 on success; otherwise one line on stderr (2: bad input,
+found before any generation; 1: a failure).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's recall_ray, not whichever one pip installed
+from recall_ray.cli import guarded, pin_checkout, setup_logging  # noqa: E402
+
+pin_checkout(REPO)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,12 +59,11 @@ def resolve_models(specs: list[str], base: str) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from recall_ray.cli import guarded, ray_runtime, setup_logging
-
     setup_logging(args.verbose)
     t0 = time.perf_counter()
 
     def run():
+        from recall_ray.cluster.runtime import ray_runtime
         from recall_ray.config import RayConfig
         from recall_ray.evaluate import evaluate_models, preflight, write_result
 

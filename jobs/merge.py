@@ -16,6 +16,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's recall_ray, not whichever one pip installed
+from recall_ray.cli import guarded, pin_checkout, setup_logging  # noqa: E402
+
+pin_checkout(REPO)
 
 # The embedded default: SmolLM2-135M-Instruct as the base, LoRA experts for SST-2 and
 # MedMCQA, AG News as the new task; every adapter (the new task's too) is committed under
@@ -51,19 +55,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from recall_ray.cli import guarded, ray_runtime, setup_logging
-
     setup_logging(args.verbose)
     t0 = time.perf_counter()
 
     def run():
+        from recall_ray.cluster.runtime import ray_runtime
         from recall_ray.config import load_config
-        from recall_ray.pipeline import run_pipeline
+        from recall_ray.pipeline import preflight, run_pipeline
 
         overrides = list(args.overrides) + (["overwrite=true"] if args.overwrite else [])
         cfg = load_config(args.config, overrides, defaults=None if args.config else DEFAULT_CONFIG)
+        plan = preflight(cfg)  # every check that needs no forward pass, before Ray starts
         with ray_runtime(cfg.ray):
-            return run_pipeline(cfg)
+            return run_pipeline(cfg, plan)
 
     status, result = guarded("merge", args.verbose, run)
     if status:

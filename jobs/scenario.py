@@ -1,13 +1,14 @@
-"""Run one scenario of the paper from one YAML config: RECALL and every baseline merged by
-the same actors, every model scored, one table.
+"""Run one study of the paper from one YAML config: RECALL and every baseline merged by the
+same actors, every model scored, one table.
 
     python jobs/scenario.py --config configs/scenarios/multi.yaml [--set evaluate.max_samples=20]
 
-Scenarios: single (each expert with its base, paper Table 1), multi (all experts with and
+Studies: single (each expert with its base, paper Table 1), multi (all experts with and
 without the base, Table 2), sequential (tasks learned in order, each step fine-tuned and
-merged with what came before, against sequential fine-tuning; Table 7, Figure 5). Writes <run_dir>/scores.csv, table.csv, table.md and plots/,
-and resumes: rerun it and only what changed is recomputed. Joins RAY_ADDRESS if set, else
-starts local Ray. Exit status 0 on success; otherwise one line on stderr.
+merged with what came before, against sequential fine-tuning; Table 7, Figure 5). Writes
+<run_dir>/scores.csv, table.csv, table.md and plots/, and resumes: rerun it and only what
+changed is recomputed. Joins RAY_ADDRESS if set, else starts local Ray. Exit status 0 on
+success; otherwise one line on stderr (2: bad input, found before any work; 1: a failure).
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's recall_ray, not whichever one pip installed
+from recall_ray.cli import guarded, pin_checkout, publish_step, setup_logging  # noqa: E402
+
+pin_checkout(REPO)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,24 +37,20 @@ def main(argv: list[str] | None = None) -> int:
                    " retraining")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    from recall_ray.cli import guarded, ray_runtime, setup_logging
-
     setup_logging(args.verbose)
     t0 = time.perf_counter()
 
     def run():
-        from recall_ray import scenarios, sequential
+        from recall_ray.config import ConfigError
+        from recall_ray.studies.registry import load_study, run_study, study_of
 
-        cfg = scenarios.load_scenario(args.config, args.overrides)
-        if args.export_adapters and cfg.scenario != "sequential":
-            from recall_ray.config import ConfigError
-
-            raise ConfigError(f"--export-adapters is for sequential scenarios (they train adapters), not"
-                              f" {cfg.scenario}: drop it")
-        kind = sequential if cfg.scenario == "sequential" else scenarios
-        kind.preflight(cfg)  # every check before Ray starts
-        with ray_runtime(cfg.ray):
-            return cfg, (sequential.run_sequential(cfg) if kind is sequential else scenarios.run_scenario(cfg))
+        cfg = load_study(args.config, args.overrides)
+        kind = study_of(cfg).kind
+        if kind == "selection":
+            raise ConfigError(f"{args.config} is a selection config: run it with jobs/select_settings.py")
+        if args.export_adapters and kind != "sequential":
+            raise ConfigError(f"--export-adapters is for sequential studies (they train adapters), not {kind}: drop it")
+        return cfg, run_study(cfg)
 
     status, out = guarded("scenario", args.verbose, run)
     if status:
@@ -56,19 +60,18 @@ def main(argv: list[str] | None = None) -> int:
           f" {cfg.evaluate.max_samples} samples per task) ===")
     print(result.table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     print(f"\nrun directory: {cfg.run_dir} (scores.csv, table.csv, table.md, plots/); {time.perf_counter() - t0:.0f}s")
-    from recall_ray.cli import publish_step
-
     if args.export_adapters:
-        from recall_ray.sequential import export_adapters
+        from recall_ray.studies.sequential import export_adapters
 
         status = publish_step("scenario", args.verbose, lambda: export_adapters(cfg.run_dir, args.export_adapters),
                               args.export_adapters)
         if status:
             return status
     if args.publish:
-        from recall_ray.scenarios import publish
+        from recall_ray.studies.registry import study_of
 
-        return publish_step("scenario", args.verbose, lambda: publish(cfg.run_dir, args.publish), args.publish)
+        study = study_of(cfg)
+        return publish_step("scenario", args.verbose, lambda: study.publish(cfg.run_dir, args.publish), args.publish)
     return 0
 
 

@@ -16,15 +16,16 @@ tasks ({task: {FinetuneConfig overrides}}).
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's recall_ray, not whichever one pip installed
+from recall_ray.cli import guarded, pin_checkout, setup_logging  # noqa: E402
+
+pin_checkout(REPO)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,51 +33,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--tasks", nargs="+", help="train only these tasks of the config")
     p.add_argument("--force", action="store_true", help="retrain adapters that already exist")
+    p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(args.verbose)
 
-    from recall_ray.config import FinetuneConfig
-    from recall_ray.models import resolve_path
-    from recall_ray.splits import load_split
+    def run() -> None:
+        from recall_ray.cluster.finetune import finetune_lora
+        from recall_ray.cluster.runtime import ray_runtime
+        from recall_ray.config import ConfigError, FinetuneConfig, RayConfig, load_tree
+        from recall_ray.models import resolve_path
+        from recall_ray.splits import load_split
 
-    spec = yaml.safe_load(Path(args.config).read_text())
-    unknown = set(spec) - {"base", "out", "split", "finetune", "tasks"}
-    if unknown:
-        print(f"train_adapters: error: unknown config keys {sorted(unknown)}", file=sys.stderr)
-        return 2
-    tasks: dict = spec["tasks"]
-    chosen = args.tasks or list(tasks)
-    missing = [t for t in chosen if t not in tasks]
-    if missing:
-        print(f"train_adapters: error: tasks {missing} are not in {args.config} (it has {list(tasks)})", file=sys.stderr)
-        return 2
-    # Validate every task's settings and data before training anything.
-    plans = []
-    for task in chosen:
-        cfg = FinetuneConfig(**{**spec.get("finetune", {}), **(tasks[task] or {})})
-        records = load_split(REPO / "data", task, spec.get("split", "train"), max_samples=cfg.max_samples)
-        plans.append((task, cfg, records))
-    base = resolve_path(spec["base"])
-    out_root = REPO / spec["out"]
+        spec = load_tree(args.config, (), "adapters config")
+        unknown = set(spec) - {"base", "out", "split", "finetune", "tasks"}
+        if unknown:
+            raise ConfigError(f"unknown config keys {sorted(unknown)} (known: base, out, split, finetune, tasks)")
+        tasks: dict = spec["tasks"]
+        chosen = args.tasks or list(tasks)
+        missing = [t for t in chosen if t not in tasks]
+        if missing:
+            raise ConfigError(f"tasks {missing} are not in {args.config} (it has {list(tasks)})")
+        # Every task's settings and data are checked before anything is trained.
+        plans = []
+        for task in chosen:
+            cfg = FinetuneConfig(**{**spec.get("finetune", {}), **(tasks[task] or {})})
+            records = load_split(REPO / "data", task, spec.get("split", "train"), max_samples=cfg.max_samples)
+            plans.append((task, cfg, records))
+        base = resolve_path(spec["base"])
+        out_root = REPO / spec["out"]
+        with ray_runtime(RayConfig()):
+            for task, cfg, records in plans:
+                out = out_root / task
+                if out.exists():
+                    if not args.force:
+                        print(f"{out} exists; skipping (use --force to retrain)")
+                        continue
+                    shutil.rmtree(out)
+                t0 = time.perf_counter()
+                finetune_lora(str(base), records, cfg, str(out), str(REPO / "runs" / "adapter_training"), task=task)
+                print(f"{task}: adapter in {out} ({time.perf_counter() - t0:.0f}s, {len(records)} records)", flush=True)
 
-    from recall_ray.cli import ray_runtime
-    from recall_ray.config import RayConfig
-    from recall_ray.finetune import finetune_lora
-
-    # joins RAY_ADDRESS when set, else local Ray with its own dashboard (pipeline.own_dashboard:
-    # a fine-tune beside another Ray instance on the machine must not be killed as orphaned)
-    with ray_runtime(RayConfig()):
-        for task, cfg, records in plans:
-            out = out_root / task
-            if out.exists():
-                if not args.force:
-                    print(f"{out} exists; skipping (use --force to retrain)")
-                    continue
-                shutil.rmtree(out)
-            t0 = time.perf_counter()
-            finetune_lora(str(base), records, cfg, str(out), str(REPO / "runs" / "adapter_training"), task=task)
-            print(f"{task}: adapter in {out} ({time.perf_counter() - t0:.0f}s, {len(records)} records)", flush=True)
-    return 0
+    return guarded("train_adapters", args.verbose, run)[0]
 
 
 if __name__ == "__main__":

@@ -1,53 +1,125 @@
-"""What every job entry point (jobs/*.py) shares: logging, one-line errors, the Ray runtime."""
+"""What every job entry point (jobs/*.py) shares: this checkout's package, logging, one-line
+errors, the publish step. The Ray runtime is recall_ray.cluster.runtime.ray_runtime."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable
 
-from .config import RayConfig
+# Exit statuses: bad input (config, data, models, an existing output) is found before any
+# work and exits 2; a failure in the work itself exits 1; an interrupt 130.
+BAD_INPUT, FAILED, INTERRUPTED = 2, 1, 130
+
+
+def pin_checkout(repo: Path) -> None:
+    """Make this checkout's recall_ray the one the job and its local Ray workers import.
+
+    A job runs as `python jobs/x.py`, so Python puts jobs/ (not the checkout) on sys.path and
+    would import whichever recall_ray pip installed, perhaps another clone's. The job puts
+    its checkout first on sys.path before importing recall_ray; this checks it worked and
+    puts the checkout on PYTHONPATH, which the workers of a local Ray runtime inherit. (On
+    a cluster, `ray job submit --working-dir .` ships the checkout to every worker.)"""
+    import recall_ray
+
+    here = Path(recall_ray.__file__).resolve().parent
+    if here != repo.resolve() / "recall_ray":
+        raise ImportError(f"this job belongs to {repo} but imported recall_ray from {here}: run it in a fresh process")
+    paths = [str(repo)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(repo)]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FILE = "job.log"
+
+
+class RunLogHandler(logging.Handler):
+    """Every record of the job, in `<run_dir>/job.log`. The run directory is not known (nor
+    created) when the job starts, and must not be created for a bad input: records are held
+    in memory until a record carries `run_dir` (the manifest logs one when it creates the
+    run directory), then written there, with everything after. The first run directory
+    announced wins (a study's, not those of the RECALL runs nested in it). A URI run
+    directory gets its log when the job ends."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+        self.held: list[str] = []
+        self.path: str | None = None
+        self.file = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:  # a record that cannot be formatted must not stop the job
+            return
+        run_dir = getattr(record, "run_dir", None)
+        if self.path is None and run_dir:
+            self.path = f"{str(run_dir).rstrip('/')}/{LOG_FILE}"
+            if "://" not in self.path:
+                self.file = open(self.path, "a", encoding="utf-8")
+                self.file.writelines(self.held)
+                self.held = []
+        if self.file is not None:
+            self.file.write(line)
+            self.file.flush()
+        else:
+            self.held.append(line)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        elif self.path is not None and self.held:  # a URI run directory: one upload at the end
+            from .storage import filesystem
+
+            fs, path = filesystem(self.path)
+            with fs.open_output_stream(path) as f:
+                f.write("".join(self.held).encode())
+            self.held = []
+        super().close()
 
 
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("filelock", "urllib3", "matplotlib", "PIL"):
+    """The job's console shows warnings, progress lines (recall_ray.progress) and the
+    summary; every record (ours, Ray Data's) goes to the run directory's job.log. With
+    -v the console shows the records too."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+    root.addHandler(console)
+    root.addHandler(RunLogHandler())
+    for noisy in ("filelock", "urllib3", "matplotlib", "PIL", "fsspec", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        # model loading bars, here and in the workers of a local Ray runtime (which inherit it)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def is_bad_input(err: BaseException) -> bool:
+    """Errors the checks raise before any work: a wrong config, data, model or output."""
+    return isinstance(err, (ValueError, FileExistsError, FileNotFoundError, ImportError))
 
 
 def guarded(job: str, verbose: bool, body: Callable[[], Any]) -> tuple[int, Any]:
     """(0, body()) on success; otherwise one line `<job>: error: ...` on stderr (the traceback
-    too with -v) and (1, None), or (130, None) when interrupted."""
+    too with -v) and (BAD_INPUT or FAILED, None), or (INTERRUPTED, None)."""
     try:
         return 0, body()
     except KeyboardInterrupt:
         print(f"{job}: interrupted", file=sys.stderr)
-        return 130, None
+        return INTERRUPTED, None
     except Exception as e:
         if verbose:
             logging.exception("%s failed", job)
-        print(f"{job}: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1, None
-
-
-@contextmanager
-def ray_runtime(ray_cfg: RayConfig) -> Iterator[None]:
-    """Join the cluster (or start local Ray) for the block; stop only a runtime started here."""
-    from .pipeline import connect_ray
-
-    started = connect_ray(ray_cfg)
-    try:
-        yield
-    finally:
-        if started:
-            import ray
-
-            from .pipeline import release_dashboard
-
-            ray.shutdown()
-            release_dashboard()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"{job}: error: {type(e).__name__}: {first}", file=sys.stderr)
+        return (BAD_INPUT if is_bad_input(e) else FAILED), None
 
 
 def publish_step(job: str, verbose: bool, publish: Callable[[], list[str]], dest: str) -> int:

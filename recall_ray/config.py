@@ -7,7 +7,7 @@ setting that is silently ignored. Validation happens before any work starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,11 +17,13 @@ class ConfigError(ValueError):
     """A configuration problem, with a message that names the key and the fix."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A config section: frozen, and an unknown key is an error (never a silent default)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelSpec(_Section):
+class ModelSpec(Section):
     """One model taking part in the merge.
 
     `path` is a Hugging Face model directory (safetensors), a PEFT LoRA adapter directory
@@ -31,13 +33,16 @@ class ModelSpec(_Section):
     name: str | None = None
     path: str
     adapter_base: str | None = None  # the model a LoRA adapter was trained on, when not `base` (sequential runs)
+    # An adapter without recall_ray.json is tied to its base by the name PEFT recorded
+    # (adapter_config.json base_model_name_or_path); false accepts a base of another name.
+    base_name_check: bool = True
 
     @property
     def label(self) -> str:
         return self.name or Path(self.path.rstrip("/")).name
 
 
-class TaskConfig(_Section):
+class TaskConfig(Section):
     """The new task's data: JSONL records rendered to prompt/target by a template."""
 
     name: str = "task"
@@ -47,7 +52,7 @@ class TaskConfig(_Section):
     max_length: int = Field(128, gt=8)
 
 
-class FinetuneConfig(_Section):
+class FinetuneConfig(Section):
     """LoRA supervised fine-tuning through Ray Train (paper: r 8, alpha 32, dropout 0.1)."""
 
     enabled: bool = False  # fine-tune the new model even when `new_model` is given
@@ -78,25 +83,38 @@ class FinetuneConfig(_Section):
         return v
 
 
-class RepresentationConfig(_Section):
+class RepresentationConfig(Section):
     batch_size: int = Field(16, gt=0)
     num_actors: int | Literal["auto"] = "auto"
     exclude_first_token: bool = False
     dtype: Literal["float32", "bfloat16"] = "float32"  # model compute dtype; pooling is float32
 
 
-class TypicalConfig(_Section):
+class TypicalConfig(Section):
     k: int = Field(20, gt=0)
     seed: int = 0
     n_init: int = Field(4, gt=0)
 
 
-class SimilarityConfig(_Section):
-    kernel: Literal["rbf", "cosine", "linear_cka", "mmd", "euclidean"] = "rbf"
+class SimilarityConfig(Section):
+    """RECALL's similarity (core.similarity): a kernel of KERNELS, a row normalisation of
+    NORMALIZERS, the RBF width and the softmax temperature."""
+
+    kernel: str = "rbf"
     sigma: float | Literal["median"] = 1.0
-    normalize: Literal["none", "l2", "standardize"] = "none"
+    normalize: str = "none"
     temperature: float = Field(1.0, gt=0)
     pairing: Literal["paired", "all_pairs"] = "paired"
+
+    @field_validator("kernel", "normalize")
+    @classmethod
+    def _registered(cls, v: str, info) -> str:
+        from .core.similarity import KERNELS, NORMALIZERS
+
+        known = KERNELS if info.field_name == "kernel" else NORMALIZERS
+        if v not in known:
+            raise ValueError(f"unknown {info.field_name} {v!r}: use one of {', '.join(known)}")
+        return v
 
     @field_validator("sigma")
     @classmethod
@@ -106,7 +124,7 @@ class SimilarityConfig(_Section):
         return v
 
 
-class MergeConfig(_Section):
+class MergeConfig(Section):
     num_actors: int | Literal["auto"] = "auto"
     head_group: Literal["last", "embedding"] = "last"  # where the final norm and LM head go
     placement: Literal["SPREAD", "PACK", "DEFAULT"] = "SPREAD"
@@ -114,7 +132,7 @@ class MergeConfig(_Section):
     check_finite: bool = True
 
 
-class EvaluateConfig(_Section):
+class EvaluateConfig(Section):
     """Optional scoring at the end of the job (recall_ray.evaluate): the merge, the new model
     alone and each baseline merge, on the first `max_samples` of each task's split."""
 
@@ -122,17 +140,62 @@ class EvaluateConfig(_Section):
     split: Literal["test", "validation"] = "test"
     max_samples: int = Field(32, gt=0)
     data_dir: str = "data"  # holds <task>/train.jsonl and test.jsonl
-    baselines: list[Literal["average"]] = ["average"]  # merged beside the RECALL merge for comparison
+    # merged beside the RECALL merge for comparison: named methods that need nothing but the
+    # models (core.merge_methods.METHODS), with the default `BaselineConfig` settings
+    baselines: list[str] = ["average"]
     batch_size: int = Field(16, gt=0)
 
+    @field_validator("baselines")
+    @classmethod
+    def _standalone_methods(cls, v: list[str]) -> list[str]:
+        from .core.merge_methods import METHODS
 
-class RayConfig(_Section):
+        bad = [m for m in v if m not in METHODS or METHODS[m].needs]
+        if bad:
+            ok = [m for m, spec in METHODS.items() if not spec.needs]
+            raise ValueError(f"{bad} cannot be merged beside the job's RECALL merge: use methods of {ok}")
+        return v
+
+
+class BaselineConfig(Section):
+    """Settings of the baselines (core.merge_methods.METHODS); choose them on the validation
+    split, never on test."""
+
+    lam: float = Field(1.0, gt=0)  # task-vector scale: task arithmetic, TIES, DARE + task arithmetic
+    ties_density: float = Field(0.2, gt=0, le=1)  # fraction of each task vector TIES keeps
+    dare_drop: float = Field(0.9, ge=0, lt=1)  # fraction of each task vector DARE drops
+    seed: int = 0  # DARE's masks
+    cocktail_temperature: float = Field(1.0, gt=0)
+    cocktail_examples: int = Field(8, gt=0)  # new-task examples LM-Cocktail's losses are measured on
+
+
+class RayConfig(Section):
     address: str | None = None  # None: join RAY_ADDRESS if set, else start local Ray
     num_cpus: int | None = None
     object_store_memory: int | None = 512 * 1024**2
 
 
-class RunConfig(_Section):
+class RecallSections(Section):
+    """The sections that decide a RECALL merge once its models and data are given: shared
+    by the job's config (RunConfig) and a study's `recall:` section (RecallSettings)."""
+
+    typical: TypicalConfig = TypicalConfig()
+    similarity: SimilarityConfig = SimilarityConfig()
+    representations: RepresentationConfig = RepresentationConfig()
+    merge: MergeConfig = MergeConfig()
+
+
+class RecallSettings(RecallSections):
+    """RECALL's settings in a study: the job's sections, and how much of the new task's
+    train split it represents."""
+
+    max_samples: int = Field(200, gt=0)  # new-task train samples represented and clustered
+    max_length: int = Field(128, gt=8)
+
+
+class RunConfig(RecallSections):
+    """The RECALL job (jobs/merge.py)."""
+
     run_dir: str = "runs/default"
     output: str | None = None  # default: <run_dir>/merged
     overwrite: bool = False
@@ -144,10 +207,6 @@ class RunConfig(_Section):
     task: TaskConfig
     architecture: str | None = None  # path to a JSON template for an unknown family
     finetune: FinetuneConfig = FinetuneConfig()
-    representations: RepresentationConfig = RepresentationConfig()
-    typical: TypicalConfig = TypicalConfig()
-    similarity: SimilarityConfig = SimilarityConfig()
-    merge: MergeConfig = MergeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     ray: RayConfig = RayConfig()
 
@@ -189,10 +248,11 @@ def apply_override(tree: dict, assignment: str) -> None:
         node[last] = _parse_scalar(value)
 
 
-def _format_errors(err: ValidationError) -> str:
+def format_errors(err: ValidationError, prefix: str = "") -> str:
+    """A pydantic error as one line per problem, naming the dotted key (under `prefix`)."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join([prefix] * bool(prefix) + [str(p) for p in e["loc"]]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown config key '{loc}' (check the spelling; see README 'Config reference')")
         else:
@@ -201,23 +261,36 @@ def _format_errors(err: ValidationError) -> str:
 
 
 def build_config(tree: dict) -> RunConfig:
+    return validate(RunConfig, tree)
+
+
+def load_tree(path: str, overrides: Sequence[str] = (), what: str = "config file") -> dict:
+    """A YAML mapping from `path` with `--set` overrides applied (not validated yet)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    tree = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{what} {path} must hold a YAML mapping at the top level")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return tree
+
+
+def validate(model: type[BaseModel], tree: dict, prefix: str = "") -> Any:
+    """`model` validated from `tree`, or ConfigError with one line per problem (keys named
+    under `prefix`, e.g. "finetune")."""
     try:
-        return RunConfig.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err)) from None
+        raise ConfigError(format_errors(err, prefix)) from None
 
 
-def load_config(path: str | None, overrides: list[str] = (), defaults: dict | None = None) -> RunConfig:
+def load_config(path: str | None, overrides: Sequence[str] = (), defaults: dict | None = None) -> RunConfig:
     """Load a YAML file (or `defaults` when no file), apply `--set` overrides, validate."""
-    tree: dict = dict(defaults or {})
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a YAML mapping at the top level")
-        tree = loaded
+        return build_config(load_tree(path, overrides))
+    tree: dict = dict(defaults or {})
     for assignment in overrides:
         apply_override(tree, assignment)
     return build_config(tree)

@@ -11,6 +11,7 @@ import platform
 import time
 from datetime import datetime, timezone
 from importlib import metadata
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .storage import RunDir, filesystem
@@ -41,6 +42,29 @@ def _exists(path: str) -> bool:
     return fs.get_file_info(p).type != FileType.NotFound
 
 
+@dataclass(frozen=True)
+class StageRun:
+    """What `Manifest.run` did: the stage's key (for the keys of the stages downstream of
+    it), its result (recorded in the manifest), and whether it was reused."""
+
+    key: str
+    result: Any
+    skipped: bool
+
+
+def recorded_stages(run_dir: str) -> dict[str, dict]:
+    """The stages an existing run directory's manifest records, read without creating
+    anything ({} when there is no manifest): for checks that must leave no trace."""
+    fs, root = filesystem(run_dir)
+    path = f"{root.rstrip('/')}/{Manifest.FILE}"
+    from pyarrow.fs import FileType
+
+    if fs.get_file_info(path).type != FileType.File:
+        return {}
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read()).get("stages", {})
+
+
 class Manifest:
     FILE = "manifest.json"
 
@@ -56,6 +80,8 @@ class Manifest:
         }
         self.timings: dict[str, dict] = {}  # this run only: seconds and whether skipped
         self.save()
+        # the job's log (cli.RunLogHandler) goes here from now on
+        log.info("run directory %s", run_dir.root, extra={"run_dir": run_dir.root})
 
     def save(self) -> None:
         self.data["updated"] = _now()
@@ -70,13 +96,24 @@ class Manifest:
         return bool(s and s.get("status") == "done" and s.get("key") == key
                     and all(_exists(o) for o in s.get("outputs", [])))
 
-    def run(self, name: str, key_parts: Any, outputs: list[str], fn: Callable[[], Any]) -> Any:
+    def record(self, name: str, key_parts: Any, seconds: float, reused: bool, result: Any = None) -> StageRun:
+        """Record a stage that ran before this manifest existed (an input check that must
+        leave no trace when it fails), with the seconds it took."""
+        key = stable_hash(key_parts)
+        if not reused:
+            self.data["stages"][name] = {"status": "done", "key": key, "finished": _now(), "outputs": [],
+                                         "seconds": round(seconds, 3), "result": result}
+            self.save()
+        self.timings[name] = {"seconds": seconds, "skipped": reused}
+        return StageRun(key, result, reused)
+
+    def run(self, name: str, key_parts: Any, outputs: list[str], fn: Callable[[], Any]) -> StageRun:
         """Run `fn` unless the stage is done with the same key; record status and timing."""
         key = stable_hash(key_parts)
         if self.done(name, key):
             log.info("stage %s: inputs unchanged, reusing %s", name, ", ".join(outputs) or "its result")
             self.timings[name] = {"seconds": 0.0, "skipped": True}
-            return self.data["stages"][name].get("result")
+            return StageRun(key, self.data["stages"][name].get("result"), True)
         self.data["stages"][name] = {"status": "running", "key": key, "started": _now(), "outputs": outputs}
         self.save()
         t0 = time.perf_counter()
@@ -91,7 +128,7 @@ class Manifest:
         self.save()
         self.timings[name] = {"seconds": seconds, "skipped": False}
         log.info("stage %s: done in %.1fs", name, seconds)
-        return result
+        return StageRun(key, result, False)
 
 
 def _now() -> str:

@@ -1,7 +1,8 @@
 """Export a merge as a mergekit YAML that reproduces it (`mergekit-yaml merge.yaml OUT`).
 
-Every `MergeMethod` maps onto one mergekit method of the same name (linear, task_arithmetic,
-ties, dare_linear, dare_ties). Per-layer-group weights become mergekit conditional parameters:
+Every `MergeMethod` maps onto the mergekit method of its kind's name (linear, task_arithmetic,
+ties, dare_linear, dare_ties), with the global parameters its kind declares beside its rule
+(core/merge_methods.py, `KINDS`). Per-layer-group weights become mergekit conditional parameters:
 a list of `{filter: ..., value: ...}` per model, one entry per tensor-name pattern of a group,
 then a default `{value: ...}`.
 
@@ -44,13 +45,11 @@ from typing import Any, Sequence
 
 import yaml
 
-from .architectures import Architecture, Grouping
-from .merge_methods import MergeMethod
+from .core.architectures import Architecture, Grouping
+from .core.merge_methods import KINDS, MergeMethod
 from .models import ResolvedModel
 
 MERGEKIT_VERSION = "0.1.5"
-TASK_VECTOR_KINDS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
-DARE_KINDS = ("dare_linear", "dare_ties")
 
 
 def mergekit_model_path(model: str | ResolvedModel) -> str:
@@ -137,28 +136,23 @@ def mergekit_config(method: MergeMethod, model_paths: Sequence[str | ResolvedMod
         raise ValueError(f"method has {len(weights)} weight rows, the grouping {grouping.num_groups} groups")
     if any(len(row) != len(model_paths) for row in weights):
         raise ValueError(f"method weights are for {method.num_models} models, {len(model_paths)} paths given")
-    if method.kind not in ("linear",) + TASK_VECTOR_KINDS:
+    if method.kind not in KINDS:
         raise ValueError(f"no mergekit export for merge kind {method.kind!r}")
+    kind = KINDS[method.kind]
     paths = [mergekit_model_path(p) for p in model_paths]
     if "+" in paths[0]:
         raise ValueError("model 0 (the base) must be a full model, not an adapter")
     filters = block_filters(grouping, arch, num_layers)
     column = lambda q: [row[q] for row in weights]  # noqa: E731
 
-    cfg: dict[str, Any] = {"merge_method": method.kind, "base_model": paths[0], "dtype": dtype}
+    cfg: dict[str, Any] = {"merge_method": kind.name, "base_model": paths[0], "dtype": dtype}
     if out_dtype is not None and out_dtype != dtype:
         cfg["out_dtype"] = out_dtype
-    if method.kind == "linear":
-        cfg["parameters"] = {"normalize": True}
+    cfg["parameters"] = kind.mergekit_parameters(method)
+    if not kind.task_vectors:
         cfg["models"] = [{"model": p, "parameters": {"weight": _per_group_setting(column(q), filters)}}
                          for q, p in enumerate(paths)]
     else:
-        params: dict[str, Any] = {"lambda": float(method.lam), "normalize": bool(method.normalize)}
-        if method.kind in DARE_KINDS:
-            params["rescale"] = True
-        elif method.kind == "ties":
-            params["rescale"] = False
-        cfg["parameters"] = params
         cfg["models"] = [{"model": paths[0]}] + [
             {"model": p, "parameters": {"weight": _per_group_setting(column(q), filters),
                                         "density": float(method.density)}}
@@ -180,16 +174,12 @@ def _header(method: MergeMethod, cfg: dict, num_layers: int) -> str:
         "Per-group weights are mergekit filters: the first entry whose filter is a substring of",
         "the tensor name gives the value (mergekit/config.py, evaluate_setting).",
     ]
-    if method.kind == "linear":
+    kind = KINDS[method.kind]
+    if not kind.task_vectors:
         lines.append("normalize: true - each group's weights are divided by their sum, as recall-ray does.")
     else:
         lines.append("base_model is model 0; the task vectors are taken from it.")
-    if method.kind in DARE_KINDS:
-        lines += [
-            "DARE: masks are random, so tensors will differ from recall-ray's merge (its masks come",
-            f"from its own generator, seed {method.seed}, and it rescales by 1/density where mergekit's",
-            "rescale: true matches the L1 norm); same method and parameters, not the same tensors.",
-        ]
+    lines += kind.mergekit_note(method)
     if has_lora:
         lines.append("base+adapter models: mergekit folds the LoRA into the base (peft merge_and_unload).")
     return "".join(f"# {l}\n" for l in lines)

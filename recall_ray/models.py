@@ -15,9 +15,9 @@ from typing import Literal, Sequence
 
 import torch
 
-from .lora import Adapter, fold_lora, is_adapter_dir, read_adapter
+from .core.errors import CheckpointError
+from .core.lora import META_FILE, Adapter, fold_lora, parse_adapter
 from .safetensors_io import (
-    CheckpointError,
     LazyTensorReader,
     TensorInfo,
     files_fingerprint,
@@ -30,13 +30,17 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.mode
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A model spec with its kind decided and paths made absolute (picklable, for actors)."""
+    """A model spec with its kind decided and paths made absolute (picklable, for actors).
+
+    base_name_check: whether an adapter's recorded base name (adapter_config.json) must
+    agree with its base's (core.lora.base_check); the config's `base_name_check` key."""
 
     label: str
     kind: Literal["hf", "adapter"]
     path: str
     base_path: str
     allow_pickle: bool = False
+    base_name_check: bool = True
 
     @property
     def weights_dir(self) -> str:
@@ -62,18 +66,32 @@ def resolve_path(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
-def resolve_model(label: str, path: str, base_path: str, allow_pickle: bool = False) -> ResolvedModel:
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def read_adapter(path: str | Path) -> Adapter:
+    """Parse a PEFT LoRA adapter directory (config, tensor headers, recall_ray.json if any)."""
+    path = Path(path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    meta_file = path / META_FILE
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+    return parse_adapter(str(path), config, tensor_infos(list_weight_files(path)), meta)
+
+
+def resolve_model(label: str, path: str, base_path: str, allow_pickle: bool = False,
+                  base_name_check: bool = True) -> ResolvedModel:
     p = Path(resolve_path(path))
     if not p.exists():
         raise CheckpointError(f"model {label!r}: {path} does not exist")
     if is_adapter_dir(p):
-        return ResolvedModel(label, "adapter", str(p), base_path, allow_pickle)
+        return ResolvedModel(label, "adapter", str(p), base_path, allow_pickle, base_name_check)
     if not (p / "config.json").is_file():
         raise CheckpointError(
             f"model {label!r}: {p} is neither a Hugging Face model directory (no config.json) nor a PEFT adapter"
             " (no adapter_config.json)"
         )
-    return ResolvedModel(label, "hf", str(p), base_path, allow_pickle)
+    return ResolvedModel(label, "hf", str(p), base_path, allow_pickle, base_name_check)
 
 
 class ModelTensors:

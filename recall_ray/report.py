@@ -16,6 +16,17 @@ def weight_table_text(table: pd.DataFrame, max_rows: int = 200) -> str:
     return pivot.head(max_rows).to_string(float_format=lambda v: f"{v:.4f}")
 
 
+def weight_log_lines(table: pd.DataFrame) -> list[str]:
+    """One line per layer: every model's squared distance, similarity and weight (merge order)."""
+    lines = []
+    for layer, sub in table.groupby("layer", sort=True):
+        lines.append(f"layer {int(layer):2d}: sq_dist {' '.join(f'{v:.3g}' for v in sub['sq_distance'])}"
+                     f" | sim {' '.join(f'{v:.3g}' for v in sub['similarity'])}"
+                     f" | w {' '.join(f'{v:.3f}' for v in sub['weight'])}"
+                     + ("  SATURATED" if bool(sub["saturated"].iloc[0]) else ""))
+    return lines
+
+
 def markdown_table(df: pd.DataFrame, digits: int = 1) -> str:
     """A GitHub-flavoured Markdown table (floats rounded to `digits`), without tabulate."""
     def cell(v) -> str:

@@ -13,11 +13,14 @@ import hashlib
 import json
 import os
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import torch
+
+from .core.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -37,10 +40,6 @@ ST_TO_TORCH: dict[str, torch.dtype] = {
 }
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-
-
-class CheckpointError(ValueError):
-    """A model file that cannot be used as it is, with the file named and the fix."""
 
 
 @dataclass(frozen=True)
@@ -314,3 +313,35 @@ def iter_nonfinite(reader: LazyTensorReader, infos: dict[str, TensorInfo]) -> It
     for name, info in infos.items():
         if info.is_float and not torch.isfinite(reader.get(name)).all():
             yield name
+
+
+# ------------------------------------------------------------------ EWC Fishers (recall_ray.core.ewc)
+
+def save_fisher(fisher: Mapping[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> str:
+    """Write a Fisher as float32 safetensors, atomically (temporary sibling, then rename)."""
+    from safetensors.torch import save_file
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    os.close(fd)
+    try:
+        save_file({n: t.detach().float().contiguous().cpu() for n, t in fisher.items()}, tmp,
+                  metadata={"format": "pt", "kind": "ewc_diagonal_fisher", **(metadata or {})})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_fisher(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A saved Fisher as float32 tensors; refuses negative or non-finite entries."""
+    from safetensors.torch import load_file
+
+    fisher = {n: t.float() for n, t in load_file(path, device=str(device)).items()}
+    for n, t in fisher.items():
+        if not torch.isfinite(t).all() or (t < 0).any():
+            raise ValueError(f"EWC Fisher {path}: {n} has negative or non-finite entries")
+    return fisher

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .templates import TaskDataError, load_task_records
+from .core.templates import TaskDataError, load_task_records
 
 VALIDATION_SIZE = 200
 SPLITS = ("train", "validation", "test", "all_train")

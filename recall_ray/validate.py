@@ -4,12 +4,15 @@ same tokenizer, adapters that fit their base, every tensor in a layer group, fin
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
-from .architectures import Architecture, Grouping, architecture_for, assign_groups
-from .lora import check_adapter_fits
+from .core.architectures import Architecture, Grouping, architecture_for, assign_groups
+from .core.errors import CheckpointError
+from .core.lora import base_check, check_adapter_fits
 from .models import ModelTensors, ResolvedModel, tokenizer_fingerprint
-from .safetensors_io import CheckpointError, TensorInfo, content_fingerprint, iter_nonfinite
+from .safetensors_io import TensorInfo, content_fingerprint, iter_nonfinite
 
 # config.json keys that must agree for a tensor-by-tensor merge to make sense.
 SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
@@ -28,6 +31,7 @@ class ModelSet:
     grouping: Grouping
     infos: dict[str, TensorInfo]  # of the first model (all agree)
     fingerprints: dict[str, str]  # label -> weights (+ adapter) fingerprint
+    base_checks: dict[str, str]  # adapter label -> how it was tied to its base (core.lora.BASE_CHECKS)
 
 
 def check_models(models: list[ResolvedModel], architecture_path: str | None = None,
@@ -59,12 +63,14 @@ def check_models(models: list[ResolvedModel], architecture_path: str | None = No
     tensors = [ModelTensors(m) for m in models]
     base_fp_cache: dict[str, str] = {}
     fingerprints: dict[str, str] = {}
+    base_checks: dict[str, str] = {}
     ref_infos = tensors[0].infos
     for m, t in zip(models, tensors):
         if t.adapter is not None:
             if m.base_path not in base_fp_cache:
                 base_fp_cache[m.base_path] = content_fingerprint(m.base_path, m.allow_pickle)
-            check_adapter_fits(t.adapter, t.infos, base_fp_cache[m.base_path], m.base_path)
+            check_adapter_fits(t.adapter, t.infos, base_fp_cache[m.base_path], m.base_path)  # shapes, fingerprint
+            base_checks[m.label] = base_check(t.adapter, base_names(m.base_path), m.label, m.base_name_check)
         _check_same_tensors(models[0].label, ref_infos, m.label, t.infos)
         fingerprints[m.label] = t.fingerprint()
 
@@ -75,7 +81,19 @@ def check_models(models: list[ResolvedModel], architecture_path: str | None = No
     non_float = [n for n in grouping.groups if not ref_infos[n].is_float]
     if non_float:
         raise ModelMismatchError(f"non-floating-point tensors in layer groups are not mergeable: {non_float[:5]}")
-    return ModelSet(models, arch, ref_cfg, grouping, ref_infos, fingerprints)
+    return ModelSet(models, arch, ref_cfg, grouping, ref_infos, fingerprints, base_checks)
+
+
+def base_names(model_dir: str) -> list[str]:
+    """The names a base model goes by: its directory, and the `_name_or_path` its
+    config.json records (the hub name it was saved from), when there is one."""
+    names = [model_dir]
+    cfg = Path(model_dir) / "config.json"
+    if cfg.is_file():
+        recorded = json.loads(cfg.read_text()).get("_name_or_path")
+        if recorded:
+            names.append(str(recorded))
+    return names
 
 
 def _check_same_tensors(ref_label: str, ref: dict[str, TensorInfo], label: str, infos: dict[str, TensorInfo]) -> None:

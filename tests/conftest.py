@@ -92,7 +92,7 @@ def float64_state(model_dir: Path) -> dict:
 
 
 def reference_group(name: str, num_layers: int) -> int:
-    """The grouping rule of DESIGN.md for the tiny Llamas, written independently of
+    """The grouping rule of docs/design.md for the tiny Llamas, written independently of
     recall_ray.architectures."""
     import re
 
@@ -121,7 +121,7 @@ def ray_session():
     """One local Ray runtime for the whole test session."""
     import ray
 
-    from recall_ray.pipeline import own_dashboard, release_dashboard
+    from recall_ray.cluster.runtime import own_dashboard, release_dashboard
 
     ray_tmp = None
     if not ray.is_initialized():
@@ -153,7 +153,7 @@ def small_finetune_cfg(**kw):
 
 @pytest.fixture(scope="session")
 def sst2_records():
-    from recall_ray.templates import load_task_records
+    from recall_ray.core.templates import load_task_records
 
     return load_task_records(str(DATA / "sst2" / "train.jsonl"), "sst2", max_samples=16)
 
@@ -162,7 +162,8 @@ def ones_fisher(model_dir: Path, path: Path, target_modules=("q_proj", "v_proj")
     """An EWC Fisher of ones for every LoRA-targeted weight of `model_dir`."""
     from safetensors import safe_open
 
-    from recall_ray.ewc import save_fisher, target_weight_names
+    from recall_ray.core.ewc import target_weight_names
+    from recall_ray.safetensors_io import save_fisher
 
     with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as f:
         names = target_weight_names(list(f.keys()), list(target_modules))
@@ -175,7 +176,7 @@ def two_runs(ray_session, tiny_dir, sst2_records, tmp_path_factory):
     second with an EWC Fisher of ones at lambda 0: identical adapters show both that a seed
     fixes the run and that a zero-weight penalty changes nothing (test_finetune, test_ewc).
     Returns (root, [plain, lambda 0], the Fisher's path)."""
-    from recall_ray.finetune import finetune_lora
+    from recall_ray.cluster.finetune import finetune_lora
 
     root = tmp_path_factory.mktemp("ft")
     ones = ones_fisher(tiny_dir, root / "ones.safetensors")

@@ -4,6 +4,7 @@ directory (merged model or staging) left behind."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def _expect_error(tmp: Path, tree: dict, exc, pattern: str, ray_needed: bool = F
     assert not out.exists(), "an output directory was left behind"
     if out.parent.exists():
         assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name], "staging left behind"
+    assert not Path(tree["run_dir"]).exists(), "a run directory was left behind for a bad input"
 
 
 @pytest.fixture
@@ -223,3 +225,109 @@ def test_adapter_trained_on_another_base(two):
     # experts[0] has the same architecture and shapes as `base` but other weights
     _expect_error(tmp, _cfg(tmp, experts[0], [experts[1]], tmp / "adapter"), ValueError,
                   r"trained on a different base")
+
+
+# ------------------------------------------------ an outside adapter names another base
+
+
+def _outside_adapter(base: Path, out: Path, named: str | None) -> Path:
+    """A PEFT adapter of `base` (so its shapes fit) whose adapter_config.json names `named`
+    as its base, and no recall_ray.json (not trained by recall-ray)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lm = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj"]))
+    lm.save_pretrained(out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = named
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    assert not (out / "recall_ray.json").exists()
+    return out
+
+
+def test_adapter_naming_another_base_is_refused(two):
+    tmp, base, experts = two
+    adapter = _outside_adapter(base, tmp / "adapter", "HuggingFaceTB/SmolLM2-360M-Instruct")
+    _expect_error(tmp, _cfg(tmp, base, [experts[0]], adapter), ValueError,
+                  r"model 'new': adapter .* made for base 'HuggingFaceTB/SmolLM2-360M-Instruct'.*but the base is"
+                  rf" '{base}'.*`base_name_check: false`")
+
+
+def test_adapter_base_checks_say_what_was_possible(two):
+    from recall_ray.pipeline import preflight
+
+    tmp, base, experts = two
+    other = _outside_adapter(base, tmp / "other", "/models/some-other-base")
+    tree = _cfg(tmp, base, [experts[0]], other)
+    tree["new_model"]["base_name_check"] = False  # the override the error names
+    assert preflight(build_config(tree)).modelset.base_checks == {"new": "skipped"}
+    same = _outside_adapter(base, tmp / "same", f"/elsewhere/{base.name}")  # the base's name, another place
+    assert preflight(build_config(_cfg(tmp, base, [experts[0]], same))).modelset.base_checks == {"new": "name"}
+    silent = _outside_adapter(base, tmp / "silent", None)
+    assert preflight(build_config(_cfg(tmp, base, [experts[0]], silent))).modelset.base_checks == {"new": "none"}
+    assert not Path(tree["run_dir"]).exists()
+
+
+# ------------------------------------------------------ every check before Ray starts
+
+
+def _load_job(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("data", r"task data .*no_such_file\.jsonl"),
+    ("model", r"'e0'.*does not exist"),
+    ("output", r"already exists.*--overwrite"),
+])
+def test_job_refuses_bad_input_before_ray_starts(two, monkeypatch, capsys, breakage, message):
+    """A typo in a path is reported in a second, not after Ray has started (tens of seconds):
+    the job makes every check that needs no forward pass first."""
+    import re
+
+    import recall_ray.cluster.runtime as runtime
+
+    tmp, base, experts = two
+    tree = _cfg(tmp, base, [experts[0]], experts[1])
+    if breakage == "data":
+        tree["task"] = {**tree["task"], "data": str(tmp / "no_such_file.jsonl")}
+    elif breakage == "model":
+        tree["experts"] = [{"name": "e0", "path": str(tmp / "no_such_model")}]
+    else:
+        Path(tree["output"]).mkdir(parents=True)
+    (tmp / "job.yaml").write_text(json.dumps(tree))
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started before the inputs were checked")
+
+    monkeypatch.setattr(runtime, "connect_ray", no_ray)
+    assert _load_job("merge").main(["--config", str(tmp / "job.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("merge: error:") and re.search(message, err[-1]), err[-1]
+    assert not (tmp / "run").exists()
+
+
+# ------------------------------------------------------------ the checkout's own code
+
+
+def test_every_job_runs_its_own_checkouts_recall_ray(tmp_path):
+    """A second clone's jobs import that clone's recall_ray (and hand it to local Ray
+    workers through PYTHONPATH), not the one pip installed from another checkout."""
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO / "recall_ray", clone / "recall_ray", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "jobs", clone / "jobs", ignore=shutil.ignore_patterns("__pycache__"))
+    for job in sorted((clone / "jobs").glob("*.py")):
+        code = ("import os, runpy\n"  # in tmp_path: `import recall_ray` alone finds the installed one
+                f"runpy.run_path({str(job)!r}, run_name='job')\n"
+                "import recall_ray; print(recall_ray.__file__); print(os.environ['PYTHONPATH'])\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             cwd=tmp_path)
+        assert out.returncode == 0, (job.name, out.stderr[-2000:])
+        module_file, pythonpath = out.stdout.strip().splitlines()[-2:]
+        assert module_file == str(clone / "recall_ray" / "__init__.py"), job.name
+        assert pythonpath.split(os.pathsep)[0] == str(clone), job.name

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recall_ray.baselines import METHODS, BaselineConfig, build_method
+from recall_ray.config import BaselineConfig
+from recall_ray.core.merge_methods import METHODS, build_method
 
 G, K = 4, 3
 CFG = BaselineConfig(lam=0.6, ties_density=0.3, dare_drop=0.8, seed=5, cocktail_temperature=2.0)

@@ -316,7 +316,7 @@ def test_example_config_broken_copy_fails(example_tree, breakage):
 
 def test_example_config_files_exist_in_repo(example_tree):
     from recall_ray.config import build_config
-    from recall_ray.templates import TEMPLATES
+    from recall_ray.core.templates import TEMPLATES
 
     cfg = build_config(copy.deepcopy(example_tree))
     # Relative paths resolve in the job's working dir, i.e. a copy of this repository.

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import DATA, REPO, float64_state
+from recall_ray.cluster.generation import GreedyGenerator
 from recall_ray.evaluate import (
     EvaluationError,
-    GreedyGenerator,
     build_items,
     check_tasks,
     preflight,
@@ -192,7 +192,7 @@ def test_cli_refuses_unknown_task_before_starting_ray(tmp_path, tiny_dir):
     proc = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--model", f"tiny={tiny_dir}", "--tasks", "nope",
          "--out", str(tmp_path / "e")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # bad input, found before any work
     assert "unknown task(s) ['nope']" in proc.stderr
     assert not (tmp_path / "e").exists()
 

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import small_finetune_cfg
-from recall_ray.finetune import (
-    IGNORE_INDEX, META_FILE, batch_schedule, build_example, collate, finetune_lora, shard, tokenize_records,
-)
+from recall_ray.cluster.finetune import finetune_lora
+from recall_ray.core.lora import META_FILE
+from recall_ray.core.sft import IGNORE_INDEX, batch_schedule, build_example, collate, shard, tokenize_records
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 M = IGNORE_INDEX
@@ -172,7 +172,7 @@ def test_cli_rejects_bad_input_with_one_line(tiny_dir, tmp_path, capsys, extra, 
             "--out", str(tmp_path / "a"), "--run-dir", str(tmp_path / "run"), *extra]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert err.startswith("finetune: error: ") and message in err and "\n" not in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "run").exists()
 
 
@@ -186,7 +186,7 @@ def test_cli_refuses_existing_out(tiny_dir, tmp_path, capsys):
 def test_training_error_summary_names_first_failing_rank():
     import ray.train
 
-    from recall_ray.finetune import training_error_summary
+    from recall_ray.cluster.finetune import training_error_summary
 
     err = ray.train.WorkerGroupError("long text", {1: KeyError("x"), 0: ValueError("Target modules {'nope'} not found\nmore")})
     assert training_error_summary(err) == "rank 0: ValueError: Target modules {'nope'} not found"
@@ -198,7 +198,7 @@ def test_training_error_summary_names_first_failing_rank():
     ({"use_gpu": True, "num_workers": 4}, 64.0, 1), ({"cpus_per_worker": 3}, 2.0, 3),
 ])
 def test_worker_cpus(kw, cluster, want):
-    from recall_ray.finetune import worker_cpus
+    from recall_ray.cluster.finetune import worker_cpus
 
     assert worker_cpus(small_finetune_cfg(**kw), cluster) == want
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from recall_ray.architectures import (
+from recall_ray.core.architectures import (
     GroupingError,
     architecture_for,
     assign_groups,
@@ -34,7 +34,7 @@ def hf_names(model_type: str, tie: bool, **extra) -> list[str]:
 
 
 def expected_group(name: str, num_layers: int, head_group: str) -> int:
-    """The RECALL rule written from DESIGN.md, by name parsing only."""
+    """The RECALL rule written from docs/design.md, by name parsing only."""
     if name == "model.embed_tokens.weight":
         return 0
     m = BLOCK.match(name)

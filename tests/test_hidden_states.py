@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recall_ray.models import load_causal_lm, resolve_model
-from recall_ray.representations import RepresentationExtractor, hidden_states_of, layer_column
+from recall_ray.cluster.representations import RepresentationExtractor, hidden_states_of
+from recall_ray.reps_parquet import layer_column
 
 
 def test_hidden_states_mapping(tiny_dir):

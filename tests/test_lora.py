@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny_llama
-from recall_ray.lora import check_adapter_fits, fold_lora, read_adapter
+from recall_ray.core.lora import check_adapter_fits, fold_lora
+from recall_ray.models import read_adapter
 from recall_ray.models import ModelTensors, resolve_model
 from recall_ray.safetensors_io import CheckpointError, list_weight_files, model_fingerprint, tensor_infos
 

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from recall_ray.merge import run_merge
-from recall_ray.merge_methods import MergeMethod
+from recall_ray.cluster.merge import run_merge
+from recall_ray.core.merge_methods import MergeMethod
 from recall_ray.models import resolve_model
 from recall_ray.validate import check_models
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from recall_ray.merge_methods import (
+from recall_ray.core.merge_methods import (
     KINDS,
     MergeMethod,
     cocktail_weights,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from recall_ray.architectures import Grouping
-from recall_ray.merge import plan_shards
-from recall_ray.merge_rule import weighted_merge
+from recall_ray.core.architectures import Grouping
+from recall_ray.cluster.merge import plan_shards
+from recall_ray.core.merge_rule import weighted_merge
 from recall_ray.safetensors_io import TensorInfo
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

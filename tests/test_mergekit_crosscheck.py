@@ -24,8 +24,8 @@ from mergekit.options import MergeOptions  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from conftest import make_tiny_llama, perturbed_copy  # noqa: E402
-from recall_ray.merge import run_merge  # noqa: E402
-from recall_ray.merge_methods import MergeMethod  # noqa: E402
+from recall_ray.cluster.merge import run_merge  # noqa: E402
+from recall_ray.core.merge_methods import MergeMethod  # noqa: E402
 from recall_ray.mergekit_export import block_filters, mergekit_config, write_mergekit_yaml  # noqa: E402
 from recall_ray.models import resolve_model  # noqa: E402
 from recall_ray.validate import check_models  # noqa: E402

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sacrebleu
 
-from recall_ray.metrics import (
+from recall_ray.core.metrics import (
     TASK_METRICS,
     MetricError,
     clean_generation,
@@ -25,7 +25,7 @@ from recall_ray.metrics import (
     squad_exact,
     squad_f1,
 )
-from recall_ray.templates import TEMPLATES, load_task_records
+from recall_ray.core.templates import TEMPLATES, load_task_records
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TASKS = ["sst2", "squad_v2", "medmcqa", "race", "iwslt2017_en_fr", "ag_news"]

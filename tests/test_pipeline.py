@@ -133,6 +133,8 @@ def test_pipeline_fine_tunes_the_new_model_when_none_is_given(tmp_path, tiny_dir
     assert set(result.table["model"]) == {"base", "e0", "new"}
     manifest = json.loads((Path(cfg.run_dir) / "manifest.json").read_text())
     assert manifest["inputs"]["models"]["new"]["kind"] == "adapter"
+    assert manifest["inputs"]["models"]["new"]["base_check"] == "fingerprint"  # its recall_ray.json names the base
+    assert "base_check" not in manifest["inputs"]["models"]["e0"]  # a full model: nothing to tie
     assert (Path(result.output) / "model.safetensors.index.json").is_file()
     again = run_pipeline(cfg)
     assert again.timings["finetune"]["skipped"] and again.timings["merge"]["skipped"]

@@ -9,7 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from recall_ray.representations import mean_pool, pool_resources, read_layer, reps_table
+from recall_ray.cluster.pools import inference_pool
+from recall_ray.core.pooling import mean_pool
+from recall_ray.reps_parquet import read_layer, reps_table
 
 LENGTHS = [6, 3, 1, 4, 2]
 T = 6
@@ -112,30 +114,30 @@ def test_reps_table_schema_and_parquet_roundtrip(tmp_path):
         np.testing.assert_array_equal(x, reps[:, i, :])
 
 
-# ----------------------------------------------------------------------------- pool_resources
+# ----------------------------------------------------------------------------- inference_pool
 
 
-def test_pool_resources_two_cpus_auto_leaves_one_free():
-    p = pool_resources({"CPU": 2.0}, "auto", num_items=100)
-    assert p["size"] == 1
-    assert p["num_gpus"] == 0
-    assert p["num_cpus"] * p["size"] <= 2.0 - 1.0
-    assert p["num_cpus"] > 0
-    assert p["threads"] >= 1
+def test_inference_pool_two_cpus_auto_leaves_one_free():
+    p = inference_pool({"CPU": 2.0}, "auto", num_items=100)
+    assert p.size == 1
+    assert p.num_gpus == 0
+    assert p.num_cpus * p.size <= 2.0 - 1.0
+    assert p.num_cpus > 0
+    assert p.threads >= 1
 
 
 @pytest.mark.parametrize("cpus", [1.0, 2.0, 3.0, 4.0, 8.0, 16.0, 64.0])
 @pytest.mark.parametrize("requested", ["auto", 1, 2, 3, 8])
 @pytest.mark.parametrize("items", [1, 5, 1000])
-def test_pool_resources_cpu_never_takes_every_cpu(cpus, requested, items):
-    p = pool_resources({"CPU": cpus}, requested, num_items=items)
-    assert p["num_gpus"] == 0
-    assert 1 <= p["size"] <= items
+def test_inference_pool_cpu_never_takes_every_cpu(cpus, requested, items):
+    p = inference_pool({"CPU": cpus}, requested, num_items=items)
+    assert p.num_gpus == 0
+    assert 1 <= p.size <= items
     if requested != "auto":
-        assert p["size"] == min(requested, items)
-    assert p["num_cpus"] > 0
-    assert p["num_cpus"] * p["size"] <= cpus - 0.5 + 1e-9
-    assert p["threads"] >= 1
+        assert p.size == min(requested, items)
+    assert p.num_cpus > 0
+    assert p.num_cpus * p.size <= cpus - 0.5 + 1e-9
+    assert p.threads >= 1
 
 
 @pytest.mark.parametrize("cluster,requested,items,size", [
@@ -145,15 +147,15 @@ def test_pool_resources_cpu_never_takes_every_cpu(cpus, requested, items):
     ({"CPU": 16.0, "GPU": 4.0}, "auto", 3, 3),
     ({"CPU": 64.0, "GPU": 8.0}, "auto", 1000, 8),
 ])
-def test_pool_resources_gpu_one_per_actor(cluster, requested, items, size):
-    p = pool_resources(cluster, requested, num_items=items)
-    assert p["num_gpus"] == 1
-    assert p["size"] == size
-    assert p["num_cpus"] * p["size"] <= cluster["CPU"] - 0.5
+def test_inference_pool_gpu_one_per_actor(cluster, requested, items, size):
+    p = inference_pool(cluster, requested, num_items=items)
+    assert p.num_gpus == 1
+    assert p.size == size
+    assert p.num_cpus * p.size <= cluster["CPU"] - 0.5
 
 
 @pytest.mark.parametrize("cluster", [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 4.0}, {"CPU": 2.0, "GPU": 4.0}])
-def test_pool_resources_gpu_leaves_a_cpu_when_cpus_are_scarce(cluster):
-    p = pool_resources(cluster, "auto", num_items=100)
-    assert p["num_gpus"] == 1
-    assert p["num_cpus"] * p["size"] <= cluster["CPU"] - 0.5
+def test_inference_pool_gpu_leaves_a_cpu_when_cpus_are_scarce(cluster):
+    p = inference_pool(cluster, "auto", num_items=100)
+    assert p.num_gpus == 1
+    assert p.num_cpus * p.size <= cluster["CPU"] - 0.5

@@ -12,7 +12,7 @@ import textwrap
 SCRIPT = textwrap.dedent("""
     import ray
     from recall_ray.config import RayConfig
-    from recall_ray.pipeline import connect_ray
+    from recall_ray.cluster.runtime import connect_ray
 
     assert connect_ray(RayConfig(num_cpus=1, object_store_memory=128 * 1024**2))
 
@@ -55,7 +55,7 @@ def test_workers_ask_their_own_runtime_about_actors_beside_another_ray(ray_sessi
 def test_release_dashboard_puts_back_the_api_server_address(monkeypatch):
     """A runtime's dashboard address must not outlive it in the process's environment:
     Ray's state and job clients prefer RAY_API_SERVER_ADDRESS over any other address."""
-    from recall_ray.pipeline import own_dashboard, release_dashboard
+    from recall_ray.cluster.runtime import own_dashboard, release_dashboard
 
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://10.0.0.1:8265")
     port = own_dashboard()["dashboard_port"]

@@ -15,8 +15,9 @@ import yaml
 
 from conftest import DATA, float64_state, reference_group
 from recall_ray.config import ConfigError
-from recall_ray.scenarios import (ScenarioConfig, load_scenario, pooled_over_evals, preflight, run_scenario,
-                                  summary_table, variants)
+from recall_ray.studies.common import pooled_over_evals
+from recall_ray.studies.oneshot import ScenarioConfig, preflight, run_scenario, summary_table, variants
+from recall_ray.studies.registry import load_study as load_scenario
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,7 @@ def test_rerun_recomputes_nothing(multi):
 def test_publish_copies_tables_plots_and_every_stage_time(multi, tmp_path):
     import json
 
-    from recall_ray.scenarios import publish
+    from recall_ray.studies.common import publish
 
     cfg, _ = multi
     names = publish(cfg.run_dir, tmp_path / "pub")

@@ -11,8 +11,8 @@ import yaml
 
 from conftest import REPO
 from recall_ray.config import ConfigError
-from recall_ray.scenarios import load_scenario
-from recall_ray.selection import (
+from recall_ray.studies.registry import load_study as load_scenario
+from recall_ray.studies.selection import (
     SelectionConfig,
     assignments,
     best_index,
@@ -83,7 +83,7 @@ def test_each_choice_is_fixed_for_the_next_parameter(tmp_path):
 
 def test_the_committed_selection_config_loads_and_every_candidate_validates():
     cfg = load_selection(str(REPO / "configs" / "selection" / "multi.yaml"))
-    from recall_ray.selection import candidate_overrides
+    from recall_ray.studies.selection import candidate_overrides
 
     for p in cfg.parameters:
         for v in p.values:
@@ -105,7 +105,7 @@ def test_bad_selection_configs_are_refused(tmp_path):
 
 
 def test_write_and_publish_selection(tmp_path):
-    from recall_ray.selection import publish_selection, write_selection
+    from recall_ray.studies.selection import publish_selection, write_selection
     from recall_ray.storage import RunDir
 
     table = pd.DataFrame({"parameter": ["lam", "lam"], "candidate": ["baselines.lam=1.0", "baselines.lam=0.5"],

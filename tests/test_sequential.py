@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import DATA, float64_state, reference_group
 from recall_ray.config import ConfigError
-from recall_ray.sequential import (SequentialConfig, export_adapters, find_prebuilt, preflight, run_sequential,
+from recall_ray.studies.sequential import (SequentialConfig, export_adapters, find_prebuilt, preflight, run_sequential,
                                   sequence_table, start_keys)
 
 
@@ -106,8 +106,8 @@ def _fisher_reference(model_dir: Path, task: str, n: int) -> dict[str, torch.Ten
     """ewc.diagonal_fisher run here, in process, on the first n train records of `task`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from recall_ray.ewc import diagonal_fisher, target_weight_names
-    from recall_ray.finetune import tokenize_records
+    from recall_ray.core.ewc import diagonal_fisher, target_weight_names
+    from recall_ray.core.sft import tokenize_records
     from recall_ray.splits import load_split
 
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from recall_ray.similarity import layer_similarity, saturated_layers, softmax_weights
+from recall_ray.core.similarity import layer_similarity, saturated_layers, softmax_weights
 
 KERNELS = [("rbf", "paired"), ("rbf", "all_pairs"), ("cosine", "paired"), ("cosine", "all_pairs"),
            ("linear_cka", "paired"), ("mmd", "paired"), ("euclidean", "paired")]
@@ -234,7 +234,7 @@ def test_saturated_layers():
 
 @pytest.mark.parametrize("k", [2, 3, 5])
 def test_design_saturation_observation_raw_large_norms_sigma_one(k):
-    """DESIGN.md: raw vectors with large norms and sigma = 1 -> exp(-d^2/2) = 0 for every
+    """docs/design.md (Saturation): raw vectors with large norms and sigma = 1 -> exp(-d^2/2) = 0 for every
     other model, so the new model gets e/(e+K-1) and every other model 1/(e+K-1); an
     untouched layer (distance 0) gives uniform weights. Both layers are flagged."""
     rng = np.random.default_rng(k)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from recall_ray.templates import TEMPLATES, TaskDataError, load_task_records, render
+from recall_ray.core.templates import TEMPLATES, TaskDataError, load_task_records, render
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TASKS = ["sst2", "squad_v2", "medmcqa", "race", "iwslt2017_en_fr", "ag_news"]

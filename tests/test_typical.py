@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from recall_ray.typical import TooFewSamplesError, typical_indices, union_in_order
+from recall_ray.core.typical import TooFewSamplesError, typical_indices, union_in_order
 
 
 def ref_typical(x, k, seed, n_init):

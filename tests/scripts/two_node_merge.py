@@ -21,8 +21,8 @@ def main(model_dirs: list[str], weights_file: str, output: str, mode: str) -> No
     import ray
     from ray.cluster_utils import Cluster
 
-    from recall_ray.merge import run_merge
-    from recall_ray.merge_methods import MergeMethod
+    from recall_ray.cluster.merge import run_merge
+    from recall_ray.core.merge_methods import MergeMethod
     from recall_ray.models import resolve_model
     from recall_ray.validate import check_models
 

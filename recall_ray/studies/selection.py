@@ -32,16 +32,16 @@ from typing import Any
 
 import pandas as pd
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from .config import ConfigError, _format_errors, _Section
+from ..config import ConfigError, Section, load_tree, validate
 
 log = logging.getLogger("recall_ray.selection")
 
 _SCORE_COLUMNS = ("variant", "model", "mean")
 
 
-class Parameter(_Section):
+class Parameter(Section):
     name: str
     methods: list[str] = Field(min_length=1)
     values: list[dict[str, Any]] = Field(min_length=1)  # each: {dotted.key: value, ...}
@@ -54,22 +54,15 @@ class Parameter(_Section):
         return v
 
 
-class SelectionConfig(_Section):
+class SelectionConfig(Section):
     scenario: str  # path of a scenario config (single, multi or sequential)
     run_dir: str
     set: list[str] = []
     parameters: list[Parameter] = Field(min_length=1)
 
 
-def load_selection(path: str) -> SelectionConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"selection config {path} does not exist")
-    tree = yaml.safe_load(p.read_text()) or {}
-    try:
-        return SelectionConfig.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err)) from None
+def load_selection(path: str, overrides: list[str] = ()) -> SelectionConfig:
+    return validate(SelectionConfig, load_tree(path, overrides, "selection config"))
 
 
 def assignments(values: dict[str, Any]) -> list[str]:
@@ -149,7 +142,7 @@ def run_selection(cfg: SelectionConfig, run_scenario, load_scenario) -> tuple[pd
 
 
 def write_selection(root, table: pd.DataFrame, chosen: dict[str, Any], source: str) -> None:
-    from .report import markdown_table
+    from ..report import markdown_table
 
     root.write_text("selection.csv", table.to_csv(index=False, float_format="%.2f"))
     root.write_text("selection.md", markdown_table(table))
@@ -162,8 +155,8 @@ def publish_selection(run_dir: str, dest: str) -> list[str]:
     evaluations, as first computed) into `dest`, replacing what was there."""
     import shutil
 
-    from .scenarios import stage_times
-    from .storage import staged
+    from ..storage import staged
+    from .common import stage_times
 
     src = Path(run_dir)
     names = ["selection.csv", "selection.md", "selected.yaml"]

@@ -1,6 +1,7 @@
 """EWC (Elastic Weight Consolidation, Kirkpatrick et al. 2017) for LoRA fine-tunes: a pure core
-of tensor functions, no Ray (the Ray shells are `finetune.fisher_of` and `finetune_lora`'s
-`ewc_fisher` / `ewc_lambda`).
+of tensor functions, no Ray (the Ray shells are `cluster.finetune.fisher_of` and
+`finetune_lora`'s `ewc_fisher` / `ewc_lambda`; a Fisher is saved and loaded by
+`safetensors_io.save_fisher` / `load_fisher`).
 
 EWC adds to the new task's loss a quadratic pull towards the previous tasks' optimum theta*,
 weighted per parameter by the diagonal of the Fisher information F of those tasks:
@@ -22,14 +23,12 @@ past task.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .finetune import IGNORE_INDEX, collate
+from .sft import IGNORE_INDEX, collate
 
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the plain model
 
@@ -87,7 +86,7 @@ def diagonal_fisher(model: torch.nn.Module, examples: Sequence[tuple[Sequence[in
     its EOS), i.e. -log p(target | prompt), whose gradient is the score of the whole answer
     (a per-token mean would shrink long answers' Fisher by 1 / tokens^2). The squared
     gradient is taken one example at a time (per-example gradients), never the square of a
-    batch gradient. `examples` are (input_ids, labels) pairs from `finetune.tokenize_records`;
+    batch gradient. `examples` are (input_ids, labels) pairs from `sft.tokenize_records`;
     the model runs in eval mode (no dropout) and its requires_grad flags and mode are
     restored afterwards. Returns float32 tensors on the model's device, keyed by
     `param_names`. Only one example runs at a time, so `pad_id` pads nothing; it is kept for
@@ -135,36 +134,6 @@ def accumulate(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> 
             raise ValueError(f"Fisher {n}: shapes {tuple(a[n].shape)} and {tuple(b[n].shape)} differ")
         out[n] = a[n].float() + b[n].float().to(a[n].device)
     return out
-
-
-def save_fisher(fisher: Mapping[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> str:
-    """Write a Fisher as float32 safetensors, atomically (temporary sibling, then rename)."""
-    from safetensors.torch import save_file
-
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    os.close(fd)
-    try:
-        save_file({n: t.detach().float().contiguous().cpu() for n, t in fisher.items()}, tmp,
-                  metadata={"format": "pt", "kind": "ewc_diagonal_fisher", **(metadata or {})})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def load_fisher(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """A saved Fisher as float32 tensors; refuses negative or non-finite entries."""
-    from safetensors.torch import load_file
-
-    fisher = {n: t.float() for n, t in load_file(path, device=str(device)).items()}
-    for n, t in fisher.items():
-        if not torch.isfinite(t).all() or (t < 0).any():
-            raise ValueError(f"EWC Fisher {path}: {n} has negative or non-finite entries")
-    return fisher
 
 
 # ----------------------------------------------------------------------------- penalty

@@ -1,8 +1,8 @@
 """The merge stage: a pool of Ray actors, each owning a contiguous range of layer groups
 (one output shard), reading only its tensors lazily from the inputs' safetensors and
 streaming its shard to disk. Tensors never pass through the driver or the object store;
-the driver sends names and the merge method (RECALL or a baseline, see merge_methods.py)
-and writes the index.
+the driver sends names and the merge method (RECALL or a baseline, see
+core/merge_methods.py) and writes the index.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .architectures import Grouping
-from .merge_methods import MergeMethod
-from .models import ModelTensors, ResolvedModel
-from .safetensors_io import ST_TO_TORCH, StreamingShardWriter, TensorInfo
-from .storage import discard, filesystem, is_uri, publish, put_file, refuse_existing_output, staging_location
+from ..core.architectures import Grouping
+from ..core.merge_methods import MergeMethod
+from ..models import ModelTensors, ResolvedModel
+from ..safetensors_io import ST_TO_TORCH, StreamingShardWriter, TensorInfo
+from ..storage import discard, filesystem, is_uri, publish, put_file, refuse_existing_output, staging_location
+from ..progress import Progress
+from .pools import merge_pool
 
 log = logging.getLogger("recall_ray.merge")
 
@@ -145,13 +147,6 @@ class MergeReport:
         return max(s["peak_anon_mb"] for s in self.shards)
 
 
-def merge_actor_count(requested: int | str, num_groups: int) -> int:
-    if requested != "auto":
-        return max(1, min(int(requested), num_groups))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, min(num_groups, cpus - 1 if cpus > 2 else 1))
-
-
 def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, TensorInfo], method: MergeMethod,
               output: str, overwrite: bool, num_actors: int | str = "auto", placement: str = "SPREAD",
               max_shard_bytes: int = 2 * 1024**3, side_dir: str | None = None, card: str | None = None,
@@ -166,7 +161,8 @@ def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, 
                          f" models, expected {grouping.num_groups} x {len(models)}")
     refuse_existing_output(output, overwrite)
     t0 = time.perf_counter()
-    n_actors = merge_actor_count(num_actors, grouping.num_groups)
+    pool = merge_pool(ray.cluster_resources(), num_actors, grouping.num_groups)
+    n_actors = pool.size
     total = sum(infos[n].nbytes for n in grouping.groups)
     n_shards = max(n_actors, int(np.ceil(total / max_shard_bytes)))
     shards = plan_shards(grouping, infos, n_shards)
@@ -175,11 +171,11 @@ def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, 
     pg = None
     try:
         if placement in ("SPREAD", "PACK"):
-            pg = placement_group([{"CPU": 0.5}] * n_actors, strategy=placement)
+            pg = placement_group([{"CPU": pool.num_cpus}] * n_actors, strategy=placement)
             ray.get(pg.ready(), timeout=600)
         actors = []
         for i in range(n_actors):
-            opts = {"num_cpus": 0.5}
+            opts = {"num_cpus": pool.num_cpus}
             if pg is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
             actors.append(ShardMergeActor.options(**opts).remote(models))
@@ -187,6 +183,7 @@ def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, 
         meta = {"format": "pt", "merged_by": "recall-ray", "merge_method": method.label}
         pending = {}
         results: list[dict] = []
+        progress = Progress(f"merge {method.label}", n_shards, "shards")
         queue = list(enumerate(shards))
         idle = list(actors)
         while queue or pending:
@@ -205,6 +202,7 @@ def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, 
                 idle.append(actor)
                 log.info("merge: shard %s done (%d/%d, %.1f MB, %.1fs)", res["file"], len(results), n_shards,
                          res["bytes"] / 1e6, res["seconds"])
+                progress.update()
         _write_side_files(staging, results, total, side_dir, card, extra_files or {})
         publish(staging, output, overwrite)
     except BaseException:

@@ -9,13 +9,13 @@ config), and gets the trained PEFT adapter back as a Ray Train checkpoint under
 (temporary sibling directory, renamed into place when complete) with a `recall_ray.json` that
 records the base model's fingerprint, the task, the steps, the final loss and the seed.
 
-With `ewc_fisher` (a diagonal Fisher saved by `recall_ray.ewc.save_fisher`, keyed by the
+With `ewc_fisher` (a diagonal Fisher saved by `recall_ray.safetensors_io.save_fisher`, keyed by the
 LoRA-targeted weights) and `ewc_lambda`, every step's loss gets EWC's penalty
-`ewc_lambda / 2 * sum(F * delta^2)` on the LoRA deltas (recall_ray/ewc.py); `fisher_of`
+`ewc_lambda / 2 * sum(F * delta^2)` on the LoRA deltas (recall_ray/core/ewc.py); `fisher_of`
 computes such a Fisher in a Ray task.
 
-The tokenisation/label masking (`build_example`), padding (`collate`) and data order
-(`batch_schedule`) are pure functions, tested without Ray.
+The tokenisation/label masking, padding and data order are the pure functions of
+recall_ray.core.sft, tested without Ray.
 """
 
 from __future__ import annotations
@@ -29,86 +29,19 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
-from recall_ray.config import FinetuneConfig
+from ..config import FinetuneConfig
+from ..core.lora import META_FILE
+from ..core.sft import batch_schedule, collate, shard, tokenize_records
 
 logger = logging.getLogger("recall_ray.finetune")
-
-IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF causal LMs) skip
-META_FILE = "recall_ray.json"
 
 
 class FinetuneError(RuntimeError):
     """Training itself failed (in a worker or in Ray Train); the message names the cause."""
-
-
-# ----------------------------------------------------------------------------- pure parts
-
-
-def build_example(prompt_ids: Sequence[int], target_ids: Sequence[int], eos_id: int,
-                  max_length: int) -> tuple[list[int], list[int]]:
-    """One training example: `input_ids = prompt + target + [eos]`, labels only on the target.
-
-    The loss is on the target tokens and the EOS that ends them (so the model learns to stop);
-    prompt positions get IGNORE_INDEX. Sequences longer than `max_length` keep the target and
-    lose the *start* of the prompt: the end of the prompt (question, options, response cue) is
-    what the target depends on most. At least one prompt token is kept, since a causal LM never
-    predicts position 0; if the target alone does not fit, its tail (then the EOS) is cut.
-    """
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
-    if not prompt_ids:
-        raise ValueError("empty prompt: a causal LM needs at least one token before the target")
-    answer = list(target_ids) + [eos_id]
-    answer = answer[: max_length - 1]
-    prompt = list(prompt_ids)[-(max_length - len(answer)):]
-    input_ids = prompt + answer
-    labels = [IGNORE_INDEX] * len(prompt) + answer
-    return input_ids, labels
-
-
-def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: padding gets attention 0 and label IGNORE_INDEX."""
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (ids, lab) in enumerate(examples):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        labels[row, : len(lab)] = torch.tensor(lab, dtype=torch.long)
-        attention[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-
-def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """Indices of each step's batch: successive seeded permutations of range(n), cut into
-    batches of `batch_size` (so the data cycles when steps * batch_size > n). Pure and
-    deterministic: the same (n, batch_size, steps, seed) always gives the same order."""
-    if n <= 0 or batch_size <= 0 or steps < 0:
-        raise ValueError(f"need n > 0, batch_size > 0, steps >= 0; got {n}, {batch_size}, {steps}")
-    gen = torch.Generator().manual_seed(seed)
-    stream: list[int] = []
-    while len(stream) < steps * batch_size:
-        stream.extend(torch.randperm(n, generator=gen).tolist())
-    return [stream[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
-
-
-def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
-    """This rank's share of the records: every world_size-th item starting at rank."""
-    return list(items[rank::world_size])
-
-
-def tokenize_records(tokenizer: Any, records: Sequence[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """Tokenise prompt and target separately (prompt with the tokenizer's special tokens, e.g.
-    BOS; target without) and build masked examples."""
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the base model's tokenizer has no eos_token: the target cannot be terminated")
-    prompts = tokenizer([r["prompt"] for r in records], add_special_tokens=True)["input_ids"]
-    targets = tokenizer([r["target"] for r in records], add_special_tokens=False)["input_ids"]
-    return [build_example(p, t, tokenizer.eos_token_id, max_length) for p, t in zip(prompts, targets)]
 
 
 # ----------------------------------------------------------------------------- Ray worker
@@ -205,7 +138,8 @@ def train_loop_per_worker(config: dict) -> None:
     peft_model = model  # DDP wraps this very module; lora_deltas needs it unwrapped
     fisher, lam = None, float(config.get("ewc_lambda", 0.0))
     if config.get("ewc_fisher") is not None:
-        from recall_ray.ewc import ewc_penalty, load_fisher, lora_deltas
+        from ..core.ewc import ewc_penalty, lora_deltas
+        from ..safetensors_io import load_fisher
 
         fisher = load_fisher(config["ewc_fisher"], device)
         with torch.no_grad():  # keys and shapes, before the first step
@@ -275,14 +209,14 @@ def worker_cpus(cfg: FinetuneConfig, cluster_cpus: float) -> int:
 def _validate_ewc(base_dir: str, cfg: FinetuneConfig, ewc_fisher: str | None, ewc_lambda: float) -> None:
     """The EWC inputs: a Fisher file whose keys and shapes are exactly the weights the LoRA
     targets in `base_dir` (read from the safetensors headers), and a lambda >= 0."""
-    from recall_ray.ewc import check_keys, target_weight_names
-    from recall_ray.safetensors_io import list_weight_files, read_header, tensor_infos
+    from ..core.ewc import check_keys, target_weight_names
+    from ..safetensors_io import list_weight_files, read_header, tensor_infos
 
     if not isinstance(ewc_lambda, (int, float)) or not math.isfinite(ewc_lambda) or ewc_lambda < 0:
         raise ValueError(f"ewc_lambda must be a finite number >= 0, got {ewc_lambda!r}")
     if ewc_fisher is None:
         if ewc_lambda != 0:
-            raise ValueError(f"ewc_lambda={ewc_lambda} needs an ewc_fisher file (recall_ray.ewc.save_fisher)")
+            raise ValueError(f"ewc_lambda={ewc_lambda} needs an ewc_fisher file (recall_ray.safetensors_io.save_fisher)")
         return
     if cfg.deepspeed is not None:
         raise ValueError("EWC (ewc_fisher) is not supported with DeepSpeed: unset finetune.deepspeed"
@@ -300,7 +234,7 @@ def _validate_ewc(base_dir: str, cfg: FinetuneConfig, ewc_fisher: str | None, ew
                              f" {tuple(infos[n].shape)}: it was computed for another model")
 
 
-def _validate(base_dir: str, records: Sequence[dict], cfg: FinetuneConfig, out_dir: str,
+def validate_inputs(base_dir: str, records: Sequence[dict], cfg: FinetuneConfig, out_dir: str,
               ewc_fisher: str | None = None, ewc_lambda: float = 0.0) -> None:
     """Cheap checks before any Ray work, each naming the fix."""
     if not (Path(base_dir) / "config.json").is_file():
@@ -309,7 +243,7 @@ def _validate(base_dir: str, records: Sequence[dict], cfg: FinetuneConfig, out_d
         raise ValueError("no training records: check the task data file and template")
     for i, r in enumerate(records[:cfg.max_samples]):
         if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not isinstance(r.get("target"), str):
-            raise ValueError(f"record {i} must be a dict with string 'prompt' and 'target' (see recall_ray.templates)")
+            raise ValueError(f"record {i} must be a dict with string 'prompt' and 'target' (see recall_ray.core.templates)")
     n = min(len(records), cfg.max_samples)
     if n < cfg.num_workers:
         raise ValueError(f"{n} records cannot be sharded over {cfg.num_workers} workers: lower finetune.num_workers")
@@ -355,7 +289,7 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     recall_ray.json. Raises FileExistsError when out_dir already exists, ValueError for bad
     inputs (before any Ray work), FinetuneError when training fails.
 
-    EWC: with `ewc_fisher`, a safetensors Fisher (recall_ray.ewc) whose keys are exactly the
+    EWC: with `ewc_fisher`, a safetensors Fisher (recall_ray.core.ewc) whose keys are exactly the
     `.weight` names of the modules `cfg.target_modules` wraps in `base_dir` (checked here,
     before any Ray work, and again in the workers), every step minimises the task loss plus
     `ewc_lambda / 2 * sum(F * (scaling * B @ A)^2)`: since the fine-tune starts at `base_dir`,
@@ -367,12 +301,12 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from recall_ray.safetensors_io import content_fingerprint
+    from ..safetensors_io import content_fingerprint
 
     base_dir = os.path.abspath(base_dir)  # workers may not share the driver's cwd
     out_dir = os.path.abspath(out_dir)
     ewc_fisher = os.path.abspath(ewc_fisher) if ewc_fisher is not None else None
-    _validate(base_dir, records, cfg, out_dir, ewc_fisher, ewc_lambda)
+    validate_inputs(base_dir, records, cfg, out_dir, ewc_fisher, ewc_lambda)
     records = [{"prompt": r["prompt"], "target": r["target"]} for r in records[:cfg.max_samples]]
     fingerprint = content_fingerprint(base_dir)  # fails early on a directory without weights
 
@@ -440,7 +374,7 @@ def _fisher_task(model_dir: str, records: list[dict], max_length: int, target_mo
     """In a Ray task: `ewc.diagonal_fisher` of `model_dir`'s LoRA-targeted weights on `records`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from recall_ray.ewc import diagonal_fisher, target_weight_names
+    from ..core.ewc import diagonal_fisher, target_weight_names
 
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -456,12 +390,12 @@ def _fisher_task(model_dir: str, records: list[dict], max_length: int, target_mo
 
 def fisher_of(model_dir: str, records: Sequence[dict], max_length: int, target_modules: Sequence[str],
               max_samples: int, *, use_gpu: bool = False) -> dict[str, torch.Tensor]:
-    """The empirical diagonal Fisher (recall_ray.ewc.diagonal_fisher: per-example squared
+    """The empirical diagonal Fisher (recall_ray.core.ewc.diagonal_fisher: per-example squared
     gradients of the summed target NLL, averaged) of the weights a LoRA on `target_modules`
     would wrap in the plain model `model_dir`, over the first `max_samples` of `records`
     ({"prompt", "target"} dicts, tokenised like the fine-tune with `max_length`). Runs in one
     Ray task (num_cpus=1, and one GPU with `use_gpu`); returns float32 CPU tensors keyed by
-    the weights' names, ready for `ewc.accumulate` / `ewc.save_fisher`. Ray must be up."""
+    the weights' names, ready for `core.ewc.accumulate` / `safetensors_io.save_fisher`. Ray must be up."""
     import ray
 
     if not (Path(model_dir) / "config.json").is_file():

@@ -43,28 +43,20 @@ from typing import Literal
 import pandas as pd
 from pydantic import Field, model_validator
 
-from .baselines import METHODS, BaselineConfig
-from .config import ConfigError, FinetuneConfig, RayConfig, RunConfig, _Section
-from .manifest import Manifest, stable_hash
-from .metrics import primary_metric
-from .models import resolve_model, resolve_path
-from .report import markdown_table
-from .scenarios import (
-    RecallSettings,
-    ScenarioEval,
-    check_inputs,
-    evaluate_stage,
-    merge_methods,
-    recall_run_config,
-    variant_plots,
-)
-from .splits import load_split
-from .storage import RunDir
+from ..config import BaselineConfig, ConfigError, FinetuneConfig, RayConfig, RecallSettings, RunConfig, Section
+from ..core.merge_methods import METHODS
+from ..core.metrics import primary_metric
+from ..manifest import Manifest, stable_hash
+from ..models import resolve_model, resolve_path
+from ..report import markdown_table
+from ..splits import load_split
+from ..storage import RunDir
+from .common import StudyEval, StudyResult, check_inputs, evaluate_stage, merge_all, recall_run_config, variant_plots
 
 log = logging.getLogger("recall_ray.sequential")
 
 
-class EwcSettings(_Section):
+class EwcSettings(Section):
     """The EWC line (recall_ray/ewc.py). `lam` weighs the penalty against the task loss (the
     mean NLL per target token); the Fisher is of each example's summed target NLL, so with
     lam = 1 the penalty is the quadratic estimate of the old tasks' mean loss increase *per
@@ -75,7 +67,7 @@ class EwcSettings(_Section):
     fisher_samples: int = Field(64, gt=0)  # the first records of each task's train split
 
 
-class SequentialConfig(_Section):
+class SequentialConfig(Section):
     scenario: Literal["sequential"]
     run_dir: str
     base: str = "builtin:smollm2-135m-instruct"
@@ -92,7 +84,7 @@ class SequentialConfig(_Section):
     adapters: str | None = None
     baselines: BaselineConfig = BaselineConfig()
     recall: RecallSettings = RecallSettings()
-    evaluate: ScenarioEval = ScenarioEval()
+    evaluate: StudyEval = StudyEval()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
@@ -144,7 +136,7 @@ def start_keys(base_path: str, labels: list[str]) -> dict[str, str]:
     """The key of every line's M_0: the base's weights (file fingerprint), so that a run
     directory resumed with another base retrains from step 1 instead of reusing adapters
     trained on the old one."""
-    from .safetensors_io import model_fingerprint
+    from ..safetensors_io import model_fingerprint
 
     fp = f"base:{model_fingerprint(base_path)}"
     return {label: fp for label in labels}
@@ -165,7 +157,7 @@ def find_prebuilt(adapters_dir: str | None, key: str, start: str) -> Path | None
     in its last bits, and the adapter would then not fit it exactly). Found by key, not by
     stage name, so a run with other lines (whose shared step-1 stage is named after another
     line) still finds it. None otherwise: the step is trained."""
-    from .safetensors_io import content_fingerprint
+    from ..safetensors_io import content_fingerprint
 
     if adapters_dir is None:
         return None
@@ -194,7 +186,7 @@ def export_adapters(run_dir: str | Path, dest: str | Path) -> list[str]:
     `dest`: the `adapters:` input of a later run. Returns the stages exported."""
     import shutil
 
-    from .storage import staged
+    from ..storage import staged
 
     mf = Path(run_dir, Manifest.FILE)
     if not mf.is_file():
@@ -218,12 +210,12 @@ def export_adapters(run_dir: str | Path, dest: str | Path) -> list[str]:
 
 def run_sequential(cfg: SequentialConfig):
     """Run (or resume) the whole sequence. Ray must be up."""
-    from .ewc import accumulate, load_fisher, save_fisher
-    from .finetune import finetune_lora, fisher_of
-    from .merge import run_merge
-    from .merge_methods import MergeMethod
-    from .scenarios import ScenarioResult
-    from .validate import check_models
+    from ..cluster.finetune import finetune_lora, fisher_of
+    from ..cluster.merge import run_merge
+    from ..core.ewc import accumulate
+    from ..core.merge_methods import MergeMethod
+    from ..safetensors_io import load_fisher, save_fisher
+    from ..validate import check_models
 
     preflight(cfg)
     root = RunDir(cfg.run_dir)
@@ -273,14 +265,13 @@ def run_sequential(cfg: SequentialConfig):
                                   task=task, **ewc_args)
                     return {"adapter": out}
 
-                manifest.run(stage, key_parts, [out], finetune)
-                done[job] = (out, manifest.data["stages"][stage]["key"])
+                done[job] = (out, manifest.run(stage, key_parts, [out], finetune).key)
             adapter_of[label], adapter_key[label] = done[job]
         nxt, nxt_key = {}, {}
         for chain in cfg.chains:
             start = current[chain]
             rc = _merge_config(cfg, step, task, chain, None if step == 1 else start, adapter_of[chain], start)
-            merged = merge_methods(rc, [chain], cfg.baselines, cfg.data_dir, root, f"step{step}/{chain}", manifest)
+            merged = merge_all(rc, [chain], cfg.baselines, cfg.data_dir, root, f"step{step}/{chain}", manifest)
             nxt[chain], nxt_key[chain] = merged.outputs[chain], merged.keys[chain]
             if merged.recall_dir is not None:
                 variant_plots(root, f"step{step}_{chain}", Path(merged.recall_dir))
@@ -298,8 +289,9 @@ def run_sequential(cfg: SequentialConfig):
                                     cfg.recall.merge.placement, cfg.recall.merge.max_shard_bytes, side_dir=start)
                     return {"output": out, "seconds": rep.seconds}
 
-                manifest.run(f"step{step}/{label}_fold", [current_key[label], adapter_key[label]], [out], fold_stage)
-                folds[(start, adapter)] = (out, manifest.data["stages"][f"step{step}/{label}_fold"]["key"])
+                fold_key = manifest.run(f"step{step}/{label}_fold", [current_key[label], adapter_key[label]], [out],
+                                        fold_stage).key
+                folds[(start, adapter)] = (out, fold_key)
             nxt[label], nxt_key[label] = folds[(start, adapter)]
         if cfg.ewc.enabled:  # F_{<t+1} = F_{<t} + Fisher of S^ewc_t on task t
             fisher_records = load_split(cfg.data_dir, task, "train", max_samples=cfg.ewc.fisher_samples)
@@ -313,10 +305,10 @@ def run_sequential(cfg: SequentialConfig):
                 save_fisher(fisher, out, {"tasks": ",".join(cfg.tasks[:step])})
                 return {"fisher": out, "tasks": cfg.tasks[:step], "samples": len(fisher_records)}
 
-            manifest.run(f"step{step}/ewc_fisher",
-                         [nxt_key["ewc"], _records_key(fisher_records), ft.max_length, list(ft.target_modules),
-                          fisher_key], [out], fisher_stage)
-            fisher_path, fisher_key = out, manifest.data["stages"][f"step{step}/ewc_fisher"]["key"]
+            fisher_key = manifest.run(f"step{step}/ewc_fisher",
+                                      [nxt_key["ewc"], _records_key(fisher_records), ft.max_length,
+                                       list(ft.target_modules), fisher_key], [out], fisher_stage).key
+            fisher_path = out
         current, current_key = nxt, nxt_key
         to_score = [resolve_model(label, path, base_path) for label, path in current.items()]
         scores = evaluate_stage(to_score, cfg.tasks[:step], cfg.evaluate, cfg.data_dir,
@@ -328,11 +320,11 @@ def run_sequential(cfg: SequentialConfig):
     root.write_text("scores.csv", scores.to_csv(index=False, float_format="%.4f"))
     root.write_text("table.csv", table.to_csv(index=False, float_format="%.2f"))
     root.write_text("table.md", markdown_table(table))
-    from .analysis import figure_png, plot_forgetting
+    from ..analysis import figure_png, plot_forgetting
 
     root.write_bytes("plots/forgetting.png",
                      figure_png(plot_forgetting(scores, {t: primary_metric(t) for t in cfg.tasks})))
-    return ScenarioResult(scores, table, manifest.timings)
+    return StudyResult(scores, table, manifest.timings)
 
 
 def sequence_table(scores: pd.DataFrame) -> pd.DataFrame:

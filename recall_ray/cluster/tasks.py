@@ -1,0 +1,74 @@
+"""Small Ray tasks around pure functions: KMeans on each layer's column, the NaN/Inf scan of
+every input's weights, and LM-Cocktail's per-model losses."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from ..core.typical import typical_indices
+from ..models import ResolvedModel
+from ..reps_parquet import read_layer
+
+log = logging.getLogger("recall_ray.tasks")
+
+
+def kmeans_all_layers(reps_uri: str, num_layers: int, k: int, seed: int, n_init: int) -> list[list[int]]:
+    """One Ray task per layer, each reading only its column; returns sample_idx per layer
+    (core.typical.typical_indices: the distinct sample nearest each of k KMeans centres)."""
+    import ray
+
+    @ray.remote(num_cpus=0.5)
+    def kmeans_layer(layer: int) -> list[int]:
+        idx, x = read_layer(reps_uri, layer)
+        return [int(idx[i]) for i in typical_indices(x, k, seed, n_init)]
+
+    from ..progress import Progress
+
+    refs = [kmeans_layer.remote(i) for i in range(num_layers)]
+    progress = Progress("typical (KMeans per layer)", num_layers, "layers")
+    out = []
+    for r in refs:
+        out.append(ray.get(r))
+        progress.update()
+    return out
+
+
+def nonfinite_by_model(models: Sequence[ResolvedModel]) -> dict[str, list[str]]:
+    """{label: names of tensors with NaN or Inf}, one Ray task per distinct weight set (a
+    base shared by several adapters is read once). Reads every weight of every input."""
+    import ray
+
+    from ..validate import nonfinite_tensors
+
+    scan = ray.remote(num_cpus=0.5)(nonfinite_tensors)
+    seen: dict[tuple, ResolvedModel] = {}
+    for m in models:
+        key = (m.weights_dir, m.path if m.kind == "adapter" else None)
+        seen.setdefault(key, m)
+    from ..progress import Progress
+
+    refs = {m.label: scan.remote(m) for m in seen.values()}
+    progress = Progress("finite check (NaN/Inf)", len(refs), "weight sets")
+    out = {}
+    for label, r in refs.items():
+        out[label] = ray.get(r)
+        progress.update()
+    return out
+
+
+def model_losses(models: Sequence[ResolvedModel], records: Sequence[dict], max_length: int) -> list[float]:
+    """`core.sft.target_loss` of every model on `records`, one Ray task each (LM-Cocktail)."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def one(model) -> float:
+        import torch
+
+        from ..core.sft import target_loss
+        from ..models import load_causal_lm, load_tokenizer
+
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        return target_loss(load_causal_lm(model), load_tokenizer(model), records, max_length)
+
+    return ray.get([one.remote(m) for m in models])

@@ -1,0 +1,25 @@
+"""The pure core of recall-ray: functions of arrays, tensors and tables, and plain
+dataclasses. Nothing here imports Ray or starts work elsewhere; the Ray shell
+(recall_ray.cluster) runs these where the data and the models are, and the tests check
+every number they compute against an independent float64 reference.
+
+    similarity     per-layer similarity kernels (a registry), softmax weights, `layer_weights`
+    typical        KMeans per layer and the typical samples (D_type)
+    pooling        per-layer mean of the hidden states over real tokens
+    merge_rule     the weighted sum of one tensor, from the base outward, in float32
+    task_vectors   task arithmetic, TIES' trim and consensus, DARE's drop and rescale
+    merge_methods  the merge methods by name (a registry), with their mergekit export
+    lora           exact LoRA folding, and the checks that an adapter fits its base
+    ewc            EWC's diagonal Fisher and penalty on LoRA deltas
+    sft            supervised fine-tuning examples: masking, padding, order, the loss
+    metrics        the paper's task metrics; templates: records -> (prompt, target)
+    architectures  parameter-name templates per model family, and the layer grouping
+    analysis       adjacent-layer similarity, forgetting curves, paired sign tests
+"""
+
+from .merge_methods import KINDS, METHODS, MergeMethod, build_method
+from .similarity import KERNELS, NORMALIZERS, LayerWeights, layer_similarity, layer_weights, softmax_weights
+from .typical import typical_indices, union_in_order
+
+__all__ = ["KERNELS", "NORMALIZERS", "LayerWeights", "layer_similarity", "layer_weights", "softmax_weights",
+           "typical_indices", "union_in_order", "KINDS", "METHODS", "MergeMethod", "build_method"]

@@ -1,0 +1,262 @@
+"""What the studies (single, multi, sequential, selection) share: the evaluation section,
+the checks every study makes before Ray starts, the RECALL merge of a set of models beside
+every baseline (each a resumable stage), scoring, and the published files of a finished
+study (tables, scores, paired comparisons, per-layer weights, plots, stage times).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+from pydantic import Field
+
+from ..config import BaselineConfig, ConfigError, RayConfig, RecallSettings, RunConfig, Section
+from ..core.merge_methods import METHODS, build_method
+from ..manifest import Manifest
+from ..models import resolve_path
+from ..splits import VALIDATION_SIZE, load_split, split_file
+from ..storage import RunDir
+
+log = logging.getLogger("recall_ray.studies")
+
+
+class StudyEval(Section):
+    split: Literal["test", "validation"] = "test"
+    max_samples: int = Field(50, gt=0)  # first N of each task's split
+    batch_size: int = Field(16, gt=0)
+    all_tasks: bool = False  # single: also score every merge on the other tasks (kept knowledge)
+
+
+@dataclasses.dataclass
+class StudyResult:
+    scores: pd.DataFrame  # long scores of every model scored
+    table: pd.DataFrame  # the study's table (primary metric per task and their mean)
+    timings: dict[str, dict]
+
+
+def check_inputs(tasks: list[str], run_dir: str, base: str, data_dir: str, recall_max_samples: int,
+                 ev: StudyEval) -> None:
+    """The checks every scenario makes before any work: known tasks, a local run directory,
+    a base that resolves, enough train records for RECALL (the validation tail excluded),
+    references in the evaluation split."""
+    from ..evaluate import build_items, check_tasks
+
+    check_tasks(tasks)
+    if "://" in run_dir:
+        raise ConfigError("a scenario loads (and fine-tunes) its models here to score them: use a local run_dir")
+    resolve_path(base)
+    for t in tasks:
+        n_train = len(load_split(data_dir, t, "train"))
+        if recall_max_samples > n_train:
+            raise ConfigError(f"recall.max_samples={recall_max_samples} exceeds the {n_train} train records of"
+                              f" {t} (train.jsonl less its {VALIDATION_SIZE}-record validation tail)")
+    build_items(data_dir, tasks, ev.split, ev.max_samples)
+
+def recall_run_config(r: RecallSettings, ray: RayConfig, run_dir: str, base: str, experts: list[dict],
+                      new_model: dict, include_base: bool, task: str, data_dir: str) -> RunConfig:
+    """The jobs/merge.py config of one RECALL merge inside a study: the new task's train
+    split only (never its validation tail), RECALL's sections taken from `r` as they are (they
+    were validated once, with the study's config)."""
+    return RunConfig.model_validate({
+        "run_dir": run_dir,
+        "overwrite": True,  # the study owns its run directory
+        "base": {"name": "base", "path": base},
+        "experts": experts,
+        "new_model": new_model,
+        "include_base": include_base,
+        "task": {"name": task, "data": str(split_file(data_dir, task, "train")), "template": task,
+                 "max_samples": r.max_samples, "max_length": r.max_length},
+        "typical": r.typical, "similarity": r.similarity, "representations": r.representations, "merge": r.merge,
+        "ray": ray,
+    })
+
+
+@dataclasses.dataclass
+class Merged:
+    """The merges of one set of models: output directory per method, and what they came from."""
+
+    outputs: dict[str, str]  # method -> merged model directory
+    models: list  # ResolvedModel, merge order (base first)
+    modelset: object  # validate.ModelSet
+    keys: dict[str, str]  # method -> the key of the stage that produced it (for downstream keys)
+    recall_dir: str | None  # RECALL's run directory, when it ran
+
+
+def merge_all(rc: RunConfig, methods: list[str], baselines: BaselineConfig, data_dir: str, root: RunDir,
+              prefix: str, manifest: Manifest) -> Merged:
+    """Merge rc's models (base, experts, new model) by every method in `methods`: RECALL by
+    its own job (run directory rc.run_dir), the baselines by the same merge actors into
+    <root>/<prefix>/merged/<method>, each a resumable stage of `manifest`."""
+    from .. import pipeline
+    from ..cluster.tasks import model_losses
+
+    plan = pipeline.preflight(rc)
+    models = [plan.base, *plan.experts, plan.new]
+    ms = plan.modelset
+    G, K = ms.grouping.num_groups, len(models)
+    recall_w, outputs, keys = None, {}, {}
+    needs = {need for name in methods for need in METHODS[name].needs}
+    if "recall_weights" in needs:
+        res = pipeline.run_pipeline(rc, plan)  # resumes by itself: its own manifest in rc.run_dir
+        manifest.timings.update({f"{prefix}/recall/{k}": t for k, t in res.timings.items()})
+        recall_w = pipeline.weights_matrix(res.table, [m.label for m in models], G)
+        if "recall" in methods:  # the job's own merge is RECALL's
+            outputs["recall"] = rc.output_dir
+            keys["recall"] = res.merge_key
+    losses = None
+    if "losses" in needs:
+        examples = load_split(data_dir, plan.cfg.task.template, "train", max_samples=baselines.cocktail_examples)
+        key = [ms.fingerprints, [(r["prompt"], r["target"]) for r in examples], rc.task.max_length]
+        losses = manifest.run(f"{prefix}/cocktail_losses", key, [],
+                              lambda: model_losses(models, examples, rc.task.max_length)).result
+    for name in methods:
+        if name == "recall":
+            continue
+        method = build_method(name, G, K, rc.include_base, baselines, recall_w, losses)
+        outputs[name] = root.uri(f"{prefix}/merged/{name}")
+        keys[name] = pipeline.merge_stage(manifest, f"{prefix}/merge_{name}", models, ms, method, outputs[name],
+                                          rc.merge)
+    return Merged(outputs, models, ms, keys, rc.run_dir if recall_w is not None else None)
+
+
+def evaluate_stage(to_score: list, tasks: list[str], ev: StudyEval, data_dir: str, num_actors, root: RunDir,
+                   prefix: str, manifest: Manifest, model_keys: dict[str, object], only: dict | None = None
+                   ) -> pd.DataFrame:
+    from ..evaluate import evaluation_stage
+
+    return evaluation_stage(manifest, root, prefix, to_score, tasks, data_dir, ev.split, ev.max_samples,
+                            ev.batch_size, num_actors, model_keys, only)
+
+
+def stage_times(run_dir: str | Path) -> pd.DataFrame:
+    """Seconds of every finished stage of a local run directory (its manifest and the nested
+    RECALL runs' manifests), as recorded by the run that computed it: what the scenario
+    costs from scratch, however many resumes it took."""
+    rows = []
+    root = Path(run_dir)
+    for mf in sorted(root.rglob("manifest.json")):
+        where = mf.parent.relative_to(root).as_posix()
+        for name, st in json.loads(mf.read_text()).get("stages", {}).items():
+            if st.get("status") == "done":
+                rows.append({"stage": f"{where}/{name}" if where != "." else name, "seconds": st.get("seconds", 0.0)})
+    return pd.DataFrame(rows, columns=["stage", "seconds"])
+
+
+PUBLISHED = ("table.md", "table.csv", "scores.csv", "stage_times.csv")
+
+
+def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
+    """Copy a finished scenario's small result files (tables, scores, stage times, plots,
+    each RECALL merge's per-layer weights and their summary, RECALL paired against every
+    other model on the same samples) into `dest` (e.g. docs/results/multi), replacing what was there; returns the names."""
+    import shutil
+
+    from ..storage import staged
+
+    from ..analysis import weight_summary
+
+    src = Path(run_dir)
+    if not (src / "table.csv").is_file():
+        raise FileNotFoundError(f"{run_dir} holds no finished scenario (no table.csv): run it first")
+    stage_times(src).to_csv(src / "stage_times.csv", index=False, float_format="%.1f")
+    names = [n for n in PUBLISHED if (src / n).is_file()]
+    plots = sorted((src / "plots").glob("*.png")) if (src / "plots").is_dir() else []
+    weights = recall_weights(src)
+    paired = paired_against(src)
+    with staged(str(dest), overwrite=True) as tmp:
+        for n in names:
+            shutil.copy2(src / n, Path(tmp) / n)
+        if plots:
+            (Path(tmp) / "plots").mkdir()
+            for f in plots:
+                shutil.copy2(f, Path(tmp) / "plots" / f.name)
+        if weights:
+            (Path(tmp) / "weights").mkdir()
+            for name, f in weights.items():
+                shutil.copy2(f, Path(tmp) / "weights" / f"{name}.csv")
+            summary = pd.concat([weight_summary(pd.read_csv(f)).assign(merge=name) for name, f in weights.items()],
+                                ignore_index=True)
+            summary = summary[["merge", *[c for c in summary.columns if c != "merge"]]]
+            summary.to_csv(Path(tmp) / "weights_summary.csv", index=False, float_format="%.4f")
+        if paired is not None:
+            # p-values with 3 significant digits: a fixed 4 decimals writes p = 4e-6 as 0.0000
+            paired.assign(p_value=paired["p_value"].map("{:.3g}".format)).to_csv(
+                Path(tmp) / "paired.csv", index=False, float_format="%.4f")
+    extra = [f"weights/{n}.csv" for n in weights] + (["weights_summary.csv"] if weights else [])
+    return names + [f"plots/{f.name}" for f in plots] + extra + (["paired.csv"] if paired is not None else [])
+
+
+def paired_against(run_dir: Path, model: str = "recall") -> pd.DataFrame | None:
+    """`analysis.paired_comparison` of `model` against every other model scored beside it,
+    in every evaluation of the run (<where>/eval/predictions.jsonl; column `eval` names
+    where), or None when no evaluation scored `model`."""
+    from ..analysis import paired_comparison
+
+    parts = []
+    for f in sorted(run_dir.rglob("eval/predictions.jsonl")):
+        preds = pd.DataFrame([json.loads(line) for line in f.read_text().splitlines() if line.strip()])
+        if model not in set(preds["model"]):
+            continue
+        where = f.parent.parent.relative_to(run_dir).as_posix()
+        for other in dict.fromkeys(preds["model"]):
+            if other != model:
+                parts.append(paired_comparison(preds, model, other).assign(eval=where))
+    if not parts:
+        return None
+    out = pd.concat(parts, ignore_index=True)
+    out = out[["eval", *[c for c in out.columns if c != "eval"]]]
+    return pd.concat([out, pooled_over_evals(out)], ignore_index=True)
+
+
+def pooled_over_evals(paired: pd.DataFrame) -> pd.DataFrame:
+    """Rows `eval` = "all" that pool the per-task rows of several evaluations on disjoint
+    tasks (the single scenario: one variant per task), each `expert:<task>` counted as
+    "expert"; empty when the evaluations share tasks (multi: the same samples twice)."""
+    from ..analysis import sign_test
+
+    rows = paired[paired["task"] != "all"]
+    tasks_of = rows.groupby("eval")["task"].apply(set)
+    if len(tasks_of) < 2 or sum(map(len, tasks_of)) != len(set().union(*tasks_of)):
+        return paired.iloc[0:0]
+    rows = rows.assign(b=rows["b"].where(~rows["b"].str.startswith("expert:"), "expert"))
+    out = []
+    for (a, b), g in rows.groupby(["a", "b"], sort=False):
+        n, both, oa, ob = (int(g[c].sum()) for c in ("n", "both", "only_a", "only_b"))
+        out.append({"eval": "all", "a": a, "b": b, "task": "all", "n": n, "both": both, "only_a": oa, "only_b": ob,
+                    "neither": n - both - oa - ob, "score_a": 100.0 * (both + oa) / n,
+                    "score_b": 100.0 * (both + ob) / n, "p_value": sign_test(oa, ob)})
+    return pd.DataFrame(out, columns=paired.columns)
+
+
+def recall_weights(run_dir: Path) -> dict[str, Path]:
+    """The per-layer weights.csv of every RECALL merge inside a scenario's run directory,
+    named as its plots are: the RECALL run's parent directory, '/' -> '_' (with_base,
+    step2_recall, sst2)."""
+    found = {}
+    for f in sorted(run_dir.rglob("weights.csv")):
+        if (f.parent / "manifest.json").is_file() and f.parent != run_dir:
+            where = f.parent.parent.relative_to(run_dir).as_posix()
+            found["recall" if where == "." else where.replace("/", "_")] = f
+    return found
+
+
+def variant_plots(root: RunDir, name: str, recall_dir: Path) -> None:
+    """plots/<name>_{weights,similarity,adjacent}.png from a RECALL run directory."""
+    from ..analysis import adjacent_table, figure_png, plot_lines
+
+    weights = pd.read_csv(recall_dir / "weights.csv")
+    title = f"{name}: "
+    root.write_bytes(f"plots/{name}_weights.png", figure_png(plot_lines(
+        weights, "layer", "weight", "model", title + "RECALL merge weights", "weight", "layer (0 = embeddings)")))
+    root.write_bytes(f"plots/{name}_similarity.png", figure_png(plot_lines(
+        weights, "layer", "similarity", "model", title + "similarity to the new model", "similarity",
+        "layer (0 = embeddings)")))
+    adj = adjacent_table(recall_dir)
+    root.write_bytes(f"plots/{name}_adjacent.png", figure_png(plot_lines(
+        adj, "layer", "similarity", "model", title + "adjacent-layer similarity", "mean cosine(layer i-1, layer i)",
+        "layer i")))

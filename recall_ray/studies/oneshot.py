@@ -1,0 +1,162 @@
+"""The one-shot studies of the paper: one YAML config, one run directory, one table.
+
+    single      for each task: its expert merged with the base (paper Table 1)
+    multi       every expert merged, with and without the base (paper Table 2); the last
+                task is the *new* one: RECALL's typical samples and LM-Cocktail's examples
+                come from its train split only (no other task's data is used)
+
+Each merge is computed by RECALL's own job (recall_ray.pipeline, which writes the weights,
+plots and representations) and by every baseline through the same merge actors; then every
+model is scored (recall_ray.evaluate) on the tasks' test split (or validation, to choose
+settings). Layout of `run_dir`:
+
+    manifest.json                 the study's stages (each resumable)
+    <variant>/recall/             RECALL's run directory (weights.csv, plots/, reps/, merged/)
+    <variant>/merged/<method>/    each baseline's merged model
+    <variant>/eval/               scores and predictions of this variant's models
+    scores.csv                    long: variant, model, task, metric, value, n
+    table.csv, table.md           primary metric per task (and their mean), a row per model
+    plots/                        weights, similarity and adjacent-layer similarity per variant
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+from pydantic import model_validator
+
+from ..config import BaselineConfig, ConfigError, RayConfig, RecallSettings, RunConfig, Section
+from ..core.merge_methods import METHODS
+from ..core.metrics import primary_metric
+from ..manifest import Manifest
+from ..models import resolve_model, resolve_path
+from ..report import markdown_table
+from ..storage import RunDir
+from .common import StudyEval, StudyResult, check_inputs, evaluate_stage, merge_all, recall_run_config, variant_plots
+
+
+class ScenarioConfig(Section):
+    scenario: Literal["single", "multi"]
+    run_dir: str
+    base: str = "builtin:smollm2-135m-instruct"
+    data_dir: str = "data"
+    tasks: list[str]
+    experts: str  # directory holding one expert per task: <experts>/<task> (LoRA adapter or HF directory)
+    include_base: list[bool] = [True, False]  # multi: merge with and without the base
+    methods: list[str] = list(METHODS)
+    baselines: BaselineConfig = BaselineConfig()
+    recall: RecallSettings = RecallSettings()
+    evaluate: StudyEval = StudyEval()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScenarioConfig":
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be a non-empty list without repeats, got {self.tasks}")
+        if self.scenario == "multi" and len(self.tasks) < 2:
+            raise ValueError("the multi scenario merges several experts: give at least two tasks")
+        if not self.include_base:
+            raise ValueError("include_base must list at least one of true/false")
+        return self
+
+
+# ------------------------------------------------------------------------------- plan
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One merge setting of a scenario: which experts, which new task, with the base or not."""
+
+    name: str
+    experts: tuple[str, ...]  # tasks whose experts are merged as old experts
+    new_task: str  # whose expert is the new model and whose train data RECALL sees
+    include_base: bool
+    eval_tasks: tuple[str, ...]
+
+
+def variants(cfg: ScenarioConfig) -> list[Variant]:
+    if cfg.scenario == "single":
+        return [Variant(t, (), t, True, tuple(cfg.tasks) if cfg.evaluate.all_tasks else (t,)) for t in cfg.tasks]
+    *old, new = cfg.tasks
+    return [Variant("with_base" if b else "without_base", tuple(old), new, b, tuple(cfg.tasks))
+            for b in cfg.include_base]
+
+
+def expert_path(cfg: ScenarioConfig, task: str) -> str:
+    return str(Path(cfg.experts) / task)
+
+
+def recall_config(cfg: ScenarioConfig, v: Variant) -> RunConfig:
+    """The RECALL merge of one variant."""
+    return recall_run_config(
+        cfg.recall, cfg.ray, f"{cfg.run_dir.rstrip('/')}/{v.name}/recall", cfg.base,
+        [{"name": t, "path": expert_path(cfg, t)} for t in v.experts],
+        {"name": v.new_task, "path": expert_path(cfg, v.new_task)}, v.include_base, v.new_task, cfg.data_dir)
+
+
+def preflight(cfg: ScenarioConfig) -> list[Variant]:
+    """Every check that needs no model: experts and data exist, RECALL never reads the
+    validation tail, evaluation references are present."""
+    check_inputs(cfg.tasks, cfg.run_dir, cfg.base, cfg.data_dir, cfg.recall.max_samples, cfg.evaluate)
+    missing = [t for t in cfg.tasks if not Path(expert_path(cfg, t)).exists()]
+    if missing:
+        raise ConfigError(f"no expert for tasks {missing} under {cfg.experts}: train them with "
+                          "`python jobs/train_adapters.py --config configs/adapters/repro.yaml`")
+    vs = variants(cfg)
+    for v in vs:
+        recall_config(cfg, v)  # validates the derived RECALL config
+    return vs
+
+
+# -------------------------------------------------------------------------------- run
+
+def run_scenario(cfg: ScenarioConfig) -> StudyResult:
+    """Run (or resume) every variant: RECALL, the baselines, the evaluation. Ray must be up."""
+    vs = preflight(cfg)
+    root = RunDir(cfg.run_dir)
+    manifest = Manifest(root, cfg.model_dump(mode="json"))
+    base_path = resolve_path(cfg.base)
+    all_scores = []
+    for v in vs:
+        merged = merge_all(recall_config(cfg, v), cfg.methods, cfg.baselines, cfg.data_dir, root, v.name, manifest)
+        # Score: the base, the experts alone (on their own task), every merge.
+        models = merged.models
+        to_score = [models[0]] + [dataclasses.replace(m, label=f"expert:{m.label}") for m in models[1:]]
+        to_score += [resolve_model(name, out, base_path) for name, out in merged.outputs.items()]
+        only = {m.label: [m.label.split(":", 1)[1]] for m in to_score if m.label.startswith("expert:")}
+        fps = merged.modelset.fingerprints
+        model_keys = {m.label: fps[m.label.removeprefix("expert:")] for m in to_score[:len(models)]}
+        model_keys.update(merged.keys)
+        scores = evaluate_stage(to_score, list(v.eval_tasks), cfg.evaluate, cfg.data_dir,
+                                cfg.recall.representations.num_actors, root, v.name, manifest, model_keys, only)
+        all_scores.append(scores.assign(variant=v.name))
+        if merged.recall_dir is not None:
+            variant_plots(root, v.name, Path(merged.recall_dir))
+    scores = pd.concat(all_scores, ignore_index=True)[["variant", "model", "task", "metric", "value", "n"]]
+    table = summary_table(scores, cfg.scenario)
+    root.write_text("scores.csv", scores.to_csv(index=False, float_format="%.4f"))
+    root.write_text("table.csv", table.to_csv(index=False, float_format="%.2f"))
+    root.write_text("table.md", markdown_table(table))
+    return StudyResult(scores, table, manifest.timings)
+
+
+def summary_table(scores: pd.DataFrame, scenario: str) -> pd.DataFrame:
+    """Primary metric per task as columns and their mean over the tasks each row was scored
+    on. single: one row per model kind (base, expert, recall, baselines), the task columns
+    gathered from each task's own variant; multi: one row per (variant, model)."""
+    prim = scores[[primary_metric(t) == m for t, m in zip(scores["task"], scores["metric"])]].copy()
+    if scenario == "single":
+        prim["model"] = prim["model"].where(~prim["model"].str.startswith("expert:"), "expert")
+        index = ["model"]
+    else:
+        index = ["variant", "model"]
+    wide = prim.pivot_table(index=index, columns="task", values="value", aggfunc="mean", sort=False)
+    tasks = list(dict.fromkeys(prim["task"]))
+    wide = wide[tasks]
+    wide["mean"] = wide.mean(axis=1, skipna=True)
+    return wide.reset_index()
