@@ -39,6 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-actors", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--protocol", default="loglik", choices=["loglik", "generate"],
+                   help="closed-label tasks (SST-2, AG News, MedMCQA, RACE): the option the model finds most likely"
+                   " (loglik), or greedy generation; SQuAD 2.0 and IWSLT always generate")
+    p.add_argument("--templates", default="default", choices=["default", "paper"],
+                   help="the prompts: the templates the adapters were trained on, or the paper's (Table 6)")
+    p.add_argument("--normalization", default="sum", choices=["sum", "mean"],
+                   help="rank a closed task's options by the sum of their tokens' log-probabilities, or the mean")
     p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -70,12 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_samples is not None and args.max_samples <= 0:
             raise ValueError(f"--max-samples must be positive, got {args.max_samples}")
         models = resolve_models(args.models, args.base)
-        items = preflight(models, args.tasks, args.data_dir, args.split, args.max_samples)  # before Ray starts
+        items = preflight(models, args.tasks, args.data_dir, args.split, args.max_samples, args.protocol,
+                          args.templates)  # every check before Ray starts
         num_actors = args.num_actors if args.num_actors == "auto" else int(args.num_actors)
         with ray_runtime(RayConfig()):
             result = evaluate_models(models, args.tasks, args.data_dir, args.split, args.max_samples,
-                                     args.batch_size, num_actors, args.dtype, items=items)
+                                     args.batch_size, num_actors, args.dtype, items=items,
+                                     normalization=args.normalization)
         write_result(result, args.out, {"split": args.split, "max_samples": args.max_samples,
+                                        "protocol": args.protocol, "normalization": args.normalization,
+                                        "templates": args.templates,
                                         "models": {m.label: m.path for m in models}})
         return result
 

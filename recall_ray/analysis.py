@@ -74,6 +74,9 @@ def plot_forgetting(scores: pd.DataFrame, primary: dict[str, str]):
     table = forgetting_table(scores, primary)
     fig = plot_lines(table, "step", "mean_seen", "method", "forgetting curve", "mean score on tasks seen so far",
                      "step (tasks learned)")
+    from matplotlib.ticker import MaxNLocator
+
+    fig.axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # whole steps
     return fig
 
 

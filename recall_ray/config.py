@@ -144,6 +144,11 @@ class EvaluateConfig(Section):
     # models (core.merge_methods.METHODS), with the default `BaselineConfig` settings
     baselines: list[str] = ["average"]
     batch_size: int = Field(16, gt=0)
+    # closed-label tasks by log-likelihood (default) or greedy generation (evaluate.PROTOCOLS);
+    # options ranked by the sum of their tokens' log-probabilities, or their mean
+    protocol: Literal["loglik", "generate"] = "loglik"
+    normalization: Literal["sum", "mean"] = "sum"
+    templates: Literal["default", "paper"] = "default"  # core.templates.TEMPLATE_SETS: the prompts asked
 
     @field_validator("baselines")
     @classmethod

@@ -1,7 +1,7 @@
 """Evaluation: greedy generation on a task split through a Ray Data actor pool
 (recall_ray.cluster.generation), scored with the paper's metrics (core.metrics).
 
-    items (prompt, references) per task -> one actor pool for every model (GreedyGenerator)
+    items (prompt, references) per task -> one actor pool for every model (EvalWorker)
       -> generations -> per-task scores -> scores.json / scores.csv / predictions.jsonl
 
 Every check that needs no forward pass (known task, references present, tokenizer able to
@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 
 from .core.metrics import TASK_METRICS, MetricError, extract_answer, max_new_tokens, references, score_task
-from .core.templates import TEMPLATES
+from .core.templates import TEMPLATES, template_name
 from .models import ResolvedModel, load_tokenizer
 from .report import markdown_table
 from .splits import load_split_with_raw
@@ -75,36 +76,92 @@ def unrepresentable(tokenizer, texts: Sequence[str]) -> list[str]:
     return bad
 
 
+# How a task is asked. "loglik" (the default): a closed-label task (its template maps a
+# label to an answer word or letter: SST-2, AG News, MedMCQA, RACE) is answered by the option
+# the model finds most likely (core.loglik), and translation gets the reference's per-token
+# log-likelihood beside its generation; "generate": every task by greedy generation, the
+# answer extracted from the text. Open tasks (SQuAD 2.0, IWSLT) always generate.
+PROTOCOLS = ("loglik", "generate")
+REFERENCE_TASKS = ("iwslt2017_en_fr",)  # reference log-likelihood: a signal where exact match is 0
+
+
+def closed_options(task: str) -> list[str]:
+    """The answers a closed-label task allows (its template's label words, in order), or []."""
+    labels = TEMPLATES[task].labels
+    return list(dict.fromkeys(str(v) for v in labels.values())) if labels else []
+
+
+def item_kinds(task: str, protocol: str) -> tuple[str, ...]:
+    """The rows an item of `task` is asked as (cluster.generation.EvalWorker's kinds)."""
+    if protocol not in PROTOCOLS:
+        raise EvaluationError(f"unknown evaluation protocol {protocol!r}: use {' or '.join(PROTOCOLS)}")
+    if protocol == "loglik" and closed_options(task):
+        return ("choice",)
+    if protocol == "loglik" and task in REFERENCE_TASKS:
+        return ("generate", "reference")
+    return ("generate",)
+
+
 @dataclass
 class EvalItem:
     task: str
     sample_id: str
     prompt: str
     refs: list[str]
+    kinds: tuple[str, ...] = ("generate",)
+    options: tuple[str, ...] = ()  # the answers a "choice" row chooses among
+    template: str = ""  # the template the prompt was rendered with (core.templates)
+
+    @property
+    def protocol(self) -> str:
+        """How this item's primary metric is measured: "loglik" or "greedy"."""
+        return "loglik" if "choice" in self.kinds else "greedy"
 
 
-def build_items(data_dir: str | Path, tasks: Sequence[str], split: str, max_samples: int | None) -> list[EvalItem]:
-    """Every (task, sample) to generate for, references checked: a split without references
-    (e.g. an unlabelled test set) is an error here, not a score of 0 later."""
+def build_items(data_dir: str | Path, tasks: Sequence[str], split: str, max_samples: int | None,
+                protocol: str = "loglik", template_set: str = "default") -> list[EvalItem]:
+    """Every (task, sample) to ask, with the prompt of the task's template in `template_set`
+    (core.templates.TEMPLATE_SETS), references checked: a split without references (e.g.
+    an unlabelled test set) is an error here, not a score of 0 later."""
     items = []
     for task in tasks:
-        for raw, rec in load_split_with_raw(data_dir, task, split, max_samples=max_samples):
+        kinds, options = item_kinds(task, protocol), tuple(closed_options(task))
+        template = template_name(task, template_set)
+        for raw, rec in load_split_with_raw(data_dir, task, split, template, max_samples=max_samples):
             try:
                 refs = references(task, raw, sample=rec["sample_id"])
             except MetricError as err:
                 raise EvaluationError(f"{task} {split} split, sample {rec['sample_id']}: {err}") from None
-            items.append(EvalItem(task, rec["sample_id"], rec["prompt"], refs))
+            if "choice" in kinds and not set(refs) <= set(options):
+                raise EvaluationError(f"{task} {split} split, sample {rec['sample_id']}: reference {refs} is not one"
+                                      f" of the options {list(options)}")
+            items.append(EvalItem(task, rec["sample_id"], rec["prompt"], refs, kinds,
+                                  options if "choice" in kinds else (), template))
     return items
 
 
-def score_table(model: str, items: Sequence[EvalItem], generations: Sequence[str]) -> pd.DataFrame:
-    """Long table (model, task, metric, value, n) of one model's scores."""
+def mean_logprob(token_logprobs: Sequence[float]) -> float:
+    """A reference's log-likelihood per token (nats; 0 is certainty)."""
+    return float(sum(token_logprobs) / len(token_logprobs)) if token_logprobs else float("nan")
+
+
+def score_table(model: str, items: Sequence[EvalItem], answers: Sequence) -> pd.DataFrame:
+    """Long table (model, task, metric, value, n, protocol) of one model's scores; `answers`
+    are cluster.generation.Answer (or plain strings: generated texts)."""
+    texts = [a if isinstance(a, str) else a.text for a in answers]
     rows = []
     for task in dict.fromkeys(i.task for i in items):
         idx = [j for j, it in enumerate(items) if it.task == task]
-        scores = score_task(task, [generations[j] for j in idx], [items[j].refs for j in idx])
+        scores = score_task(task, [texts[j] for j in idx], [items[j].refs for j in idx])
         n = int(scores.pop("n"))
-        rows += [{"model": model, "task": task, "metric": m, "value": float(v), "n": n} for m, v in scores.items()]
+        protocol = items[idx[0]].protocol
+        template = items[idx[0]].template or task
+        rows += [{"model": model, "task": task, "metric": m, "value": float(v), "n": n, "protocol": protocol,
+                  "template": template} for m, v in scores.items()]
+        if "reference" in items[idx[0]].kinds:
+            lp = [mean_logprob(answers[j].ref_logprobs) for j in idx]
+            rows.append({"model": model, "task": task, "metric": "ref_logprob", "value": float(np.mean(lp)), "n": n,
+                         "protocol": "loglik", "template": template})
     return pd.DataFrame(rows)
 
 
@@ -121,6 +178,7 @@ def wide_table(scores: pd.DataFrame) -> pd.DataFrame:
 # protocol are not reused: 2 = each row cut at its own task's budget (1 let a batch that
 # straddled two tasks give every row the larger one).
 GENERATION_PROTOCOL = 2
+LOGLIK_PROTOCOL = 1  # likewise for log-likelihood scoring (core.loglik)
 
 
 @dataclass
@@ -135,19 +193,19 @@ class EvalResult:
 
 
 def preflight(models: Sequence[ResolvedModel], tasks: Sequence[str], data_dir: str | Path, split: str,
-              max_samples: int | None) -> list[EvalItem]:
-    """Every check that needs no forward pass; returns the items to generate for."""
+              max_samples: int | None, protocol: str = "loglik", template_set: str = "default") -> list[EvalItem]:
+    """Every check that needs no forward pass; returns the items to ask."""
     if not models:
         raise EvaluationError("no models to evaluate")
     labels = [m.label for m in models]
     if len(set(labels)) != len(labels):
         raise EvaluationError(f"model names must be distinct, got {labels}")
     tasks = check_tasks(tasks)
-    items = build_items(data_dir, tasks, split, max_samples)
+    items = build_items(data_dir, tasks, split, max_samples, protocol, template_set)
     for m in models:
         tok = load_tokenizer(m)
         for task in tasks:
-            bad = unrepresentable(tok, template_texts(task))
+            bad = unrepresentable(tok, template_texts(template_name(task, template_set)))
             if bad:
                 raise EvaluationError(
                     f"the tokenizer of model {m.label!r} ({m.tokenizer_dir}) cannot represent {bad!r} of task {task}'s"
@@ -160,25 +218,28 @@ def evaluate_models(models: Sequence[ResolvedModel], tasks: Sequence[str], data_
                     max_samples: int | None = None, batch_size: int = 16, num_actors: int | str = "auto",
                     dtype: str = "float32", items: list[EvalItem] | None = None,
                     only: dict[str, Sequence[str]] | None = None,
-                    on_model: Callable[[str, pd.DataFrame, pd.DataFrame], None] | None = None) -> EvalResult:
+                    on_model: Callable[[str, pd.DataFrame, pd.DataFrame], None] | None = None,
+                    protocol: str = "loglik", normalization: str = "sum") -> EvalResult:
     """Score every model on every task (Ray must be initialised); `only` limits a model
     (by label) to some of the tasks, e.g. an expert to its own. `on_model(label, scores,
-    predictions)` receives each model's part of the result as soon as it is complete."""
-    items = items if items is not None else preflight(models, tasks, data_dir, split, max_samples)
+    predictions)` receives each model's part of the result as soon as it is complete.
+    `protocol` (PROTOCOLS) decides how items are asked when `items` are not given;
+    `normalization` ranks a choice's options (core.loglik.choose)."""
+    items = items if items is not None else preflight(models, tasks, data_dir, split, max_samples, protocol)
     work = [(m, [i for i in items if only is None or m.label not in only or i.task in only[m.label]]) for m in models]
     work = [(m, mine) for m, mine in work if mine]
     parts: dict[int, tuple[pd.DataFrame, pd.DataFrame]] = {}
 
-    def complete(mi: int, gens: list[str]) -> None:
+    def complete(mi: int, answers: list) -> None:
         m, mine = work[mi]
-        parts[mi] = model_result(m.label, mine, gens)
+        parts[mi] = model_result(m.label, mine, answers)
         if on_model is not None:
             on_model(m.label, *parts[mi])
 
-    from .cluster.generation import generate
+    from .cluster.generation import evaluate_rows
 
     t0 = time.perf_counter()
-    generate(work, batch_size, num_actors, dtype, on_complete=complete)
+    evaluate_rows(work, batch_size, num_actors, dtype, normalization, on_complete=complete)
     seconds = {"generation": time.perf_counter() - t0}
     log.info("evaluated %d models on %d prompts in %.1fs", len(work), sum(len(w) for _, w in work), seconds["generation"])
     ordered = [parts[mi] for mi in range(len(work))]
@@ -186,15 +247,23 @@ def evaluate_models(models: Sequence[ResolvedModel], tasks: Sequence[str], data_
                       pd.concat([p for _, p in ordered], ignore_index=True), seconds)
 
 
-def model_result(label: str, items: Sequence[EvalItem], generations: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One model's long scores and its predictions table (every generation, its cleaned
-    answer and the references)."""
+def model_result(label: str, items: Sequence[EvalItem], answers: Sequence) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One model's long scores and its predictions table: every answer (the generation, or
+    the option chosen by log-likelihood, with each option's log-probability), its cleaned
+    prediction, the references and, for translation, the reference's log-likelihood."""
+    texts = [a if isinstance(a, str) else a.text for a in answers]
     preds = pd.DataFrame({
         "model": label, "task": [i.task for i in items], "sample_id": [i.sample_id for i in items],
-        "generation": list(generations), "prediction": [extract_answer(i.task, g) for i, g in zip(items, generations)],
+        "protocol": [i.protocol for i in items],
+        "generation": texts, "prediction": [extract_answer(i.task, g) for i, g in zip(items, texts)],
         "references": [i.refs for i in items],
+        "option_logprobs": [None if isinstance(a, str) or a.option_logprobs is None
+                            else {o: sum(lp) for o, lp in zip(i.options, a.option_logprobs)}
+                            for i, a in zip(items, answers)],
+        "ref_logprob": [None if isinstance(a, str) or a.ref_logprobs is None else mean_logprob(a.ref_logprobs)
+                        for a in answers],
     })
-    return score_table(label, items, generations), preds
+    return score_table(label, items, answers), preds
 
 
 def result_files(result: EvalResult, meta: dict | None = None) -> dict[str, str]:
@@ -220,7 +289,8 @@ def write_result(result: EvalResult, out_dir: str | Path, meta: dict | None = No
 def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedModel], tasks: Sequence[str],
                      data_dir: str | Path, split: str, max_samples: int | None, batch_size: int,
                      num_actors: int | str, model_keys: dict[str, object], only: dict[str, Sequence[str]] | None = None,
-                     items: list[EvalItem] | None = None, dtype: str = "float32") -> pd.DataFrame:
+                     items: list[EvalItem] | None = None, dtype: str = "float32", protocol: str = "loglik",
+                     normalization: str = "sum", template_set: str = "default") -> pd.DataFrame:
     """Score `models` on `tasks` as a resumable stage of `manifest`, writing
     <run_dir>/<prefix>/eval/; returns the long scores.
 
@@ -233,7 +303,8 @@ def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedMo
 
     from .manifest import stable_hash
 
-    items = items if items is not None else preflight(models[:1], tasks, data_dir, split, max_samples)
+    items = items if items is not None else preflight(models[:1], tasks, data_dir, split, max_samples, protocol,
+                                                      template_set)
     missing = [m.label for m in models if m.label not in model_keys]
     if missing:
         raise ValueError(f"evaluation_stage: no model key for {missing}")
@@ -243,8 +314,9 @@ def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedMo
         return [i for i in items if i.task in tasks and (only is None or m.label not in only or i.task in only[m.label])]
 
     cache = {m.label: "eval_cache/" + stable_hash([
-        model_keys[m.label], split, dtype, [(i.task, i.sample_id, i.prompt, i.refs, max_new_tokens(i.task)) for i in mine(m)],
-        {"generation": GENERATION_PROTOCOL},
+        model_keys[m.label], split, dtype,
+        [(i.task, i.sample_id, i.prompt, i.refs, max_new_tokens(i.task), i.kinds, i.options) for i in mine(m)],
+        {"generation": GENERATION_PROTOCOL, "loglik": LOGLIK_PROTOCOL, "normalization": normalization},
     ])[:32] for m in models}
     key = [split, max_samples, [(m.label, cache[m.label]) for m in models]]
 
@@ -263,7 +335,7 @@ def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedMo
                 run_dir.write_text(f"{cache[label]}.scores.csv", scores.to_csv(index=False))
 
             r = evaluate_models(todo, tasks, data_dir, split, max_samples, batch_size, num_actors, dtype, items, only,
-                                on_model=save)
+                                on_model=save, normalization=normalization)
             seconds = r.seconds
         parts = [(m.label, run_dir.read_bytes(f"{cache[m.label]}.scores.csv"),
                   run_dir.read_bytes(f"{cache[m.label]}.predictions.jsonl")) for m in models if mine(m)]
@@ -271,7 +343,9 @@ def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedMo
         preds = pd.concat([pd.read_json(io.BytesIO(p), lines=True, dtype=False).assign(model=label)
                            for label, _, p in parts if p.strip()], ignore_index=True)
         result = EvalResult(scores, preds, seconds)
-        for fname, text in result_files(result, {"split": split, "max_samples": max_samples}).items():
+        meta = {"split": split, "max_samples": max_samples, "protocol": protocol, "normalization": normalization,
+                "templates": template_set}
+        for fname, text in result_files(result, meta).items():
             run_dir.write_text(f"{rel}/{fname}", text)
         return {"seconds": seconds, "generated": [m.label for m in todo]}
 

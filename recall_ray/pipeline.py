@@ -122,7 +122,7 @@ def preflight(cfg: RunConfig) -> Plan:
             raise PipelineError("evaluate.tasks loads the merged models on this machine: use a local run_dir and"
                                 " output, or leave evaluate.tasks empty")
         ev = cfg.evaluate
-        eval_items = eval_preflight([base], ev.tasks, ev.data_dir, ev.split, ev.max_samples)
+        eval_items = eval_preflight([base], ev.tasks, ev.data_dir, ev.split, ev.max_samples, ev.protocol, ev.templates)
     if new is None and "://" in cfg.run_dir:
         raise PipelineError("fine-tuning writes its adapter locally: use a local run_dir, or give `new_model`")
     return Plan(cfg, base, experts, new, records, _file_hash(cfg.task.data), modelset if new else None, eval_items)
@@ -361,7 +361,8 @@ def _evaluate(run: Run, _: str | None) -> pd.DataFrame:
     to_score.append(resolve_model("recall", cfg.output_dir, run.models[0].path))
     keys["recall"] = run.runs["merge"].key
     return evaluation_stage(run.manifest, run.run_dir, "", to_score, ev.tasks, ev.data_dir, ev.split, ev.max_samples,
-                            ev.batch_size, cfg.representations.num_actors, keys, items=run.plan.eval_items)
+                            ev.batch_size, cfg.representations.num_actors, keys, items=run.plan.eval_items,
+                            protocol=ev.protocol, normalization=ev.normalization, template_set=ev.templates)
 
 
 def _reps_new_key(run: Run, _: str | None) -> list:

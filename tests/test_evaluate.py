@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import DATA, REPO, float64_state
-from recall_ray.cluster.generation import GreedyGenerator
+from recall_ray.cluster.generation import EvalWorker
 from recall_ray.evaluate import (
     EvaluationError,
     build_items,
@@ -95,8 +95,9 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_experts
     prompts = ["### Instruction:\nsay\n### Response:\n", "a longer prompt with several more words in it ### Response:\n",
                "short", "### Instruction:\nsay\n### Response:\n"]
     which = np.array([1, 1, 1, 0])
-    out = GreedyGenerator(models)({"model": which, "row": np.arange(4), "prompt": np.array(prompts, dtype=object),
-                                   "max_new_tokens": np.array([6, 2, 6, 3])})
+    out = EvalWorker(models)({"model": which, "row": np.arange(4), "prompt": np.array(prompts, dtype=object),
+                              "kind": np.array(["generate"] * 4), "max_new_tokens": np.array([6, 2, 6, 3]),
+                              "options": np.array(["[]"] * 4, dtype=object)})
     budgets = [6, 2, 6, 3]
 
     def reference(model_dir: Path, prompt: str, budget: int) -> str:
@@ -114,7 +115,7 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_experts
         return tok.decode(new, skip_special_tokens=True)
 
     expect = [reference(dirs[m], p, b) for m, p, b in zip(which, prompts, budgets)]
-    assert list(out["generation"]) == expect
+    assert list(out["text"]) == expect
     assert reference(dirs[1], prompts[1], 6) != expect[1]  # the batch's largest budget would give another text
     assert list(out["model"]) == list(which) and list(out["row"]) == [0, 1, 2, 3]
 

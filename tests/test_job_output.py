@@ -87,7 +87,9 @@ def test_job_console_is_progress_table_and_timings(tmp_path, tiny_dir, tiny_expe
     assert "per-layer merge weights:" in proc.stdout and "stage timings:" in proc.stdout
     assert len(out) < 40, proc.stdout
     err = proc.stderr.splitlines()
-    assert not [line for line in err if "logging_progress" in line or "Execution plan" in line], proc.stderr
-    assert len(err) <= 6, proc.stderr  # Ray's own one-line notices at most
+    # no Ray Data progress dumps or records, none of the job's own INFO records (they are in
+    # job.log); what Ray's processes print themselves (a worker's notice at exit) may remain
+    assert not [line for line in err if "logging_progress" in line or "Execution plan" in line
+                or " INFO recall_ray" in line or " INFO ray.data" in line], proc.stderr
     log = (tmp_path / "run" / "job.log").read_text()
     assert "stage reps_new: done" in log and "Execution plan of Dataset" in log

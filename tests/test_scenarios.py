@@ -16,7 +16,7 @@ import yaml
 from conftest import DATA, float64_state, reference_group
 from recall_ray.config import ConfigError
 from recall_ray.studies.common import pooled_over_evals
-from recall_ray.studies.oneshot import ScenarioConfig, preflight, run_scenario, summary_table, variants
+from recall_ray.studies.oneshot import ScenarioConfig, preflight, run_scenario, variants
 from recall_ray.studies.registry import load_study as load_scenario
 
 
@@ -211,19 +211,66 @@ def test_pooled_over_evals_sums_disjoint_variants_only():
     assert pooled_over_evals(multi).empty  # the same samples in both variants: no pooling
 
 
-def test_summary_table_single_gathers_each_tasks_own_variant():
-    scores = pd.DataFrame([
-        {"variant": "sst2", "model": "recall", "task": "sst2", "metric": "accuracy", "value": 80.0, "n": 2},
-        {"variant": "sst2", "model": "expert:sst2", "task": "sst2", "metric": "accuracy", "value": 90.0, "n": 2},
-        {"variant": "squad_v2", "model": "recall", "task": "squad_v2", "metric": "exact_match", "value": 20.0, "n": 2},
-        {"variant": "squad_v2", "model": "recall", "task": "squad_v2", "metric": "f1", "value": 30.0, "n": 2},
-        {"variant": "squad_v2", "model": "expert:squad_v2", "task": "squad_v2", "metric": "exact_match",
-         "value": 40.0, "n": 2},
-    ])
-    table = summary_table(scores, "single").set_index("model")
-    assert table.loc["recall", "sst2"] == 80.0 and table.loc["recall", "squad_v2"] == 20.0
-    assert table.loc["recall", "mean"] == 50.0
-    assert table.loc["expert", "mean"] == 65.0
+def _hits(rows):
+    out = []
+    for variant, model, task, hits in rows:
+        out += [{"variant": variant, "model": model, "task": task, "sample_id": str(i), "hit": h}
+                for i, h in enumerate(hits)]
+    return pd.DataFrame(out)
+
+
+def reference_interval(samples_by_task: dict, seed: int = 0, n_boot: int = 2000, combine=None):
+    """The percentile bootstrap written plainly: tasks in sorted order, each resampled n_boot
+    times from one generator, a replicate's statistic `combine` of the per-task means."""
+    rng = np.random.default_rng(seed)
+    reps = {}
+    for task in sorted(samples_by_task):
+        x = np.array(samples_by_task[task], dtype=float) * 100
+        reps[task] = [x[rng.integers(0, len(x), size=len(x))].mean() for _ in range(n_boot)]
+    stat = [combine({t: reps[t][b] for t in reps}) for b in range(n_boot)]
+    return tuple(np.quantile(stat, [0.025, 0.975]))
+
+
+def test_study_table_single_gathers_each_tasks_own_variant():
+    from recall_ray.studies.oneshot import study_table
+
+    cfg = ScenarioConfig.model_validate({"scenario": "single", "run_dir": "r", "tasks": ["sst2", "squad_v2"],
+                                         "experts": "x"})
+    recall = {"sst2": [1, 1, 0, 1, 1], "squad_v2": [0, 1, 0, 0, 0]}
+    hits = _hits([("sst2", "recall", "sst2", recall["sst2"]), ("sst2", "expert:sst2", "sst2", [1, 1, 1, 1, 0]),
+                  ("squad_v2", "recall", "squad_v2", recall["squad_v2"]),
+                  ("squad_v2", "expert:squad_v2", "squad_v2", [0, 1, 1, 0, 0])])
+    table, index = study_table(hits, cfg)
+    assert index == ["model"]
+    t = table.set_index("model")
+    assert t.loc["recall", "sst2"] == 80.0 and t.loc["recall", "squad_v2"] == 20.0 and t.loc["recall", "mean"] == 50.0
+    assert t.loc["expert", "mean"] == 60.0
+    lo, hi = reference_interval(recall, combine=lambda m: (m["sst2"] + m["squad_v2"]) / 2)
+    assert (t.loc["recall", "mean_lo"], t.loc["recall", "mean_hi"]) == pytest.approx((lo, hi))
+    lo, hi = reference_interval(recall, combine=lambda m: m["sst2"])  # the same draws, one task's statistic
+    assert (t.loc["recall", "sst2_lo"], t.loc["recall", "sst2_hi"]) == pytest.approx((lo, hi))
+    assert t.loc["recall", "sst2_lo"] <= 80.0 <= t.loc["recall", "sst2_hi"]
+
+
+def test_study_table_in_the_papers_table_1_form():
+    """Every model on every task, the mean over all tasks and over the unseen ones, and the
+    "all" rows averaging the fine-tuned tasks."""
+    from recall_ray.studies.oneshot import study_table
+
+    cfg = ScenarioConfig.model_validate({"scenario": "single", "run_dir": "r", "tasks": ["sst2", "race"],
+                                         "experts": "x", "evaluate": {"all_tasks": True}})
+    a = {("sst2", "sst2"): [1, 1, 1, 0], ("sst2", "race"): [0, 0, 1, 0],
+         ("race", "sst2"): [1, 0, 0, 0], ("race", "race"): [1, 1, 0, 1]}
+    hits = _hits([(v, "recall", t, h) for (v, t), h in a.items()])
+    table, index = study_table(hits, cfg)
+    assert index == ["fine_tuned", "model"]
+    t = table.set_index(index)
+    assert t.loc[("sst2", "recall"), "unseen"] == 25.0 and t.loc[("race", "recall"), "unseen"] == 25.0
+    assert t.loc[("sst2", "recall"), "mean"] == 50.0 and t.loc[("race", "recall"), "mean"] == 50.0
+    assert t.loc[("all", "recall"), "sst2"] == pytest.approx((75.0 + 25.0) / 2)
+    assert t.loc[("all", "recall"), "unseen"] == 25.0
+    lo, hi = reference_interval({k: a[("sst2", k)] for k in ("race", "sst2")}, combine=lambda m: m["race"])
+    assert (t.loc[("sst2", "recall"), "unseen_lo"], t.loc[("sst2", "recall"), "unseen_hi"]) == pytest.approx((lo, hi))
 
 
 def test_single_scenario_variants():

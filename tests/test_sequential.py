@@ -221,17 +221,29 @@ def test_step_1_is_keyed_by_the_base_weights(tiny_dir, tiny_experts, tmp_path):
     assert start_keys(str(tiny_experts[0]), ["recall"])["recall"] != keys["recall"]
 
 
+def _seq_hits(rows):
+    return pd.DataFrame([{"step": st, "method": m, "task": t, "sample_id": str(i), "hit": h}
+                         for st, m, t, hits in rows for i, h in enumerate(hits)])
+
+
 def test_sequence_table_means_seen_tasks():
-    scores = pd.DataFrame([
-        {"step": 1, "trained": "sst2", "method": "recall", "task": "sst2", "metric": "accuracy", "value": 70.0},
-        {"step": 2, "trained": "squad_v2", "method": "recall", "task": "sst2", "metric": "accuracy", "value": 60.0},
-        {"step": 2, "trained": "squad_v2", "method": "recall", "task": "squad_v2", "metric": "exact_match", "value": 20.0},
-        {"step": 2, "trained": "squad_v2", "method": "recall", "task": "squad_v2", "metric": "f1", "value": 35.0},
-    ])
-    t = sequence_table(scores).set_index(["step", "method"])
+    hits = _seq_hits([(1, "recall", "sst2", [1, 1, 1, 0, 1, 0, 1, 1, 0, 1]),
+                      (2, "recall", "sst2", [1, 1, 0, 0, 1, 0, 1, 1, 0, 1]),
+                      (2, "recall", "squad_v2", [1, 0, 0, 0, 1, 0, 0, 0, 0, 0])])
+    t = sequence_table(hits, ["sst2", "squad_v2"]).set_index(["step", "method"])
     assert t.loc[(1, "recall"), "mean_seen"] == 70.0
     assert t.loc[(2, "recall"), "mean_seen"] == 40.0
-    assert np.isnan(t.loc[(1, "recall"), "squad_v2"])
+    assert np.isnan(t.loc[(1, "recall"), "squad_v2"]) and "mean_all" not in t.columns
+    assert t.loc[(2, "recall"), "mean_seen_lo"] < 40.0 < t.loc[(2, "recall"), "mean_seen_hi"]
+
+
+def test_sequence_table_in_the_papers_table_7_form():
+    """Every step scored on every task: the mean over all of them beside the seen-so-far one."""
+    hits = _seq_hits([(1, "seqft", "sst2", [1, 1, 1, 1]), (1, "seqft", "squad_v2", [0, 0, 0, 1]),
+                      (2, "seqft", "sst2", [1, 0, 0, 1]), (2, "seqft", "squad_v2", [1, 1, 0, 1])])
+    t = sequence_table(hits, ["sst2", "squad_v2"]).set_index(["step", "method"])
+    assert t.loc[(1, "seqft"), "mean_seen"] == 100.0 and t.loc[(1, "seqft"), "mean_all"] == 62.5
+    assert t.loc[(2, "seqft"), "mean_seen"] == t.loc[(2, "seqft"), "mean_all"] == 62.5
 
 
 def test_bad_sequential_configs():

@@ -17,9 +17,22 @@ every number they compute against an independent float64 reference.
     analysis       adjacent-layer similarity, forgetting curves, paired sign tests
 """
 
-from .merge_methods import KINDS, METHODS, MergeMethod, build_method
-from .similarity import KERNELS, NORMALIZERS, LayerWeights, layer_similarity, layer_weights, softmax_weights
-from .typical import typical_indices, union_in_order
+# The public names, imported on first use (PEP 562): importing one core module (as every Ray
+# actor does) must not pull in the others' dependencies, e.g. scikit-learn for KMeans, which
+# costs a merge actor about 130 MB.
+_EXPORTS = {
+    "KERNELS": "similarity", "NORMALIZERS": "similarity", "LayerWeights": "similarity",
+    "layer_similarity": "similarity", "layer_weights": "similarity", "softmax_weights": "similarity",
+    "typical_indices": "typical", "union_in_order": "typical",
+    "KINDS": "merge_methods", "METHODS": "merge_methods", "MergeMethod": "merge_methods",
+    "build_method": "merge_methods",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = ["KERNELS", "NORMALIZERS", "LayerWeights", "layer_similarity", "layer_weights", "softmax_weights",
-           "typical_indices", "union_in_order", "KINDS", "METHODS", "MergeMethod", "build_method"]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

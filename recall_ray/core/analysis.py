@@ -129,3 +129,49 @@ def paired_comparison(predictions: pd.DataFrame, a: str, b: str) -> pd.DataFrame
                     "score_b": 100.0 * (both + only_b) / n, "p_value": sign_test(int(only_a), int(only_b))})
     return pd.DataFrame(out).assign(a=a, b=b)[["a", "b", "task", "n", "both", "only_a", "only_b", "neither",
                                                  "score_a", "score_b", "p_value"]]
+
+
+# -------------------------------------------------------------------------- intervals
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+def bootstrap_means(hits: dict[str, np.ndarray], n_boot: int = BOOTSTRAP_SAMPLES, seed: int = 0
+                    ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Percentile-bootstrap replicates of each task's score and of their mean, resampling
+    each task's samples (with replacement, independently per task, tasks in sorted order)
+    from one seeded generator. hits[task]: 0/1 (or real-valued) per-sample scores. Returns
+    (the estimates, the replicates), both keyed by task and "mean" (the mean of the task
+    scores), in percent."""
+    if not hits or any(len(np.asarray(v)) == 0 for v in hits.values()):
+        raise ValueError("every task needs at least one sample to bootstrap")
+    rng = np.random.default_rng(seed)
+    est, reps = {}, {}
+    for task in sorted(hits):
+        x = 100.0 * np.asarray(hits[task], dtype=np.float64)
+        est[task] = float(x.mean())
+        reps[task] = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    est["mean"] = float(np.mean([est[t] for t in hits]))
+    reps["mean"] = np.mean([reps[t] for t in hits], axis=0)
+    return est, reps
+
+
+def percentile_interval(replicates: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central `level` interval of bootstrap replicates."""
+    a = (1.0 - level) / 2.0
+    lo, hi = np.quantile(np.asarray(replicates, dtype=np.float64), [a, 1.0 - a])
+    return float(lo), float(hi)
+
+
+def intervals(hits: dict[str, np.ndarray], n_boot: int = BOOTSTRAP_SAMPLES, seed: int = 0, level: float = 0.95,
+              groups: dict[str, list[str]] | None = None) -> dict[str, tuple[float, float, float]]:
+    """(estimate, low, high) of each task's score and of "mean" over tasks; `groups` adds the
+    mean over a subset of the tasks under its own name (e.g. "unseen": every task but the
+    one fine-tuned on), from the same replicates."""
+    est, reps = bootstrap_means(hits, n_boot, seed)
+    for name, tasks in (groups or {}).items():
+        if not tasks:
+            continue
+        est[name] = float(np.mean([est[t] for t in tasks]))
+        reps[name] = np.mean([reps[t] for t in tasks], axis=0)
+    return {k: (est[k], *percentile_interval(reps[k], level)) for k in est}

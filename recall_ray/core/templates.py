@@ -14,6 +14,7 @@ Adding a task means adding one entry, not a code branch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import string
 from dataclasses import dataclass, field
@@ -126,6 +127,44 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
+# The paper's instruction formats (its Table 6), the instruction then the output, for the
+# tasks it gives one; each prompt here ends with a newline after the paper's text (its cue
+# "Answer:" or the question), so that the answer starts a fresh line and tokenises as in
+# training. The answers (label words, letters, spans) are the same as in TEMPLATES'
+# default set: only the prompt changes. IWSLT2017 and AG News have no paper format, so the
+# paper set asks them with the default templates.
+TEMPLATES.update({
+    "sst2_paper": dataclasses.replace(TEMPLATES["sst2"], prompt=(
+        "Statement: {sentence} What's sentiment should the above sentence be? OPTIONS: - negative.- positive."
+        " Answer:\n"), description="SST-2 in the paper's instruction format (Table 6)"),
+    "squad_v2_paper": dataclasses.replace(TEMPLATES["squad_v2"], prompt=(
+        "{context} According to the above passage, answer the following question. If it is impossible to answer"
+        " according to the passage, answer 'impossible to answer': Question:{question}\n"),
+        description="SQuAD 2.0 in the paper's instruction format (Table 6)"),
+    "medmcqa_paper": dataclasses.replace(TEMPLATES["medmcqa"], prompt=(
+        "Question: {question} Options: A: {opa} B: {opb} C: {opc} D: {opd} Choose an correct answer from"
+        " A/B/C/D.Answer:\n"), description="MedMCQA in the paper's instruction format (Table 6)"),
+    "race_paper": dataclasses.replace(TEMPLATES["race"], prompt=(
+        "Read the article, and answer the question by replying A, B, C or D. Article: {article} Q:{question}"
+        " A. {options[0]} B. {options[1]} C. {options[2]} D. {options[3]}\n"),
+        description="RACE in the paper's instruction format (Table 6; its options follow the question)"),
+})
+
+# A template set names the template each task is asked with: "default" (the instruction
+# templates above, which every shipped adapter was trained on) or "paper" (Table 6's).
+TEMPLATE_SETS: dict[str, dict[str, str]] = {
+    "default": {},
+    "paper": {"sst2": "sst2_paper", "squad_v2": "squad_v2_paper", "medmcqa": "medmcqa_paper", "race": "race_paper"},
+}
+
+
+def template_name(task: str, template_set: str = "default") -> str:
+    """The template `task` is asked with under `template_set` (the task's own by default)."""
+    if template_set not in TEMPLATE_SETS:
+        raise TaskDataError(f"unknown template set {template_set!r}: use {' or '.join(TEMPLATE_SETS)}")
+    return TEMPLATE_SETS[template_set].get(task, task)
+
+
 def get_template(name: str) -> Template:
     """The template called `name`, or a TaskDataError listing the known ones."""
     try:
@@ -133,7 +172,7 @@ def get_template(name: str) -> Template:
     except KeyError:
         raise TaskDataError(
             f"unknown template {name!r}; known templates: {', '.join(sorted(TEMPLATES))} "
-            "(or add an entry to recall_ray.templates.TEMPLATES)"
+            "(or add an entry to recall_ray.core.templates.TEMPLATES)"
         ) from None
 
 

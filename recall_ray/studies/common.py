@@ -10,8 +10,9 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
+import numpy as np
 import pandas as pd
 from pydantic import Field
 
@@ -29,7 +30,11 @@ class StudyEval(Section):
     split: Literal["test", "validation"] = "test"
     max_samples: int = Field(50, gt=0)  # first N of each task's split
     batch_size: int = Field(16, gt=0)
-    all_tasks: bool = False  # single: also score every merge on the other tasks (kept knowledge)
+    # every model on every task: single in the paper's Table 1 form, sequential as its Table 7
+    all_tasks: bool = False
+    protocol: Literal["loglik", "generate"] = "loglik"  # closed-label tasks (recall_ray.evaluate.PROTOCOLS)
+    normalization: Literal["sum", "mean"] = "sum"
+    templates: Literal["default", "paper"] = "default"  # core.templates.TEMPLATE_SETS: the prompts asked
 
 
 @dataclasses.dataclass
@@ -55,7 +60,8 @@ def check_inputs(tasks: list[str], run_dir: str, base: str, data_dir: str, recal
         if recall_max_samples > n_train:
             raise ConfigError(f"recall.max_samples={recall_max_samples} exceeds the {n_train} train records of"
                               f" {t} (train.jsonl less its {VALIDATION_SIZE}-record validation tail)")
-    build_items(data_dir, tasks, ev.split, ev.max_samples)
+    build_items(data_dir, tasks, ev.split, ev.max_samples, ev.protocol, ev.templates)
+
 
 def recall_run_config(r: RecallSettings, ray: RayConfig, run_dir: str, base: str, experts: list[dict],
                       new_model: dict, include_base: bool, task: str, data_dir: str) -> RunConfig:
@@ -130,7 +136,8 @@ def evaluate_stage(to_score: list, tasks: list[str], ev: StudyEval, data_dir: st
     from ..evaluate import evaluation_stage
 
     return evaluation_stage(manifest, root, prefix, to_score, tasks, data_dir, ev.split, ev.max_samples,
-                            ev.batch_size, num_actors, model_keys, only)
+                            ev.batch_size, num_actors, model_keys, only, protocol=ev.protocol,
+                            normalization=ev.normalization, template_set=ev.templates)
 
 
 def stage_times(run_dir: str | Path) -> pd.DataFrame:
@@ -260,3 +267,82 @@ def variant_plots(root: RunDir, name: str, recall_dir: Path) -> None:
     root.write_bytes(f"plots/{name}_adjacent.png", figure_png(plot_lines(
         adj, "layer", "similarity", "model", title + "adjacent-layer similarity", "mean cosine(layer i-1, layer i)",
         "layer i")))
+
+
+# ---------------------------------------------------------------- tables with intervals
+
+def eval_hits(predictions: Path) -> pd.DataFrame:
+    """Per sample, whether the model scored on the task's primary metric (core.metrics
+    .sample_hits), from an evaluation's predictions.jsonl: model, task, sample_id, hit."""
+    from ..core.metrics import sample_hits
+
+    preds = pd.DataFrame([json.loads(line) for line in predictions.read_text().splitlines() if line.strip()])
+    parts = []
+    for (model, task), sub in preds.groupby(["model", "task"], sort=False):
+        guesses = [p if isinstance(p, str) else None for p in sub["prediction"]]  # NaN: pandas' None
+        parts.append(pd.DataFrame({"model": model, "task": task, "sample_id": sub["sample_id"].astype(str),
+                                   "hit": sample_hits(task, guesses, list(sub["references"]))}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _replicates(hits: pd.DataFrame, groups: dict[str, list[str]], seed: int) -> tuple[dict, dict]:
+    from ..core.analysis import bootstrap_means
+
+    per_task = {t: sub["hit"].to_numpy() for t, sub in hits.groupby("task", sort=False)}
+    est, reps = bootstrap_means(per_task, seed=seed)
+    for name, tasks in groups.items():
+        if tasks:
+            est[name] = float(np.mean([est[t] for t in tasks]))
+            reps[name] = np.mean([reps[t] for t in tasks], axis=0)
+    return est, reps
+
+
+def interval_table(hits: pd.DataFrame, index: list[str], seed: int = 0,
+                   groups: Callable[[tuple], dict[str, list[str]]] | None = None,
+                   pooled: dict[str, str] | None = None) -> pd.DataFrame:
+    """A row per `index` key of `hits` (index..., task, hit): each task's score with its 95%
+    percentile-bootstrap interval (`<col>`, `<col>_lo`, `<col>_hi`), then "mean" over the
+    row's tasks and each of `groups(key)` (name -> a subset of the tasks). With `pooled`
+    ({index column: label}), rows averaging every key that shares the other index values
+    are added, labelled `label` in that column (the paper's "all" rows of Table 1); their
+    intervals come from the averaged replicates (the keys resampled independently)."""
+    from ..core.analysis import percentile_interval
+
+    rows, reps_of = [], {}
+    tasks = list(dict.fromkeys(hits["task"]))
+    for key, sub in hits.groupby(index, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        est, reps = _replicates(sub, groups(key) if groups else {}, seed)
+        reps_of[key] = (est, reps)
+    if pooled:
+        (col, label), = pooled.items()
+        at = index.index(col)
+        others = dict.fromkeys(k[:at] + k[at + 1:] for k in reps_of)
+        for rest in others:
+            keys = [k for k in reps_of if k[:at] + k[at + 1:] == rest]
+            names = set.intersection(*(set(reps_of[k][0]) for k in keys))
+            est = {n: float(np.mean([reps_of[k][0][n] for k in keys])) for n in names}
+            reps = {n: np.mean([reps_of[k][1][n] for k in keys], axis=0) for n in names}
+            reps_of[rest[:at] + (label,) + rest[at:]] = (est, reps)
+    for key, (est, reps) in reps_of.items():
+        row = dict(zip(index, key))
+        for name in est:
+            lo, hi = percentile_interval(reps[name])
+            row.update({name: est[name], f"{name}_lo": lo, f"{name}_hi": hi})
+        rows.append(row)
+    names = tasks + ["mean"] + [n for n in dict.fromkeys(c for r in rows for c in r)
+                                if n not in tasks and n != "mean" and n not in index and not n.endswith(("_lo", "_hi"))]
+    cols = index + [c for n in names for c in (n, f"{n}_lo", f"{n}_hi")]
+    return pd.DataFrame(rows).reindex(columns=cols)
+
+
+def interval_markdown(table: pd.DataFrame, index: list[str], digits: int = 1) -> str:
+    """A table of `interval_table` as Markdown: each score cell "value [low, high]"."""
+    from ..report import markdown_table
+
+    names = [c for c in table.columns if c not in index and not c.endswith(("_lo", "_hi"))]
+    shown = table[index].copy()
+    for n in names:
+        shown[n] = [("" if v != v else f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]")
+                    for v, lo, hi in zip(table[n], table[f"{n}_lo"], table[f"{n}_hi"])]
+    return markdown_table(shown)

@@ -15,7 +15,8 @@ settings). Layout of `run_dir`:
     <variant>/merged/<method>/    each baseline's merged model
     <variant>/eval/               scores and predictions of this variant's models
     scores.csv                    long: variant, model, task, metric, value, n
-    table.csv, table.md           primary metric per task (and their mean), a row per model
+    table.csv, table.md           primary metric per task (and their mean), a row per model, each
+                                  with its 95% bootstrap interval (the samples resampled, seeded)
     plots/                        weights, similarity and adjacent-layer similarity per variant
 """
 
@@ -30,12 +31,11 @@ from pydantic import model_validator
 
 from ..config import BaselineConfig, ConfigError, RayConfig, RecallSettings, RunConfig, Section
 from ..core.merge_methods import METHODS
-from ..core.metrics import primary_metric
 from ..manifest import Manifest
 from ..models import resolve_model, resolve_path
-from ..report import markdown_table
 from ..storage import RunDir
-from .common import StudyEval, StudyResult, check_inputs, evaluate_stage, merge_all, recall_run_config, variant_plots
+from .common import (StudyEval, StudyResult, check_inputs, eval_hits, evaluate_stage, interval_markdown,
+                     interval_table, merge_all, recall_run_config, variant_plots)
 
 
 class ScenarioConfig(Section):
@@ -81,7 +81,7 @@ class Variant:
 
 def variants(cfg: ScenarioConfig) -> list[Variant]:
     if cfg.scenario == "single":
-        return [Variant(t, (), t, True, tuple(cfg.tasks) if cfg.evaluate.all_tasks else (t,)) for t in cfg.tasks]
+        return [Variant(t, (), t, True, tuple(cfg.tasks) if full_table(cfg) else (t,)) for t in cfg.tasks]
     *old, new = cfg.tasks
     return [Variant("with_base" if b else "without_base", tuple(old), new, b, tuple(cfg.tasks))
             for b in cfg.include_base]
@@ -121,42 +121,58 @@ def run_scenario(cfg: ScenarioConfig) -> StudyResult:
     root = RunDir(cfg.run_dir)
     manifest = Manifest(root, cfg.model_dump(mode="json"))
     base_path = resolve_path(cfg.base)
-    all_scores = []
+    all_scores, all_hits = [], []
     for v in vs:
         merged = merge_all(recall_config(cfg, v), cfg.methods, cfg.baselines, cfg.data_dir, root, v.name, manifest)
-        # Score: the base, the experts alone (on their own task), every merge.
+        # Score: the base, the experts alone (on their own task, or on every task in the
+        # paper's full Table 1), every merge.
         models = merged.models
         to_score = [models[0]] + [dataclasses.replace(m, label=f"expert:{m.label}") for m in models[1:]]
         to_score += [resolve_model(name, out, base_path) for name, out in merged.outputs.items()]
-        only = {m.label: [m.label.split(":", 1)[1]] for m in to_score if m.label.startswith("expert:")}
+        only = None if full_table(cfg) else {
+            m.label: [m.label.split(":", 1)[1]] for m in to_score if m.label.startswith("expert:")}
         fps = merged.modelset.fingerprints
         model_keys = {m.label: fps[m.label.removeprefix("expert:")] for m in to_score[:len(models)]}
         model_keys.update(merged.keys)
         scores = evaluate_stage(to_score, list(v.eval_tasks), cfg.evaluate, cfg.data_dir,
                                 cfg.recall.representations.num_actors, root, v.name, manifest, model_keys, only)
         all_scores.append(scores.assign(variant=v.name))
+        all_hits.append(eval_hits(Path(root.path(f"{v.name}/eval/predictions.jsonl"))).assign(variant=v.name))
         if merged.recall_dir is not None:
             variant_plots(root, v.name, Path(merged.recall_dir))
-    scores = pd.concat(all_scores, ignore_index=True)[["variant", "model", "task", "metric", "value", "n"]]
-    table = summary_table(scores, cfg.scenario)
+    scores = pd.concat(all_scores, ignore_index=True)
+    scores = scores[["variant", *[c for c in scores.columns if c != "variant"]]]
+    table, index = study_table(pd.concat(all_hits, ignore_index=True), cfg)
     root.write_text("scores.csv", scores.to_csv(index=False, float_format="%.4f"))
     root.write_text("table.csv", table.to_csv(index=False, float_format="%.2f"))
-    root.write_text("table.md", markdown_table(table))
+    root.write_text("table.md", interval_markdown(table, index))
     return StudyResult(scores, table, manifest.timings)
 
 
-def summary_table(scores: pd.DataFrame, scenario: str) -> pd.DataFrame:
-    """Primary metric per task as columns and their mean over the tasks each row was scored
-    on. single: one row per model kind (base, expert, recall, baselines), the task columns
-    gathered from each task's own variant; multi: one row per (variant, model)."""
-    prim = scores[[primary_metric(t) == m for t, m in zip(scores["task"], scores["metric"])]].copy()
-    if scenario == "single":
-        prim["model"] = prim["model"].where(~prim["model"].str.startswith("expert:"), "expert")
-        index = ["model"]
-    else:
-        index = ["variant", "model"]
-    wide = prim.pivot_table(index=index, columns="task", values="value", aggfunc="mean", sort=False)
-    tasks = list(dict.fromkeys(prim["task"]))
-    wide = wide[tasks]
-    wide["mean"] = wide.mean(axis=1, skipna=True)
-    return wide.reset_index()
+def full_table(cfg: ScenarioConfig) -> bool:
+    """The single study in the paper's Table 1 form: every model on every task."""
+    return cfg.scenario == "single" and cfg.evaluate.all_tasks
+
+
+def study_table(hits: pd.DataFrame, cfg: ScenarioConfig) -> tuple[pd.DataFrame, list[str]]:
+    """The study's table (interval_table) and its index columns, from per-sample hits
+    (variant, model, task, sample_id, hit):
+
+    multi   a row per (variant, model), every task, the mean
+    single  a row per model kind (base, expert, recall, each baseline), each task's column
+            from that task's own variant (the merge of that task's expert), the mean
+    single with evaluate.all_tasks (the paper's Table 1): a row per (fine-tuned task, model
+            kind), every task, the mean over all and over the "unseen" ones (every task but the
+            fine-tuned one), and the "all" rows averaging the fine-tuned tasks
+    """
+    hits = hits.copy()
+    if cfg.scenario != "single":
+        return interval_table(hits, ["variant", "model"]), ["variant", "model"]
+    hits["model"] = hits["model"].where(~hits["model"].str.startswith("expert:"), "expert")
+    if not full_table(cfg):
+        return interval_table(hits, ["model"]), ["model"]
+    hits = hits.rename(columns={"variant": "fine_tuned"})
+    index = ["fine_tuned", "model"]
+    table = interval_table(hits, index, groups=lambda key: {"unseen": [t for t in cfg.tasks if t != key[0]]},
+                           pooled={"fine_tuned": "all"})
+    return table, index

@@ -20,10 +20,12 @@ Protocol (one YAML, one run directory; every step resumable):
         S^ewc_t = S^ewc_{t-1} with E_t^ewc folded in (as SeqFT)
         F_{<t+1} = F_{<t} + the diagonal Fisher of S^ewc_t on the first ewc.fisher_samples
                   records of task t's train split (step{t}/ewc/fisher.safetensors)
-      score every M_t^X, S_t and S^ewc_t on the test split of tasks 1..t
+      score every M_t^X, S_t and S^ewc_t on the test split of tasks 1..t (of every task with
+      evaluate.all_tasks, as the paper's Table 7 does)
 
-Writes scores.csv (step, trained, method, task, metric, value, n), table.csv / table.md
-(primary metric per task after each step, and the mean over the tasks seen so far),
+Writes scores.csv (step, trained, method, task, metric, value, n, protocol), table.csv /
+table.md (primary metric per task after each step, the mean over the tasks seen so far and,
+with evaluate.all_tasks, over all tasks; each with its 95% bootstrap interval),
 plots/forgetting.png and, per step, RECALL's weight and similarity plots. Every fine-tune,
 fold, Fisher and evaluation is a manifest stage keyed by what decides its output: a rerun
 recomputes nothing that is done. `export_adapters` copies a run's step adapters out (small:
@@ -48,10 +50,10 @@ from ..core.merge_methods import METHODS
 from ..core.metrics import primary_metric
 from ..manifest import Manifest, stable_hash
 from ..models import resolve_model, resolve_path
-from ..report import markdown_table
 from ..splits import load_split
 from ..storage import RunDir
-from .common import StudyEval, StudyResult, check_inputs, evaluate_stage, merge_all, recall_run_config, variant_plots
+from .common import (StudyEval, StudyResult, check_inputs, eval_hits, evaluate_stage, interval_markdown,
+                     interval_table, merge_all, recall_run_config, variant_plots)
 
 log = logging.getLogger("recall_ray.sequential")
 
@@ -226,7 +228,7 @@ def run_sequential(cfg: SequentialConfig):
     current_key = start_keys(base_path, list(current))  # what decided its contents
     fisher_path: str | None = None  # the EWC line's accumulated Fisher of tasks 1..t-1
     fisher_key: str | None = None  # the key of the stage that wrote it
-    all_scores = []
+    all_scores, all_hits = [], []
     for step, task in enumerate(cfg.tasks, start=1):
         ft = cfg.finetune_for(task)
         records = load_split(cfg.data_dir, task, "train", max_samples=ft.max_samples)
@@ -311,15 +313,17 @@ def run_sequential(cfg: SequentialConfig):
             fisher_path = out
         current, current_key = nxt, nxt_key
         to_score = [resolve_model(label, path, base_path) for label, path in current.items()]
-        scores = evaluate_stage(to_score, cfg.tasks[:step], cfg.evaluate, cfg.data_dir,
+        scored = cfg.tasks if cfg.evaluate.all_tasks else cfg.tasks[:step]  # Table 7 scores every task
+        scores = evaluate_stage(to_score, scored, cfg.evaluate, cfg.data_dir,
                                 cfg.recall.representations.num_actors, root, f"step{step}", manifest, dict(current_key))
         all_scores.append(scores.assign(step=step, trained=task))
+        all_hits.append(eval_hits(Path(root.path(f"step{step}/eval/predictions.jsonl"))).assign(step=step))
     scores = pd.concat(all_scores, ignore_index=True).rename(columns={"model": "method"})
-    scores = scores[["step", "trained", "method", "task", "metric", "value", "n"]]
-    table = sequence_table(scores)
+    scores = scores[["step", "trained", "method", *[c for c in scores.columns if c not in ("step", "trained", "method")]]]
+    table = sequence_table(pd.concat(all_hits, ignore_index=True).rename(columns={"model": "method"}), cfg.tasks)
     root.write_text("scores.csv", scores.to_csv(index=False, float_format="%.4f"))
     root.write_text("table.csv", table.to_csv(index=False, float_format="%.2f"))
-    root.write_text("table.md", markdown_table(table))
+    root.write_text("table.md", interval_markdown(table, ["step", "method"]))
     from ..analysis import figure_png, plot_forgetting
 
     root.write_bytes("plots/forgetting.png",
@@ -327,10 +331,12 @@ def run_sequential(cfg: SequentialConfig):
     return StudyResult(scores, table, manifest.timings)
 
 
-def sequence_table(scores: pd.DataFrame) -> pd.DataFrame:
-    """A row per (step, method): the primary metric of every task seen so far, and their mean."""
-    prim = scores[[primary_metric(t) == m for t, m in zip(scores["task"], scores["metric"])]]
-    wide = prim.pivot_table(index=["step", "method"], columns="task", values="value", aggfunc="mean", sort=False)
-    wide = wide[list(dict.fromkeys(prim["task"]))]
-    wide["mean_seen"] = wide.mean(axis=1, skipna=True)
-    return wide.reset_index()
+def sequence_table(hits: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """A row per (step, method) from per-sample hits (step, method, task, sample_id, hit):
+    each task scored at that step, "mean_seen" over the tasks learned so far (tasks[:step]),
+    and, when every task was scored (evaluate.all_tasks, the paper's Table 7), "mean_all"
+    over all of them; each with its 95% bootstrap interval."""
+    table = interval_table(hits, ["step", "method"], groups=lambda key: {"mean_seen": tasks[:int(key[0])]})
+    every = set(hits["task"]) == set(tasks) and all(set(g["task"]) == set(tasks) for _, g in hits.groupby("step"))
+    mean = {c: c.replace("mean", "mean_all", 1) for c in ("mean", "mean_lo", "mean_hi")}
+    return table.rename(columns=mean) if every and len(tasks) > 1 else table.drop(columns=list(mean))
