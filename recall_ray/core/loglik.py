@@ -13,10 +13,13 @@ sum divided by the option's token count (a length-normalised variant). The two a
 every option is one token (SST-2's label words, the A-D letters); AG News's "Sci/Tech" is
 three tokens on SmolLM2's tokenizer, the other labels one.
 
-Cost: one forward per row of (prompt + option), batched; when every option of a prompt is a
-single token, one forward of the prompt alone gives all of them (the next-token
-distribution at its last position). The LM head is applied only where a token is scored,
-not to every position (its [batch, length, vocab] output is the largest tensor of a forward).
+Cost (`option_logprobs`): one forward of the prompts (left-padded, explicit positions) gives
+every option's first token from the next-token distribution at the last position; options
+of several tokens feed only their remaining tokens on the prompts' cached keys and values.
+So a prompt is read once however many options it has. A reference (`continuation_logprobs`)
+is one right-padded forward of prompt + reference. The LM head is applied only where a
+token is scored, not to every position (its [batch, length, vocab] output is the largest
+tensor of a forward).
 """
 
 from __future__ import annotations
@@ -76,50 +79,71 @@ def continuation_logprobs(lm, rows: Sequence[tuple[Sequence[int], Sequence[int]]
 def option_logprobs(lm, contexts: Sequence[Sequence[int]], options: Sequence[Sequence[Sequence[int]]], pad_id: int,
                     device: str | torch.device = "cpu", max_rows: int = 32) -> list[list[list[float]]]:
     """Per context c, per option o of options[c]: the log-probability of each of o's tokens.
-    A context whose options are all single tokens takes one forward (of the context alone);
-    the others one row per option."""
-    single = [all(len(o) == 1 for o in opts) for opts in options]
+
+    One forward of the contexts gives every option's first token (the next-token
+    distribution at each context's last position). Options of more tokens then continue
+    from the contexts' cached keys and values: all contexts that share the option's tokens
+    feed its remaining tokens at once (a few positions each), so a prompt is read once
+    however many options it has."""
     if any(not c for c in contexts):
         raise ValueError("every context needs at least one token: a causal LM never predicts position 0")
-    first: list[list[float]] = []
-    if any(single):
-        first = _next_token_logprobs(lm, [c for c, s in zip(contexts, single) if s],
-                                     [[o[0] for o in opts] for opts, s in zip(options, single) if s], pad_id, device,
-                                     max_rows)
-    multi = [(c, o) for c, opts, s in zip(contexts, options, single) if not s for o in opts]
-    multi_lp = continuation_logprobs(lm, multi, pad_id, device, max_rows) if multi else []
-    out, fi, mi = [], 0, 0
-    for opts, s in zip(options, single):
-        if s:
-            out.append([[v] for v in first[fi]])
-            fi += 1
-        else:
-            out.append(multi_lp[mi:mi + len(opts)])
-            mi += len(opts)
-    return out
-
-
-def _next_token_logprobs(lm, contexts: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]], pad_id: int,
-                         device, max_rows: int) -> list[list[float]]:
-    """log p(token | context) for each candidate token of each context: one forward per
-    context (right-padded batches), the LM head at its last position only."""
-    decoder, head = _decoder_and_head(lm)
-    out: list[list[float]] = []
+    out: list[list[list[float]]] = []
     for start in range(0, len(contexts), max_rows):
-        chunk = contexts[start:start + max_rows]
-        width = max(len(c) for c in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for b, c in enumerate(chunk):
-            ids[b, :len(c)] = torch.tensor(list(c), dtype=torch.long)
-            mask[b, :len(c)] = 1
-        with torch.inference_mode():
-            hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-            last = torch.tensor([len(c) - 1 for c in chunk], device=hidden.device)
-            logp = torch.log_softmax(head(hidden[torch.arange(len(chunk), device=hidden.device), last]).float(), -1)
-            for b, cands in enumerate(candidates[start:start + max_rows]):
-                out.append(logp[b, torch.tensor(list(cands), device=logp.device)].cpu().tolist())
+        out.extend(_options_of_chunk(lm, contexts[start:start + max_rows], options[start:start + max_rows], pad_id,
+                                     device))
     return out
+
+
+def _options_of_chunk(lm, contexts, options, pad_id: int, device) -> list[list[list[float]]]:
+    decoder, head = _decoder_and_head(lm)
+    width = max(len(c) for c in contexts)
+    # left-padded, with explicit positions 0..n-1 of the real tokens, so that every row's
+    # last context token sits at the same column and continuations append after it
+    ids = torch.full((len(contexts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(contexts), width), dtype=torch.long)
+    for b, c in enumerate(contexts):
+        ids[b, width - len(c):] = torch.tensor(list(c), dtype=torch.long)
+        mask[b, width - len(c):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+    result = [[[] for _ in opts] for opts in options]
+    with torch.inference_mode():
+        first = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        cache = first.past_key_values
+        logp = torch.log_softmax(head(first.last_hidden_state[:, -1]).float(), dim=-1)
+        for b, opts in enumerate(options):
+            for k, o in enumerate(opts):
+                result[b][k].append(float(logp[b, o[0]]))
+        # the tails of multi-token options: rows grouped by the tokens they feed
+        tails: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        for b, opts in enumerate(options):
+            for k, o in enumerate(opts):
+                if len(o) > 1:
+                    tails.setdefault(tuple(o), []).append((b, k))
+        for toks, where in tails.items():
+            rows = torch.tensor([b for b, _ in where], device=device)
+            feed = torch.tensor([list(toks[:-1])] * len(where), dtype=torch.long, device=device)
+            step_mask = torch.cat([mask[rows], torch.ones_like(feed)], dim=1)
+            step_pos = pos[rows, -1:] + 1 + torch.arange(feed.shape[1], device=device)
+            sub = _select_cache(cache, rows)
+            h = decoder(input_ids=feed, attention_mask=step_mask, position_ids=step_pos, past_key_values=sub,
+                        use_cache=True).last_hidden_state
+            lp = torch.log_softmax(head(h).float(), dim=-1)  # [rows, len - 1, vocab]
+            target = torch.tensor(toks[1:], device=lp.device)
+            picked = lp[:, torch.arange(len(toks) - 1, device=lp.device), target].cpu().tolist()
+            for (b, k), vals in zip(where, picked):
+                result[b][k].extend(vals)
+    return result
+
+
+def _select_cache(cache, rows: torch.Tensor):
+    """A copy of the contexts' key/value cache for `rows` (a fresh copy per option: feeding
+    an option appends to the cache it is given)."""
+    import copy
+
+    sub = copy.deepcopy(cache)
+    sub.batch_select_indices(rows)
+    return sub
 
 
 def choose(token_logprobs: Sequence[Sequence[float]], normalization: str = "sum") -> int:
