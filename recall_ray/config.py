@@ -7,7 +7,7 @@ setting that is silently ignored. Validation happens before any work starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -82,6 +82,13 @@ class FinetuneConfig(Section):
             raise ValueError(f"must be a positive integer or 'auto', got {v}")
         return v
 
+    # Settings of how the training runs, not of what it learns: left out of the fine-tune
+    # stages' keys, so that adding one keeps finished (and exported) adapters reusable.
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset()
+
+    def key(self) -> dict:
+        return self.model_dump(exclude=set(self.OPERATIONAL))
+
 
 class RepresentationConfig(Section):
     batch_size: int = Field(16, gt=0)
@@ -130,6 +137,14 @@ class MergeConfig(Section):
     placement: Literal["SPREAD", "PACK", "DEFAULT"] = "SPREAD"
     max_shard_bytes: int = Field(2 * 1024**3, gt=0)
     check_finite: bool = True
+
+    # The settings that decide the merged bytes or the output's layout: the merge stages'
+    # keys hold these only, so settings of how the work runs (actor counts, retries) can be
+    # added or changed without invalidating finished merges and their cached scores.
+    KEYED: ClassVar[tuple[str, ...]] = ("head_group", "placement", "max_shard_bytes", "check_finite")
+
+    def key(self) -> dict:
+        return self.model_dump(include=set(self.KEYED))
 
 
 class EvaluateConfig(Section):

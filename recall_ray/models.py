@@ -16,7 +16,7 @@ from typing import Literal, Sequence
 import torch
 
 from .core.errors import CheckpointError
-from .core.lora import META_FILE, Adapter, fold_lora, parse_adapter
+from .core.lora import META_FILE, Adapter, fold_lora, lora_delta, parse_adapter
 from .safetensors_io import (
     LazyTensorReader,
     TensorInfo,
@@ -114,6 +114,20 @@ class ModelTensors:
                              fan_in_fan_out=bool(self.adapter.config.get("fan_in_fan_out")))
         return t
 
+    def delta(self, name: str) -> torch.Tensor | object:
+        """What this adapter adds to its base's parameter `name`: the low-rank product
+        scale * B @ A (a fresh float32 tensor), or merge_rule.UNCHANGED for a parameter it
+        does not touch; the base is not read. For a full model, ValueError."""
+        from .core.merge_rule import UNCHANGED
+
+        if self.adapter is None:
+            raise ValueError(f"{self.model.label} is a full model, not an adapter: it has no low-rank delta")
+        tgt = self.adapter.targets.get(name)
+        if tgt is None:
+            return UNCHANGED
+        return lora_delta(self.adapter_reader.get(tgt.lora_a), self.adapter_reader.get(tgt.lora_b), tgt.scale,
+                          fan_in_fan_out=bool(self.adapter.config.get("fan_in_fan_out")))
+
     def fingerprint(self) -> str:
         fp = files_fingerprint(self.weight_files)
         if self.adapter is not None:
@@ -160,7 +174,13 @@ def load_tokenizer(model: ResolvedModel):
 class LoadedModelSlot:
     """One of several models loaded at a time, for a Ray Data actor that serves a list of
     models (its rows sorted by model, so each model loads once per actor): `get(i)` frees
-    the model held before loading model i, so an actor never holds two."""
+    the model held before loading model i, so an actor never holds two.
+
+    Models on the same base weights (the base itself and LoRA adapters of it) are swapped in
+    place instead: the parameters the previous adapter changed get the base's values back,
+    those the next one changes get its folded values (the same fold as `load_causal_lm`), and
+    nothing else is read, so moving to the next LoRA expert costs its few target tensors,
+    not a model load."""
 
     def __init__(self, models: Sequence[ResolvedModel], dtype: torch.dtype, device: str, padding_side: str,
                  truncation_side: str | None = None):
@@ -169,15 +189,36 @@ class LoadedModelSlot:
         self.padding_side, self.truncation_side = padding_side, truncation_side
         self.index: int | None = None
         self.tok = self.lm = None
+        self.swaps = 0  # how many models were swapped in rather than loaded (for tests and benchmarks)
 
     def get(self, index: int):
-        """(tokenizer, model) of model `index`, loading it if another is held."""
+        """(tokenizer, model) of model `index`, loading (or swapping in) it if another is held."""
         if self.index != index:
-            self.lm = None  # drop the previous model first: peak memory stays one model
-            self.tok = load_tokenizer(self.models[index])
-            self.tok.padding_side = self.padding_side
-            if self.truncation_side is not None:
-                self.tok.truncation_side = self.truncation_side
-            self.lm = load_causal_lm(self.models[index], dtype=self.dtype, device=self.device)
+            new = self.models[index]
+            held = self.models[self.index] if self.index is not None else None
+            if held is not None and self.lm is not None and held.weights_dir == new.weights_dir:
+                self._swap(held, new)
+                self.swaps += 1
+            else:
+                self.lm = None  # drop the previous model first: peak memory stays one model
+                self.lm = load_causal_lm(new, dtype=self.dtype, device=self.device)
+            if self.tok is None or held is None or held.tokenizer_dir != new.tokenizer_dir:
+                self.tok = load_tokenizer(new)
+                self.tok.padding_side = self.padding_side
+                if self.truncation_side is not None:
+                    self.tok.truncation_side = self.truncation_side
             self.index = index
         return self.tok, self.lm
+
+    def _swap(self, held: ResolvedModel, new: ResolvedModel) -> None:
+        params = dict(self.lm.named_parameters())
+        old_t = ModelTensors(held) if held.kind == "adapter" else None
+        new_t = ModelTensors(new) if new.kind == "adapter" else None
+        restore = set(old_t.adapter.targets if old_t else ()) - set(new_t.adapter.targets if new_t else ())
+        with torch.no_grad():
+            if restore:
+                base = (new_t or old_t).reader
+                for name in sorted(restore):
+                    params[name].copy_(base.get(name).to(self.dtype))
+            for name in sorted(new_t.adapter.targets if new_t else ()):
+                params[name].copy_(new_t.get(name).to(self.dtype))

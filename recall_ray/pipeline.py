@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from .core.templates import load_task_records
 from .core.typical import TooFewSamplesError, union_in_order
 from .manifest import Manifest, StageRun, recorded_stages, stable_hash
 from .models import ModelTensors, ResolvedModel, resolve_model, resolve_path
-from .storage import RunDir, refuse_existing_output
+from .storage import RunDir, check_writable, refuse_existing_output
 from .validate import ModelMismatchError, ModelSet, check_models, raise_if_nonfinite
 
 log = logging.getLogger("recall_ray.pipeline")
@@ -112,6 +113,8 @@ def preflight(cfg: RunConfig) -> Plan:
         )
     if not _is_own_output(cfg):  # this run's own output is reused by a rerun
         refuse_existing_output(cfg.output_dir, cfg.overwrite)
+    for dest in (cfg.output_dir, cfg.run_dir):
+        check_writable(dest)
     models = [base, *experts] + ([new] if new else [])
     modelset = check_models(models, cfg.architecture, cfg.merge.head_group) if len(models) >= 2 else None
     eval_items = None
@@ -283,9 +286,12 @@ def _weights(run: Run, _: str | None) -> dict:
 
     sc = run.cfg.similarity
     labels = _weigh_labels(run)
-    lw = layer_weights(iter_layers([run.run_dir.uri(run.reps_rel(lbl)) for lbl in labels], run.typical_idx,
-                                   run.num_groups),
-                       labels.index(run.new.label), sc.kernel, sc.sigma, sc.normalize, sc.pairing, sc.temperature)
+    # every weighed model's layer and the base's (the shift kernel measures moves away from it)
+    layers = iter_layers([run.run_dir.uri(run.reps_rel(lbl)) for lbl in [*labels, run.plan.base.label]],
+                         run.typical_idx, run.num_groups)
+    models_of, base_of = itertools.tee(layers)
+    lw = layer_weights((row[:-1] for row in models_of), labels.index(run.new.label), sc.kernel, sc.sigma,
+                       sc.normalize, sc.pairing, sc.temperature, base_per_layer=(row[-1] for row in base_of))
     table = pd.DataFrame(lw.rows(labels))
     buf = io.BytesIO()
     table.to_parquet(buf, index=False)
@@ -332,9 +338,10 @@ def _merge(run: Run, _: str | None) -> dict:
                        cfg.merge.num_actors, cfg.merge.placement, cfg.merge.max_shard_bytes,
                        side_dir=models[0].weights_dir, card=card,
                        extra_files={"recall_weights.csv": run.table.to_csv(index=False, float_format="%.10g"),
-                                    **mergekit_file(method, models, run.modelset)})
+                                    **mergekit_file(method, models, run.modelset)},
+                       resume_key=stable_hash(run.parts["merge"]))
     return {"output": cfg.output_dir, "seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb,
-            "peak_anon_mb": report.peak_anon_mb,
+            "peak_anon_mb": report.peak_anon_mb, "resumed_shards": report.resumed,
             "shards": [{k: s[k] for k in ("file", "bytes", "seconds", "peak_rss_mb", "peak_anon_mb", "node_id")}
                        for s in report.shards]}
 
@@ -345,7 +352,8 @@ def _baseline_method(run: Run, name: str) -> MergeMethod:
 
 def _baseline(run: Run, name: str | None) -> dict:
     return merge_method_compute(run.models, run.modelset, _baseline_method(run, name),
-                                run.run_dir.uri(f"baselines/{name}"), run.cfg.merge)
+                                run.run_dir.uri(f"baselines/{name}"), run.cfg.merge,
+                                resume_key=stable_hash(run.parts[f"baseline_{name}"]))
 
 
 def _evaluate(run: Run, _: str | None) -> pd.DataFrame:
@@ -376,7 +384,7 @@ def _weights_key(run: Run, _: str | None) -> list:
 
 def _merge_key(run: Run, _: str | None) -> list:
     return [run.parts["weights"], stable_hash(_recall_weights(run).round(12).tolist()),
-            run.cfg.merge.model_dump(exclude={"num_actors"}), run.cfg.output_dir,
+            run.cfg.merge.key(), run.cfg.output_dir,
             [run.fp(m.label) for m in run.models]]
 
 
@@ -438,7 +446,7 @@ def run_pipeline(cfg: RunConfig, plan: Plan | None = None) -> PipelineResult:
 
     new = plan.new
     if new is None:  # fine-tune the new model when the config has none (or asks for it)
-        key = [ModelTensors(plan.base).fingerprint(), plan.data_hash, cfg.task.template, cfg.finetune.model_dump()]
+        key = [ModelTensors(plan.base).fingerprint(), plan.data_hash, cfg.task.template, cfg.finetune.key()]
         manifest.run("finetune", key, [_finetune_dir(run)], lambda: _finetune(run, None))
         name = cfg.new_model.name if cfg.new_model and cfg.new_model.name else "new"
         new = resolve_model(name, _finetune_dir(run), plan.base.path, cfg.allow_pickle)
@@ -486,26 +494,28 @@ def _extract(models: list[ResolvedModel], items: list[dict], run: Run, rels: lis
 def merge_method_key(models: list[ResolvedModel], modelset: ModelSet, method: MergeMethod,
                      merge_cfg: MergeConfig) -> list:
     return [[modelset.fingerprints[m.label] for m in models], dataclasses.asdict(method),
-            merge_cfg.model_dump(exclude={"num_actors"})]
+            merge_cfg.key()]
 
 
 def merge_method_compute(models: list[ResolvedModel], modelset: ModelSet, method: MergeMethod, out: str,
-                         merge_cfg: MergeConfig) -> dict:
-    """Merge `models` by `method` into `out`, with its mergekit.yaml."""
+                         merge_cfg: MergeConfig, resume_key: str | None = None) -> dict:
+    """Merge `models` by `method` into `out`, with its mergekit.yaml; `resume_key` (the
+    stage's key) lets a rerun keep the shards an interrupted run finished."""
     from .cluster.merge import run_merge
     from .mergekit_export import mergekit_file
 
     report = run_merge(models, modelset.grouping, modelset.infos, method, out, True, merge_cfg.num_actors,
                        merge_cfg.placement, merge_cfg.max_shard_bytes, side_dir=models[0].weights_dir,
-                       extra_files=mergekit_file(method, models, modelset))
-    return {"output": out, "seconds": report.seconds}
+                       extra_files=mergekit_file(method, models, modelset), resume_key=resume_key)
+    return {"output": out, "seconds": report.seconds, "resumed_shards": report.resumed}
 
 
 def merge_stage(manifest: Manifest, name: str, models: list[ResolvedModel], modelset: ModelSet, method: MergeMethod,
                 out: str, merge_cfg: MergeConfig) -> str:
     """Merge `models` by `method` into `out` as a resumable stage; returns its key."""
-    return manifest.run(name, merge_method_key(models, modelset, method, merge_cfg), [out],
-                        lambda: merge_method_compute(models, modelset, method, out, merge_cfg)).key
+    parts = merge_method_key(models, modelset, method, merge_cfg)
+    return manifest.run(name, parts, [out], lambda: merge_method_compute(models, modelset, method, out, merge_cfg,
+                                                                         resume_key=stable_hash(parts))).key
 
 
 def _ranges(xs: list[int]) -> str:

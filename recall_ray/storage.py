@@ -88,6 +88,29 @@ def output_exists(dest: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+class NotWritableError(ValueError):
+    """A destination whose filesystem refuses writes (read-only, full, no permission)."""
+
+
+def check_writable(dest: str) -> None:
+    """Refuse, before any work, a local destination whose filesystem refuses writes: a
+    probe file is created beside it (in its nearest existing folder) and removed at once."""
+    if is_uri(dest):
+        return  # an object store answers at the first write
+    parent = Path(dest).resolve()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotWritableError(f"cannot write {dest}: {parent} is a file, not a folder; choose another location")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".recall-ray-probe-", dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise NotWritableError(f"cannot write {dest}: {parent} refuses new files ({os.strerror(e.errno or 0)});"
+                               " choose another location") from None
+
+
 def refuse_existing_output(dest: str, overwrite: bool) -> None:
     """The one rule for an output that is already there: an error unless `overwrite`."""
     if not overwrite and output_exists(dest):

@@ -21,6 +21,10 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # Ray Train's controller polls its workers every 2 s by default: about 5 s of waiting per
 # fine-tune (at start and after the last report), which the tests' many tiny runs add up.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Fault-injection markers (recall_ray.cluster.faults): set before the session's Ray starts,
+# so that every worker inherits it; tests/test_faults.py writes markers here.
+FAULTS = Path(tempfile.mkdtemp(prefix="rr_faults_"))
+os.environ["RECALL_RAY_FAULTS"] = str(FAULTS)
 
 
 def make_tokenizer(out_dir: Path, vocab_size: int = 300) -> None:

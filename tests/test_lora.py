@@ -202,3 +202,22 @@ def test_adapter_with_unfoldable_tensors_is_refused(base_dir, tmp_path):
     (adapter_dir / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="use_dora"):
         read_adapter(adapter_dir)
+
+
+def test_loaded_model_slot_swaps_adapters_on_one_base_exactly(base_dir, tmp_path):
+    """Moving between LoRA adapters of one base (and the base itself) swaps their target
+    parameters in place: after every move the model equals a fresh load, bit for bit."""
+    from recall_ray.models import LoadedModelSlot, load_causal_lm
+
+    a, _ = make_adapter(base_dir, tmp_path / "a", seed=1)
+    b, _ = make_adapter(base_dir, tmp_path / "b", seed=2)
+    models = [resolve_model("a", str(a), str(base_dir)), resolve_model("b", str(b), str(base_dir)),
+              resolve_model("base", str(base_dir), str(base_dir))]
+    slot = LoadedModelSlot(models, torch.float32, "cpu", padding_side="right")
+    for i in (0, 1, 2, 0, 2, 1):
+        _, lm = slot.get(i)
+        fresh = load_causal_lm(models[i])
+        got, want = lm.state_dict(), fresh.state_dict()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), models[i].label
+    assert slot.swaps == 5  # one load, then every move a swap

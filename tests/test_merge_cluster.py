@@ -79,3 +79,78 @@ def test_two_nodes_same_bytes_as_one(tmp_path, tiny_dir, tiny_experts):
     assert len(outs["two_nodes"]["nodes"]) == 2, "the two merge actors should run on different nodes"
     assert outs["two_nodes"]["hashes"] == outs["one_node"]["hashes"]
     assert any(n.endswith(".safetensors") for n in outs["one_node"]["hashes"])
+
+
+def _lora(base: Path, out: Path, seed: int, targets=("q_proj", "v_proj")) -> Path:
+    """A PEFT LoRA adapter of `base` with random non-zero A and B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8,
+                                                                                target_modules=list(targets)))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(out)
+    return out
+
+
+def _folded64(base_state: dict, adapter: Path) -> dict:
+    """Base + (alpha / r) * B @ A in float64, written plainly from the adapter's tensors."""
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    lora = load_file(adapter / "adapter_model.safetensors")
+    out = {k: v.to(torch.float64).numpy() for k, v in base_state.items()}
+    for k, a in lora.items():
+        if "lora_A" in k:
+            name = k.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            b = lora[k.replace("lora_A", "lora_B")].to(torch.float64).numpy()
+            out[name] = out[name] + cfg["lora_alpha"] / cfg["r"] * (b @ a.to(torch.float64).numpy())
+    return out
+
+
+def test_lora_experts_merge_from_their_low_rank_products(tmp_path, tiny_dir, ray_session):
+    """LoRA experts on the base's own weights: the merge adds w_q * scale_q * B_q A_q to the
+    base, read once, and equals the fold-then-merge float64 reference; a tensor no adapter
+    touches comes back as the base bit for bit. Linear (RECALL) and TIES weights."""
+    adapters = [_lora(tiny_dir, tmp_path / f"a{i}", seed=10 + i, targets=("q_proj", "v_proj") if i else ("q_proj",))
+                for i in range(3)]
+    models = [resolve_model("base", str(tiny_dir), str(tiny_dir))] + [
+        resolve_model(f"a{i}", str(a), str(tiny_dir)) for i, a in enumerate(adapters)]
+    ms = check_models(models)
+    base_state = _load(tiny_dir)
+    states = [{k: v.to(torch.float64).numpy() for k, v in base_state.items()}] + [_folded64(base_state, a) for a in adapters]
+    w = np.random.default_rng(3).dirichlet(np.ones(4), size=ms.grouping.num_groups)
+    run_merge(models, ms.grouping, ms.infos, MergeMethod("recall", "linear", w), str(tmp_path / "lin"), False)
+    got = _load(tmp_path / "lin")
+    touched = {k.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+               for a in adapters for k in load_file(a / "adapter_model.safetensors") if "lora_A" in k}
+    for name, t in got.items():
+        g = ms.grouping.groups[name]
+        expect = sum(w[g, q] * states[q][name] for q in range(4))
+        np.testing.assert_allclose(t.to(torch.float64).numpy(), expect, rtol=1e-6, atol=1e-6, err_msg=name)
+        if name not in touched:
+            assert torch.equal(t, base_state[name]), name
+    assert touched and len(touched) < len(got)
+    # TIES: trim, elect, disjoint mean of the low-rank deltas, against float64 fold-then-merge
+    from recall_ray.core.merge_methods import task_vector_weights
+
+    ties = MergeMethod("ties", "ties", task_vector_weights(ms.grouping.num_groups, 4), density=0.5, normalize=True)
+    run_merge(models, ms.grouping, ms.infos, ties, str(tmp_path / "ties"), False)
+    got = _load(tmp_path / "ties")
+    for name in touched:
+        deltas = [states[q][name] - states[0][name] for q in range(1, 4)]
+        trimmed = []
+        for d in deltas:
+            k = max(1, int(0.5 * d.size))
+            keep = np.zeros(d.size, dtype=bool)
+            keep[np.argsort(-np.abs(d).ravel(), kind="stable")[:k]] = True
+            trimmed.append(np.where(keep.reshape(d.shape), d, 0.0))
+        sign = np.where(sum(trimmed) >= 0, 1.0, -1.0)
+        agree = [(np.sign(t) == sign) & (t != 0) for t in trimmed]
+        num = sum(np.where(a, t, 0.0) for a, t in zip(agree, trimmed))
+        den = np.maximum(sum(a.astype(float) for a in agree), 1.0)
+        np.testing.assert_allclose(got[name].to(torch.float64).numpy(), states[0][name] + num / den, rtol=1e-5,
+                                   atol=1e-6, err_msg=name)

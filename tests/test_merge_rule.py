@@ -230,3 +230,29 @@ def test_one_hot_weights_return_that_model_bit_for_bit(q):
     got = weighted_merge(lambda i: tensors[i], w, ref=0)
     assert torch.equal(got, tensors[q])
     assert got.data_ptr() != tensors[q].data_ptr()  # a copy: the caller may free or modify it
+
+
+def test_low_rank_deltas_are_used_without_loading_those_models():
+    """A model that gives its delta directly (a LoRA expert on the reference's weights) is
+    never loaded, an UNCHANGED one adds nothing, and the sum equals the loaded one."""
+    from recall_ray.core.merge_rule import UNCHANGED
+
+    rng = np.random.default_rng(7)
+    ref = torch.tensor(rng.normal(size=(5, 4)), dtype=torch.float32)
+    deltas = [None, torch.tensor(rng.normal(size=(5, 4)) * 0.1, dtype=torch.float32), UNCHANGED]
+    full = [ref, ref + deltas[1], ref.clone()]
+    loaded = []
+
+    def load(q):
+        loaded.append(q)
+        return full[q]
+
+    w = [0.2, 0.5, 0.3]
+    got = weighted_merge(load, w, delta=lambda q: deltas[q].clone() if isinstance(deltas[q], torch.Tensor)
+                         else deltas[q])
+    assert loaded == [0]  # the reference only
+    expect = ref.double().numpy() + 0.5 * deltas[1].double().numpy()
+    np.testing.assert_allclose(got.double().numpy(), expect, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.numpy(), weighted_merge(lambda q: full[q], w).numpy(), rtol=1e-6, atol=1e-6)
+    unchanged = weighted_merge(load, w, delta=lambda q: None if q == 0 else UNCHANGED)
+    assert torch.equal(unchanged, ref)  # nothing added: the reference bit for bit

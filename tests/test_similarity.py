@@ -259,3 +259,63 @@ def test_design_saturation_observation_raw_large_norms_sigma_one(k):
     l2 = layer_similarity(deep_reps, new_index, kernel="rbf", sigma=1.0, normalize_mode="l2").similarity
     assert saturated_layers(l2[None, :], new_index) == []
     assert (np.delete(l2, new_index) > 0.9).all()  # ... but the weights approach uniform
+
+
+# ------------------------------------------------ kernels built for per-layer contrast
+
+
+def test_shift_kernel_matches_reference():
+    """cos(r^q - r^0, r^N - r^0) per sample, averaged; the base itself has not moved (0)."""
+    reps = make_reps(seed=3, k=4, n=6, h=5)
+    base = reps[0]
+    got = layer_similarity(reps, 3, kernel="shift", base=base)
+    for q in range(4):
+        if q == 3:
+            assert got.similarity[q] == 1.0
+            continue
+        vals = []
+        for d in range(6):
+            a = [float(reps[q][d][j]) - float(base[d][j]) for j in range(5)]
+            b = [float(reps[3][d][j]) - float(base[d][j]) for j in range(5)]
+            na, nb = math.sqrt(sum(v * v for v in a)), math.sqrt(sum(v * v for v in b))
+            vals.append(0.0 if na == 0 or nb == 0 else sum(u * v for u, v in zip(a, b)) / (na * nb))
+        assert got.similarity[q] == pytest.approx(sum(vals) / 6, abs=1e-12)
+    assert got.similarity[0] == 0.0
+    with pytest.raises(ValueError, match="needs the base"):
+        layer_similarity(reps, 3, kernel="shift")
+
+
+def test_shift_kernel_normalises_the_base_like_the_others():
+    reps = make_reps(seed=4, k=3, n=5, h=4, scale=100.0)
+    got = layer_similarity(reps, 2, kernel="shift", normalize_mode="l2", base=reps[0])
+    l2 = [ref_normalize(r, "l2", reps[2]) for r in reps]
+    ref = layer_similarity(l2, 2, kernel="shift", normalize_mode="none", base=l2[0])
+    np.testing.assert_allclose(got.similarity, ref.similarity, rtol=0, atol=1e-12)
+
+
+def test_relative_distance_kernel_matches_reference():
+    reps = make_reps(seed=5, k=4, n=7, h=5, scale=50.0)
+    got = layer_similarity(reps, 2, kernel="relative_distance")
+    dist = [sum(math.sqrt(sqd(reps[2][d], reps[q][d])) for d in range(7)) / 7 for q in range(4)]
+    others = sorted(dist[q] for q in range(4) if q != 2)
+    med = (others[1])  # three others: the middle one
+    expect = [-dist[q] / med for q in range(4)]
+    expect[2] = 0.0
+    np.testing.assert_allclose(got.similarity, expect, rtol=1e-12, atol=1e-12)
+    # scale-free: every representation times 1000 gives the same similarities
+    big = layer_similarity([r * 1000 for r in reps], 2, kernel="relative_distance")
+    np.testing.assert_allclose(big.similarity, got.similarity, rtol=1e-9, atol=1e-12)
+
+
+def test_unbounded_kernels_never_flag_saturation():
+    from recall_ray.core.similarity import layer_weights
+
+    layers = [make_reps(seed=s, k=3, n=5, h=4, scale=1e4) for s in range(3)]  # raw RBF would saturate
+    assert layer_weights(layers, 2, kernel="rbf").saturated == (0, 1, 2)
+    lw = layer_weights(layers, 2, kernel="relative_distance", temperature=0.5)
+    assert lw.saturated == ()
+    for i, reps in enumerate(layers):
+        s = layer_similarity(reps, 2, kernel="relative_distance").similarity
+        np.testing.assert_allclose(lw.weight[i], ref_softmax(list(s), 0.5), rtol=1e-12)
+    shifted = layer_weights(layers, 2, kernel="shift", base_per_layer=[r[0] for r in layers])
+    assert shifted.saturated == () and np.allclose(shifted.weight.sum(axis=1), 1.0)

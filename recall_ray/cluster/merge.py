@@ -7,6 +7,7 @@ core/merge_methods.py) and writes the index.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -14,13 +15,14 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 from ray.util.placement_group import placement_group, remove_placement_group
+from pyarrow.fs import FileType
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..core.architectures import Grouping
@@ -29,6 +31,7 @@ from ..models import ModelTensors, ResolvedModel
 from ..safetensors_io import ST_TO_TORCH, StreamingShardWriter, TensorInfo
 from ..storage import discard, filesystem, is_uri, publish, put_file, refuse_existing_output, staging_location
 from ..progress import Progress
+from .faults import fault_point
 from .pools import merge_pool
 
 log = logging.getLogger("recall_ray.merge")
@@ -87,6 +90,10 @@ class ShardMergeActor:
         self.models = models
         self.tensors = [ModelTensors(m) for m in models]
         self.ref = 0  # the base: its dtypes and shapes define the output
+        # LoRA experts on the base's own weights: merged from their low-rank products, so the
+        # base is read once per tensor (not once per expert) and no folded copy is made
+        self.low_rank = {q for q, m in enumerate(models)
+                         if q != self.ref and m.kind == "adapter" and m.base_path == models[self.ref].weights_dir}
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -108,8 +115,13 @@ class ShardMergeActor:
                     peak_anon = max(peak_anon, _rss_anon_mb() or 0.0)  # reference, accumulator and this copy alive
                     return t
 
-                merged = method.merge_tensor(load, groups[name], name, out_dtype=ST_TO_TORCH[infos[name].dtype])
+                def delta(q: int, name: str = name):
+                    return self.tensors[q].delta(name) if q in self.low_rank else None
+
+                merged = method.merge_tensor(load, groups[name], name, out_dtype=ST_TO_TORCH[infos[name].dtype],
+                                             delta=delta)
                 writer.write(name, merged)
+                fault_point(f"merge-shard-{filename}")  # tests: a merge actor that dies mid-shard
                 peak_anon = max(peak_anon, _rss_anon_mb() or 0.0)  # sampled while the result is alive
                 del merged
             writer.close()
@@ -137,6 +149,7 @@ class MergeReport:
     output: str
     shards: list[dict]
     seconds: float
+    resumed: list[str] = field(default_factory=list)  # shards an earlier, interrupted run had finished
 
     @property
     def peak_rss_mb(self) -> float:
@@ -147,14 +160,64 @@ class MergeReport:
         return max(s["peak_anon_mb"] for s in self.shards)
 
 
+# Errors of the output filesystem itself: no retry or resume helps, the output must go elsewhere.
+OUTPUT_ERRNOS = {errno.ENOSPC: "is full", errno.EDQUOT: "is over its quota", errno.EROFS: "is read-only",
+                 errno.EACCES: "is not writable", errno.EPERM: "is not writable"}
+PLAN_FILE = "merge_plan.json"
+
+
+def output_error(err: BaseException) -> int | None:
+    """The errno of an output-filesystem error (OUTPUT_ERRNOS), raised here or in an actor."""
+    for e in (err, getattr(err, "cause", None), err.__cause__):
+        code = getattr(e, "errno", None)
+        if isinstance(e, OSError) and code in OUTPUT_ERRNOS:
+            return code
+    return None
+
+
+def resume_staging(output: str, resume_key: str) -> str:
+    """The staging directory of a merge that a rerun of the same stage finds again: beside
+    the output (same filesystem), named by the stage's key."""
+    tag = f"partial-{resume_key[:16]}"
+    if is_uri(output):
+        return f"{output.rstrip('/')}.{tag}"
+    out = Path(output).resolve()
+    return str(out.parent / f".{out.name}.{tag}")
+
+
+def finished_shards(staging: str, plan: dict) -> dict[str, dict]:
+    """Shards an earlier run of the same merge completed in `staging`: its plan must be this
+    one, and a shard counts once its record (written after the shard was moved into place)
+    exists. {file: the shard's result record}."""
+    fs, path = filesystem(staging)
+    if fs.get_file_info(f"{path}/{PLAN_FILE}").type != FileType.File:
+        return {}
+    with fs.open_input_stream(f"{path}/{PLAN_FILE}") as f:
+        if json.loads(f.read()) != plan:
+            return {}
+    done = {}
+    for shard in plan["shards"]:
+        rec, data = f"{path}/{shard['file']}.done.json", f"{path}/{shard['file']}"
+        if fs.get_file_info(rec).type == FileType.File and fs.get_file_info(data).type == FileType.File:
+            with fs.open_input_stream(rec) as f:
+                done[shard["file"]] = json.loads(f.read())
+    return done
+
+
 def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, TensorInfo], method: MergeMethod,
               output: str, overwrite: bool, num_actors: int | str = "auto", placement: str = "SPREAD",
               max_shard_bytes: int = 2 * 1024**3, side_dir: str | None = None, card: str | None = None,
-              extra_files: dict[str, str] | None = None) -> MergeReport:
+              extra_files: dict[str, str] | None = None, resume_key: str | None = None) -> MergeReport:
     """Merge `models` (model 0: the base) by `method` into a Hugging Face directory `output`.
 
     The output is built in a staging directory on the same filesystem and moved into place
-    only when complete; on any error the staging directory is removed.
+    only when complete. What survives what:
+    - a merge actor that dies (its process, or its node) is restarted and its shard retried
+      (the shard is written under a temporary name, so a retry starts it clean);
+    - with `resume_key` (the merge stage's key) the staging directory is found again by a
+      rerun: shards an interrupted run finished (the driver killed, say) are kept, and only
+      the others are merged (`MergeReport.resumed`);
+    - an output filesystem that is full or read-only: a clear error, the staging removed.
     """
     if (method.num_groups, method.num_models) != (grouping.num_groups, len(models)):
         raise ValueError(f"merge method {method.label!r} has weights for {method.num_groups} groups x {method.num_models}"
@@ -167,51 +230,93 @@ def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, 
     n_shards = max(n_actors, int(np.ceil(total / max_shard_bytes)))
     shards = plan_shards(grouping, infos, n_shards)
     n_shards = len(shards)
-    staging = staging_location(output)
+    work = [(shard_name(i, n_shards), [n for g in groups for n in sorted(grouping.names_in(g))])
+            for i, groups in enumerate(shards)]
+    plan = {"key": resume_key, "shards": [{"file": f, "names": names} for f, names in work]}
+    if resume_key is not None:
+        staging = resume_staging(output, resume_key)
+        filesystem(staging)[0].create_dir(filesystem(staging)[1], recursive=True)
+        done = finished_shards(staging, plan)
+        _write_text(staging, PLAN_FILE, json.dumps(plan))
+    else:
+        staging, done = staging_location(output), {}
+    if done:
+        log.info("merge %s: %d of %d shards were finished by an earlier run; merging the rest", method.label,
+                 len(done), n_shards)
     pg = None
+    results: list[dict] = list(done.values())
     try:
-        if placement in ("SPREAD", "PACK"):
+        todo = [(f, names) for f, names in work if f not in done]
+        n_actors = max(1, min(n_actors, len(todo)))
+        if placement in ("SPREAD", "PACK") and todo:
             pg = placement_group([{"CPU": pool.num_cpus}] * n_actors, strategy=placement)
             ray.get(pg.ready(), timeout=600)
         actors = []
-        for i in range(n_actors):
-            opts = {"num_cpus": pool.num_cpus}
+        for i in range(n_actors if todo else 0):
+            # restarted if its process or node dies; the shard it was merging is retried
+            opts = {"num_cpus": pool.num_cpus, "max_restarts": 3, "max_task_retries": 3}
             if pg is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
             actors.append(ShardMergeActor.options(**opts).remote(models))
         method_ref = ray.put(method)  # the weights travel once, not once per shard
         meta = {"format": "pt", "merged_by": "recall-ray", "merge_method": method.label}
         pending = {}
-        results: list[dict] = []
         progress = Progress(f"merge {method.label}", n_shards, "shards")
-        queue = list(enumerate(shards))
+        progress.update(len(done))
+        queue = list(todo)
         idle = list(actors)
         while queue or pending:
             while queue and idle:
-                i, groups_of_shard = queue.pop(0)
-                names = [n for g in groups_of_shard for n in sorted(grouping.names_in(g))]
+                filename, names = queue.pop(0)
                 sub_groups = {n: grouping.groups[n] for n in names}
                 actor = idle.pop(0)
-                ref_obj = actor.merge_shard.remote(names, sub_groups, method_ref, staging, shard_name(i, n_shards), meta)
-                pending[ref_obj] = actor
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for d in done:
+                pending[actor.merge_shard.remote(names, sub_groups, method_ref, staging, filename, meta)] = actor
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for d in ready:
                 actor = pending.pop(d)
                 res = ray.get(d)
                 results.append(res)
+                if resume_key is not None:  # the shard is in place: a rerun may keep it
+                    _write_text(staging, f"{res['file']}.done.json", json.dumps(res))
                 idle.append(actor)
                 log.info("merge: shard %s done (%d/%d, %.1f MB, %.1fs)", res["file"], len(results), n_shards,
                          res["bytes"] / 1e6, res["seconds"])
                 progress.update()
+                fault_point("merge-driver-after-shard")
         _write_side_files(staging, results, total, side_dir, card, extra_files or {})
+        _delete_records(staging, plan)
         publish(staging, output, overwrite)
-    except BaseException:
-        discard(staging)
+    except BaseException as err:
+        code = output_error(err)
+        if code is not None or resume_key is None or len(results) == len(done):
+            discard(staging)  # nothing a rerun could keep
+        else:
+            log.warning("merge %s stopped after %d of %d shards; a rerun of the same stage keeps them (%s)",
+                        method.label, len(results), n_shards, staging)
+        if code is not None:
+            raise OSError(code, f"the output filesystem of {output} {OUTPUT_ERRNOS[code]} ({os.strerror(code)}):"
+                                " free space or choose another `output`; nothing was left there") from err
         raise
     finally:
         if pg is not None:
             remove_placement_group(pg)
-    return MergeReport(output, sorted(results, key=lambda r: r["file"]), time.perf_counter() - t0)
+    return MergeReport(output, sorted(results, key=lambda r: r["file"]), time.perf_counter() - t0,
+                       resumed=sorted(done))
+
+
+def _write_text(location: str, name: str, text: str) -> None:
+    fs, path = filesystem(location)
+    with fs.open_output_stream(f"{path}/{name}.tmp") as f:
+        f.write(text.encode())
+    fs.move(f"{path}/{name}.tmp", f"{path}/{name}")
+
+
+def _delete_records(staging: str, plan: dict) -> None:
+    """The resume records are not part of the output."""
+    fs, path = filesystem(staging)
+    for name in [PLAN_FILE] + [f"{s['file']}.done.json" for s in plan["shards"]]:
+        if fs.get_file_info(f"{path}/{name}").type == FileType.File:
+            fs.delete_file(f"{path}/{name}")
 
 
 def _write_side_files(staging: str, shards: list[dict], total_bytes: int, side_dir: str | None, card: str | None,

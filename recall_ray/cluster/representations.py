@@ -15,6 +15,7 @@ from ..core.pooling import mean_pool
 from ..models import LoadedModelSlot, ResolvedModel
 from ..reps_parquet import reps_table
 from ..storage import RunDir
+from .faults import fault_point
 from .pools import inference_pool
 
 log = logging.getLogger("recall_ray.representations")
@@ -98,6 +99,7 @@ class RepresentationWriter(RepresentationExtractor):
             fs, path = filesystem(folder)
             fs.create_dir(path, recursive=True)
             name = f"part-{int(np.min(part.column('sample_idx').to_numpy())):09d}.parquet"
+            fault_point(f"reps-{q}-{name}")  # tests: a representation actor that dies mid-stage
             tmp = f"{path}/.{name}.{uuid.uuid4().hex[:8]}"
             pq.write_table(part, tmp, filesystem=fs)
             fs.move(tmp, f"{path}/{name}")

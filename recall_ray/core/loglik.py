@@ -109,7 +109,7 @@ def _options_of_chunk(lm, contexts, options, pad_id: int, device) -> list[list[l
     result = [[[] for _ in opts] for opts in options]
     with torch.inference_mode():
         first = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        cache = first.past_key_values
+        cache = getattr(first, "cache", None) or first.past_key_values
         logp = torch.log_softmax(head(first.last_hidden_state[:, -1]).float(), dim=-1)
         for b, opts in enumerate(options):
             for k, o in enumerate(opts):
@@ -126,14 +126,22 @@ def _options_of_chunk(lm, contexts, options, pad_id: int, device) -> list[list[l
             step_mask = torch.cat([mask[rows], torch.ones_like(feed)], dim=1)
             step_pos = pos[rows, -1:] + 1 + torch.arange(feed.shape[1], device=device)
             sub = _select_cache(cache, rows)
-            h = decoder(input_ids=feed, attention_mask=step_mask, position_ids=step_pos, past_key_values=sub,
-                        use_cache=True).last_hidden_state
+            h = decoder(input_ids=feed, attention_mask=step_mask, position_ids=step_pos, use_cache=True,
+                        **{_cache_argument(decoder): sub}).last_hidden_state
             lp = torch.log_softmax(head(h).float(), dim=-1)  # [rows, len - 1, vocab]
             target = torch.tensor(toks[1:], device=lp.device)
             picked = lp[:, torch.arange(len(toks) - 1, device=lp.device), target].cpu().tolist()
             for (b, k), vals in zip(where, picked):
                 result[b][k].extend(vals)
     return result
+
+
+def _cache_argument(decoder) -> str:
+    """The name a decoder's forward takes a key/value cache by: `cache` on transformers >= 5.24
+    (`past_key_values`, its older name, is deprecated there), else `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 def _select_cache(cache, rows: torch.Tensor):

@@ -22,13 +22,18 @@ PEFT_PREFIX = "base_model.model."
 META_FILE = "recall_ray.json"  # written beside an adapter recall-ray trained: its base's fingerprint
 
 
-def fold_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-              fan_in_fan_out: bool = False) -> torch.Tensor:
-    """W + scale * (B @ A), computed in float32 (A: [r, in], B: [out, r], W: [out, in])."""
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """scale * (B @ A) in float32 (A: [r, in], B: [out, r]): what the adapter adds to W."""
     delta = lora_b.to(torch.float32) @ lora_a.to(torch.float32)
     if fan_in_fan_out:  # GPT-2 style Conv1D stores W as [in, out]
         delta = delta.T
-    return weight.to(torch.float32) + scale * delta
+    return scale * delta
+
+
+def fold_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+              fan_in_fan_out: bool = False) -> torch.Tensor:
+    """W + scale * (B @ A), computed in float32 (A: [r, in], B: [out, r], W: [out, in])."""
+    return weight.to(torch.float32) + lora_delta(lora_a, lora_b, scale, fan_in_fan_out)
 
 
 @dataclass(frozen=True)

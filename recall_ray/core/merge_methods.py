@@ -49,7 +49,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from .merge_rule import weighted_merge
+from .merge_rule import DeltaLoader, weighted_merge
 from .task_vectors import Loader, dare_seed, task_vector_merge
 
 __all__ = ["KINDS", "METHODS", "Kind", "MergeMethod", "NamedMethod", "MethodSettings", "build_method", "dare_seed",
@@ -157,21 +157,24 @@ class MergeMethod:
     def num_models(self) -> int:
         return len(self.weights[0]) if self.weights else 0
 
-    def merge_tensor(self, load: Loader, group: int, name: str, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def merge_tensor(self, load: Loader, group: int, name: str, out_dtype: torch.dtype | None = None,
+                     delta: DeltaLoader | None = None) -> torch.Tensor:
         """Merge parameter `name` (in layer group `group`) of the K models.
 
-        load(q) returns model q's copy of the tensor (never modified here). The result has
-        `out_dtype`, by default the base's dtype.
+        load(q) returns model q's copy of the tensor (never modified here); `delta` (see
+        merge_rule.DeltaLoader) gives some models' differences from the base directly (LoRA
+        experts on the base's own weights). The result has `out_dtype`, by default the base's.
         """
         if not 0 <= group < self.num_groups:
             raise ValueError(f"group {group} out of range: this method has weights for {self.num_groups} "
                              f"layer group(s)")
-        return KINDS[self.kind].rule(self, load, self.weights[group], name, out_dtype)
+        return KINDS[self.kind].rule(self, load, self.weights[group], name, out_dtype, delta)
 
 
 # ------------------------------------------------------------------ kinds (tensor rules)
 
-Rule = Callable[[MergeMethod, Loader, Sequence[float], str, "torch.dtype | None"], torch.Tensor]
+Rule = Callable[[MergeMethod, Loader, Sequence[float], str, "torch.dtype | None", "DeltaLoader | None"],
+                torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -216,34 +219,39 @@ def _dare_note(m: MergeMethod) -> list[str]:
 
 
 @kind("linear", task_vectors=False, mergekit_parameters=lambda m: {"normalize": True})
-def _linear(m: MergeMethod, load: Loader, w: Sequence[float], name: str, out_dtype) -> torch.Tensor:
-    return weighted_merge(load, w, ref=0, out_dtype=out_dtype)
+def _linear(m: MergeMethod, load: Loader, w: Sequence[float], name: str, out_dtype,
+        delta: DeltaLoader | None = None) -> torch.Tensor:
+    return weighted_merge(load, w, ref=0, out_dtype=out_dtype, delta=delta)
 
 
 @kind("task_arithmetic", task_vectors=True, mergekit_parameters=_task_vector_parameters())
-def _task_arithmetic(m: MergeMethod, load: Loader, w: Sequence[float], name: str, out_dtype) -> torch.Tensor:
+def _task_arithmetic(m: MergeMethod, load: Loader, w: Sequence[float], name: str, out_dtype,
+        delta: DeltaLoader | None = None) -> torch.Tensor:
     return task_vector_merge(load, w, name, sparsify=None, density=m.density, normalize=m.normalize, lam=m.lam,
-                             seed=m.seed, out_dtype=out_dtype)
+                             seed=m.seed, out_dtype=out_dtype, delta=delta)
 
 
 @kind("ties", task_vectors=True, mergekit_parameters=_task_vector_parameters(rescale=False))
-def _ties(m: MergeMethod, load: Loader, w: Sequence[float], name: str, out_dtype) -> torch.Tensor:
+def _ties(m: MergeMethod, load: Loader, w: Sequence[float], name: str, out_dtype,
+        delta: DeltaLoader | None = None) -> torch.Tensor:
     return task_vector_merge(load, w, name, sparsify="magnitude", density=m.density, consensus=True,
-                             normalize=m.normalize, lam=m.lam, seed=m.seed, out_dtype=out_dtype)
+                             normalize=m.normalize, lam=m.lam, seed=m.seed, out_dtype=out_dtype, delta=delta)
 
 
 @kind("dare_linear", task_vectors=True, mergekit_parameters=_task_vector_parameters(rescale=True),
       mergekit_note=_dare_note)
-def _dare_linear(m: MergeMethod, load: Loader, w: Sequence[float], name: str, out_dtype) -> torch.Tensor:
+def _dare_linear(m: MergeMethod, load: Loader, w: Sequence[float], name: str, out_dtype,
+        delta: DeltaLoader | None = None) -> torch.Tensor:
     return task_vector_merge(load, w, name, sparsify="random", density=m.density, normalize=m.normalize, lam=m.lam,
-                             seed=m.seed, out_dtype=out_dtype)
+                             seed=m.seed, out_dtype=out_dtype, delta=delta)
 
 
 @kind("dare_ties", task_vectors=True, mergekit_parameters=_task_vector_parameters(rescale=True),
       mergekit_note=_dare_note)
-def _dare_ties(m: MergeMethod, load: Loader, w: Sequence[float], name: str, out_dtype) -> torch.Tensor:
+def _dare_ties(m: MergeMethod, load: Loader, w: Sequence[float], name: str, out_dtype,
+        delta: DeltaLoader | None = None) -> torch.Tensor:
     return task_vector_merge(load, w, name, sparsify="random", density=m.density, consensus=True,
-                             normalize=m.normalize, lam=m.lam, seed=m.seed, out_dtype=out_dtype)
+                             normalize=m.normalize, lam=m.lam, seed=m.seed, out_dtype=out_dtype, delta=delta)
 
 
 # ------------------------------------------------------------------------ weight builders

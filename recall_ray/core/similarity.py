@@ -7,9 +7,10 @@ RECALL (arXiv 2510.20479): for layer i and model q,
 
 `layer_weights` is that computation for every layer at once, from each model's
 representations of the same typical samples. The kernel is one entry of `KERNELS` (the
-paper's Appendix F alternatives beside the RBF), the row normalisation one of
-`NORMALIZERS`; every kernel gives S^N = 1 for the new model against itself, so weights
-stay comparable across kernels. Adding a kernel is one function registered here.
+paper's Appendix F alternatives beside the RBF, and two built for per-layer contrast), the
+row normalisation one of `NORMALIZERS`; each kernel gives the new model its own fixed value
+against itself (1, or 0 for relative_distance). Adding a kernel is one function registered
+here.
 """
 
 from __future__ import annotations
@@ -100,10 +101,74 @@ def euclidean(new: np.ndarray, x: np.ndarray, sigma: float, pairing: str) -> flo
     return 1.0 / (1.0 + float(np.sqrt(sq_dists(new, x, "paired")).mean()))
 
 
-Kernel = Callable[[np.ndarray, np.ndarray, float, str], float]
-# name -> S(new [n, H], x [n, H], sigma, pairing); each is 1 for x == new.
+@dataclass(frozen=True)
+class LayerInputs:
+    """What a kernel sees of one layer: every model's representations of the same samples
+    (normalised), the base's (for kernels that measure moves away from it), the RBF width,
+    the pairing, and each model's mean paired distance to the new model."""
+
+    models: Sequence[np.ndarray]
+    new_index: int
+    base: np.ndarray | None
+    sigma: float
+    pairing: str
+    distance: np.ndarray  # [K] mean paired Euclidean distance to the new model
+
+    @property
+    def new(self) -> np.ndarray:
+        return self.models[self.new_index]
+
+
+def shift(inp: LayerInputs, q: int) -> float:
+    """How model q moved from the base, against how the new model moved: the mean over
+    samples of cos(r^q - r^0, r^N - r^0), in [-1, 1] (0 where either did not move, e.g. the
+    base itself). Large representation norms cancel in the cosine, and what every model
+    shares (the base's representation) is taken out, so layers differ by direction."""
+    if inp.base is None:
+        raise ValueError("the shift kernel needs the base's representations (a base in the merge)")
+    a, b = inp.models[q] - inp.base, inp.new - inp.base
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cos = np.divide((a * b).sum(axis=1), den, out=np.zeros(len(a)), where=den > 0)
+    return float(cos.mean())
+
+
+def relative_distance(inp: LayerInputs, q: int) -> float:
+    """Minus model q's mean paired distance to the new model, in units of the layer's
+    median distance over the other models: 0 for the new model, -1 for a model at the median
+    distance. The layer's own scale is divided out, so no layer saturates whatever its
+    norms; the softmax temperature sets how sharply distance turns into weight."""
+    others = np.delete(inp.distance, inp.new_index)
+    scale = float(np.median(others)) if others.size else 0.0
+    return -float(inp.distance[q]) / (scale if scale > 0 else 1.0)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A similarity of model q to the new model in one layer.
+
+    fn: (LayerInputs, q) -> S^q.  self_value: the new model's own value (set exactly).
+    bounded: S lies in [0, 1], so a layer whose other models are all near 0 or 1 is
+    saturated (the weights are a constant there); unbounded kernels never saturate."""
+
+    fn: Callable[[LayerInputs, int], float]
+    self_value: float = 1.0
+    bounded: bool = True
+
+
+def _pairwise(f: Callable[[np.ndarray, np.ndarray, float, str], float]) -> Callable[[LayerInputs, int], float]:
+    return lambda inp, q: f(inp.new, inp.models[q], inp.sigma, inp.pairing)
+
+
+# name -> Kernel. The paper's RBF, its Appendix F alternatives, and two kernels built to
+# give per-layer contrast where the RBF saturates (shift, relative_distance).
 KERNELS: dict[str, Kernel] = {
-    "rbf": rbf, "cosine": cosine, "linear_cka": linear_cka, "mmd": mmd, "euclidean": euclidean,
+    "rbf": Kernel(_pairwise(rbf)),
+    "cosine": Kernel(_pairwise(cosine)),
+    "linear_cka": Kernel(_pairwise(linear_cka)),
+    "mmd": Kernel(_pairwise(mmd)),
+    "euclidean": Kernel(_pairwise(euclidean)),
+    "shift": Kernel(shift, self_value=1.0, bounded=False),
+    "relative_distance": Kernel(relative_distance, self_value=0.0, bounded=False),
 }
 PAIRINGS = ("paired", "all_pairs")
 
@@ -126,9 +191,11 @@ class LayerSimilarity:
 
 
 def layer_similarity(reps: Sequence[np.ndarray], new_index: int, kernel: str = "rbf", sigma: float | str = 1.0,
-                     normalize_mode: str = "none", pairing: str = "paired") -> LayerSimilarity:
+                     normalize_mode: str = "none", pairing: str = "paired",
+                     base: np.ndarray | None = None) -> LayerSimilarity:
     """Similarity of each model q (reps[q]: [n, H], same samples in the same order) to the
-    new model reps[new_index], for one layer."""
+    new model reps[new_index], for one layer; `base`: the base's representations of the same
+    samples (the shift kernel), normalised like the others."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}: use {', '.join(KERNELS)}")
     if pairing not in PAIRINGS:
@@ -139,8 +206,12 @@ def layer_similarity(reps: Sequence[np.ndarray], new_index: int, kernel: str = "
     others = [x for q, x in enumerate(xs) if q != new_index]
     s = median_sigma(new, others) if sigma == "median" else float(sigma)
     sq = np.array([sq_dists(new, x, "paired").mean() for x in xs])
-    sim = np.array([KERNELS[kernel](new, x, s, pairing) for x in xs], dtype=np.float64)
-    sim[new_index] = 1.0  # by construction; avoids 0.9999999 from rounding
+    dist = np.array([np.sqrt(sq_dists(new, x, "paired")).mean() for x in xs])
+    base_x = normalize(base, normalize_mode, ref=new_raw) if base is not None else None
+    k = KERNELS[kernel]
+    inp = LayerInputs(xs, new_index, base_x, s, pairing, dist)
+    sim = np.array([k.fn(inp, q) for q in range(len(xs))], dtype=np.float64)
+    sim[new_index] = k.self_value  # by construction; avoids 0.9999999 from rounding
     return LayerSimilarity(sq, sim, s)
 
 
@@ -152,9 +223,12 @@ def softmax_weights(similarity: np.ndarray, temperature: float = 1.0) -> np.ndar
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def saturated_layers(similarity: np.ndarray, new_index: int) -> list[int]:
+def saturated_layers(similarity: np.ndarray, new_index: int, kernel: str = "rbf") -> list[int]:
     """Layers whose similarities (new model excluded) are all < 1e-6 or all > 0.999: the
-    kernel no longer tells models apart there and the weights are a constant."""
+    kernel no longer tells models apart there and the weights are a constant. Only bounded
+    kernels (similarity in [0, 1]) saturate."""
+    if not KERNELS[kernel].bounded:
+        return []
     others = np.delete(np.asarray(similarity), new_index, axis=1)
     low = (others < SATURATED_LOW).all(axis=1)
     high = (others > SATURATED_HIGH).all(axis=1)
@@ -185,15 +259,17 @@ class LayerWeights:
 
 def layer_weights(reps_per_layer: Iterable[Sequence[np.ndarray]], new_index: int, kernel: str = "rbf",
                   sigma: float | str = 1.0, normalize_mode: str = "none", pairing: str = "paired",
-                  temperature: float = 1.0) -> LayerWeights:
+                  temperature: float = 1.0, base_per_layer: Iterable[np.ndarray] | None = None) -> LayerWeights:
     """RECALL's merge weights. reps_per_layer yields, for each layer i in order, the list
     of every model's [n, H] representations of the same n typical samples in the same order
     (model q at index q); it may be a generator, so that one layer at a time is in memory.
-    Returns the per-layer squared distances, similarities, softmax weights and saturated
-    layers."""
+    base_per_layer yields the base's, for kernels that need it (shift). Returns the
+    per-layer squared distances, similarities, softmax weights and saturated layers."""
     sims, norms = [], []
+    bases = iter(base_per_layer) if base_per_layer is not None else None
     for reps in reps_per_layer:
-        sims.append(layer_similarity(reps, new_index, kernel, sigma, normalize_mode, pairing))
+        base = next(bases) if bases is not None else None
+        sims.append(layer_similarity(reps, new_index, kernel, sigma, normalize_mode, pairing, base))
         norms.append(float(np.linalg.norm(np.asarray(reps[new_index], dtype=np.float64), axis=1).mean()))
     if not sims:
         raise ValueError("no layers: reps_per_layer must yield one list of per-model arrays per layer")
@@ -204,5 +280,5 @@ def layer_weights(reps_per_layer: Iterable[Sequence[np.ndarray]], new_index: int
         weight=softmax_weights(similarity, temperature),
         sigma=np.array([s.sigma for s in sims]),
         new_rep_norm=np.array(norms),
-        saturated=tuple(saturated_layers(similarity, new_index)),
+        saturated=tuple(saturated_layers(similarity, new_index, kernel)),
     )

@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .merge_rule import DeltaLoader, model_delta
+
 Loader = Callable[[int], torch.Tensor]
 
 
@@ -64,7 +66,8 @@ def dare_sparsify(delta: torch.Tensor, density: float, seed: int) -> torch.Tenso
 
 def task_vector_merge(load: Loader, weights: Sequence[float], name: str, *, sparsify: str | None,
                       density: float = 1.0, consensus: bool = False, normalize: bool = False,
-                      lam: float = 1.0, seed: int = 0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                      lam: float = 1.0, seed: int = 0, out_dtype: torch.dtype | None = None,
+                      delta: DeltaLoader | None = None) -> torch.Tensor:
     """mergekit's generalized task arithmetic for one tensor, streamed over the models.
 
     delta_q = theta_q - theta_0 (float32, q = 1..K-1), sparsified (`sparsify`: None,
@@ -78,7 +81,8 @@ def task_vector_merge(load: Loader, weights: Sequence[float], name: str, *, spar
     consensus merge makes two passes (the sign vote, then the sum) and so loads each model
     twice, recomputing the same sparsification (magnitude selection is deterministic, the DARE
     mask seeded by (seed, name, q)) instead of holding K deltas. Models with weight 0
-    contribute nothing (d_q = 0) and are not loaded.
+    contribute nothing (d_q = 0) and are not loaded; nor are those whose delta is exactly 0
+    (`delta`, see merge_rule.DeltaLoader), which no sparsification or vote can change.
     """
     w = [float(x) for x in weights]
     base = load(0)
@@ -86,28 +90,33 @@ def task_vector_merge(load: Loader, weights: Sequence[float], name: str, *, spar
     base32 = base.to(torch.float32)  # may alias `base` when it is float32: only read, never written
     active = [q for q in range(1, len(w)) if w[q] != 0.0]
 
-    def weighted_delta(q: int) -> torch.Tensor:
-        delta = load(q).to(torch.float32, copy=True)  # a copy: the loader's tensor stays untouched
-        delta.sub_(base32)
+    def weighted_delta(q: int) -> torch.Tensor | None:
+        """w_q * sparse(theta_q - theta_0), or None when the delta is exactly 0 (nothing to count)."""
+        d = model_delta(q, load, base32, delta)  # a fresh tensor: the loader's stays untouched
+        if d is None:
+            return None
         if sparsify == "magnitude":
-            delta = magnitude_sparsify(delta, density)
+            d = magnitude_sparsify(d, density)
         elif sparsify == "random":
-            delta = dare_sparsify(delta, density, dare_seed(seed, name, q))
+            d = dare_sparsify(d, density, dare_seed(seed, name, q))
         elif sparsify is not None:
             raise ValueError(f"unknown sparsification {sparsify!r}; use None, 'magnitude' or 'random'")
-        return delta.mul_(w[q])
+        return d.mul_(w[q])
 
     mixed = torch.zeros_like(base32)
     if consensus:
         # pass 1: the sign vote, sum_q d_q; only its sign is kept
         for q in active:
-            mixed.add_(weighted_delta(q))
+            if (d := weighted_delta(q)) is not None:
+                mixed.add_(d)
         positive = mixed >= 0  # a zero vote elects +, as mergekit
         mixed.zero_()
         divisor = torch.zeros_like(base32) if normalize else None
         # pass 2: the same d_q again, each entry counted where it agrees with the elected sign
         for q in active:
             d = weighted_delta(q)
+            if d is None:  # a zero delta never agrees
+                continue
             agree = torch.where(positive, d > 0, d < 0)
             mixed.add_(torch.where(agree, d, torch.zeros((), dtype=d.dtype)))
             if divisor is not None:
@@ -118,7 +127,8 @@ def task_vector_merge(load: Loader, weights: Sequence[float], name: str, *, spar
             mixed.div_(divisor)
     else:
         for q in active:
-            mixed.add_(weighted_delta(q))
+            if (d := weighted_delta(q)) is not None:
+                mixed.add_(d)
         if normalize:
             total = sum(w[1:])
             mixed.div_(total if abs(total) >= 1e-8 else 1.0)

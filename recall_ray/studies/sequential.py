@@ -243,7 +243,7 @@ def run_sequential(cfg: SequentialConfig):
             job = (start, penalty[label])
             if job not in done:
                 out = str(Path(cfg.run_dir, f"step{step}", "finetune", label, "adapter").resolve())
-                key_parts = [current_key[label], data_key, ft.model_dump()]
+                key_parts = [current_key[label], data_key, ft.key()]
                 ewc_args = {}
                 if penalty[label] is not None:
                     key_parts.append({"ewc_fisher": fisher_key, "ewc_lambda": cfg.ewc.lam})

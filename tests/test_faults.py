@@ -1,0 +1,187 @@
+"""Faults survived, with the same bytes out: each test fails a process at a known point
+(recall_ray.cluster.faults: a marker file the process takes when it gets there, or a pause
+the test waits for before it kills) and compares the output with an undisturbed run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DATA, FAULTS, REPO
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def mark(point: str, action: str = "exit") -> Path:
+    marker = FAULTS / point
+    marker.write_text(action)
+    return FAULTS / f"{point}.reached"
+
+
+@pytest.fixture
+def three(tiny_dir, tiny_experts):
+    from recall_ray.models import resolve_model
+    from recall_ray.validate import check_models
+
+    models = [resolve_model(f"m{i}", str(d), str(tiny_dir)) for i, d in enumerate([tiny_dir, *tiny_experts])]
+    ms = check_models(models)
+    w = np.random.default_rng(5).dirichlet(np.ones(3), size=ms.grouping.num_groups)
+    return models, ms, w
+
+
+def _merge(three, out: Path, **kw):
+    from recall_ray.cluster.merge import run_merge
+    from recall_ray.core.merge_methods import MergeMethod
+
+    models, ms, w = three
+    return run_merge(models, ms.grouping, ms.infos, MergeMethod("t", "linear", w), str(out), False, num_actors=1,
+                     max_shard_bytes=1, **kw)  # one shard per layer group, one actor: shards in turn
+
+
+def test_merge_actor_killed_mid_shard_is_restarted_and_retries_it(tmp_path, three, ray_session):
+    _merge(three, tmp_path / "calm")
+    reached = mark("merge-shard-model-00002-of-00003.safetensors")
+    _merge(three, tmp_path / "killed")
+    assert reached.exists(), "the fault point was never reached"
+    assert hashes(tmp_path / "killed") == hashes(tmp_path / "calm")
+
+
+def test_representation_actor_killed_mid_stage_gives_identical_parquet(tmp_path, tiny_experts, ray_session):
+    from recall_ray.cluster.representations import extract
+    from recall_ray.core.templates import load_task_records
+    from recall_ray.models import resolve_model
+    from recall_ray.storage import RunDir
+
+    model = resolve_model("m", str(tiny_experts[0]), str(tiny_experts[0]))
+    records = load_task_records(str(DATA / "sst2" / "train.jsonl"), "sst2", 24)
+    items = [{"sample_idx": i, "sample_id": r["sample_id"], "text": r["prompt"] + r["target"]}
+             for i, r in enumerate(records)]
+    kw = dict(max_length=48, exclude_first_token=False, dtype="float32", batch_size=8, num_actors=1)
+    extract([model], items, RunDir(str(tmp_path / "calm")), ["reps/m"], **kw)
+    reached = mark("reps-0-part-000000008.parquet")  # the second batch, before its part is written
+    extract([model], items, RunDir(str(tmp_path / "killed")), ["reps/m"], **kw)
+    assert reached.exists()
+    calm, killed = hashes(tmp_path / "calm" / "reps"), hashes(tmp_path / "killed" / "reps")
+    assert len(calm) == 3 and killed == calm
+
+
+def test_full_output_filesystem_is_a_clear_error_and_leaves_nothing(tmp_path, three, ray_session):
+    reached = mark("merge-shard-model-00002-of-00003.safetensors", "ENOSPC")
+    with pytest.raises(OSError, match=r"output filesystem of .*out is full .*free space or choose another"):
+        _merge(three, tmp_path / "out", resume_key="k" * 64)
+    assert reached.exists()
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == []  # no staging either
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path, tiny_dir, tiny_experts):
+    from recall_ray.config import build_config
+    from recall_ray.pipeline import preflight
+    from recall_ray.storage import NotWritableError
+
+    try:  # sysfs refuses new files, even for root; elsewhere the test has nothing to show
+        fd, p = tempfile.mkstemp(dir="/sys")
+        os.close(fd)
+        os.remove(p)
+        pytest.skip("/sys accepts files on this machine")
+    except OSError:
+        pass
+    tree = {"run_dir": str(tmp_path / "run"), "output": "/sys/recall-ray-out",
+            "base": {"path": str(tiny_dir)}, "new_model": {"name": "new", "path": str(tiny_experts[1])},
+            "task": {"data": str(DATA / "sst2" / "train.jsonl"), "template": "sst2", "max_samples": 8},
+            "typical": {"k": 2}}
+    with pytest.raises(NotWritableError, match=r"cannot write /sys/recall-ray-out: /sys refuses new files"):
+        preflight(build_config(tree))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_worker_node_lost_during_the_merge(tmp_path, tiny_dir, tiny_experts):
+    """Two simulated worker nodes; the node whose merge actor is mid-shard is removed: the
+    actor restarts on the other node, retries the shard, and the bytes equal a one-node run."""
+    dirs = ",".join(str(d) for d in [tiny_dir, *tiny_experts])
+    np.save(tmp_path / "w.npy", np.random.default_rng(6).dirichlet(np.ones(3), size=3))
+    script = REPO / "tests" / "scripts" / "two_node_merge.py"
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "merge-shard-model-00001-of-00003.safetensors").write_text("pause")
+    outs = {}
+    for mode in ("lose_node", "one_node"):
+        env = {**os.environ, "RECALL_RAY_FAULTS": str(faults)}
+        proc = subprocess.run([sys.executable, str(script), dirs, str(tmp_path / "w.npy"), str(tmp_path / mode), mode,
+                               "one_shard_per_group"], capture_output=True, text=True, timeout=400, cwd=REPO, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert outs["lose_node"]["removed"] == ["merge-shard-model-00001-of-00003.safetensors.reached"]
+    assert outs["lose_node"]["num_nodes"] == 2  # head + the node that was left
+    assert outs["lose_node"]["hashes"] == outs["one_node"]["hashes"]
+
+
+def _kill_session(ray_tmp: str) -> None:
+    """The Ray processes a killed driver left behind (they run with its temp dir); never
+    `ray stop`, which would stop every Ray on the machine."""
+    import psutil
+
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.pid != os.getpid() and any(ray_tmp in part for part in (p.info["cmdline"] or [])):
+                p.kill()
+        except psutil.Error:
+            pass
+
+
+def test_driver_killed_during_the_merge_resumes_the_unfinished_shards(tmp_path, tiny_dir, tiny_experts, ray_session):
+    """The job's driver is killed (SIGKILL) after the merge's first shard; the rerun keeps
+    that shard (its manifest says so) and merges the others, and the model equals an
+    undisturbed run's bit for bit."""
+    from recall_ray.config import build_config
+    from recall_ray.pipeline import run_pipeline
+
+    tree = {"base": {"name": "base", "path": str(tiny_dir)}, "experts": [{"name": "e0", "path": str(tiny_experts[0])}],
+            "new_model": {"name": "new", "path": str(tiny_experts[1])},
+            "task": {"name": "sst2", "data": str(DATA / "sst2" / "train.jsonl"), "template": "sst2", "max_samples": 16},
+            "typical": {"k": 2}, "representations": {"batch_size": 8},
+            "merge": {"num_actors": 1, "max_shard_bytes": 1}}
+    calm = run_pipeline(build_config({**tree, "run_dir": str(tmp_path / "calm")}))
+    job = {**tree, "run_dir": str(tmp_path / "job"), "ray": {"num_cpus": 2, "object_store_memory": 128 * 1024**2}}
+    (tmp_path / "job.yaml").write_text(json.dumps(job))
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "merge-driver-after-shard").write_text("pause")
+    ray_tmp = tempfile.mkdtemp(prefix="rr_kill_", dir="/tmp")
+    env = {**os.environ, "RECALL_RAY_FAULTS": str(faults), "RAY_TMPDIR": ray_tmp}
+    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(var, None)
+    cmd = [sys.executable, str(REPO / "jobs" / "merge.py"), "--config", str(tmp_path / "job.yaml")]
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+        deadline = time.time() + 300
+        while not (faults / "merge-driver-after-shard.reached").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        _kill_session(ray_tmp)
+    stage = json.loads((tmp_path / "job" / "manifest.json").read_text())["stages"]["merge"]
+    assert stage["status"] == "running"  # killed mid-stage
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**env, "RAY_TMPDIR": ray_tmp},
+                           cwd=tmp_path)
+    _kill_session(ray_tmp)
+    assert again.returncode == 0, again.stderr[-3000:]
+    stage = json.loads((tmp_path / "job" / "manifest.json").read_text())["stages"]["merge"]
+    assert stage["status"] == "done" and stage["result"]["resumed_shards"] == ["model-00001-of-00003.safetensors"]
+    out = Path(stage["result"]["output"])
+    assert hashes(out) == hashes(Path(calm.output))
+    assert not [p for p in out.parent.iterdir() if ".partial-" in p.name]  # the staging moved into place
