@@ -193,6 +193,9 @@ class RayConfig(Section):
     address: str | None = None  # None: join RAY_ADDRESS if set, else start local Ray
     num_cpus: int | None = None
     object_store_memory: int | None = 512 * 1024**2
+    # The cluster grows on request (KubeRay's in-tree autoscaler, the cluster launcher): numeric
+    # num_actors are targets, asked for up-front (recall_ray.cluster.pools), not cut to what is up.
+    autoscaler: bool = False
 
 
 class RecallSections(Section):

@@ -3,7 +3,8 @@
 - cluster.yaml: Ray's own cluster-launcher validation, run the way `ray up` runs it before
   it talks to AWS (prepare_config, then validate_config), plus broken copies that it must
   reject.
-- deploy/kuberay-rayjob.yaml: validated against deploy/rayjob-schema.json, a minimal
+- deploy/kuberay-rayjob.yaml and its autoscaling variant: validated against
+  deploy/rayjob-schema.json, a minimal
   subset of the KubeRay RayJob CRD (source repo, path and commit are in the schema's
   $comment). Also the entrypoint, the config it names, GPUs and shared storage, and broken
   copies that must fail.
@@ -28,6 +29,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
 RAYJOB_YAML = REPO / "deploy" / "kuberay-rayjob.yaml"
+AUTOSCALING_YAML = REPO / "deploy" / "kuberay-rayjob-autoscaling.yaml"
+DOCKERFILE = REPO / "deploy" / "Dockerfile"
+PVC_YAML = REPO / "deploy" / "shared-pvc.yaml"
 RAYJOB_SCHEMA = REPO / "deploy" / "rayjob-schema.json"
 EXAMPLE_CONFIG = REPO / "configs" / "cluster-example.yaml"
 DS_CONFIG = REPO / "deploy" / "ds_zero3.json"
@@ -49,9 +53,9 @@ def cluster_cfg() -> dict:
     return _load_yaml(CLUSTER_YAML)
 
 
-@pytest.fixture(scope="module")
-def rayjob() -> dict:
-    return _load_yaml(RAYJOB_YAML)
+@pytest.fixture(scope="module", params=[RAYJOB_YAML, AUTOSCALING_YAML], ids=["fixed", "autoscaling"])
+def rayjob(request) -> dict:
+    return _load_yaml(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -376,3 +380,61 @@ def test_ds_config_agrees_with_example_finetune(ds_config, example_tree):
     # The training loop calls engine.step() on every micro-batch: accumulation would cut the
     # number of optimizer steps below finetune.steps.
     assert ds_config["gradient_accumulation_steps"] == 1
+
+
+# ------------------------------------------------------------------ image, volume, autoscaling
+
+
+def _image_path(path: str) -> Path:
+    """Where a path inside the image (deploy/Dockerfile copies the repository to
+    IMAGE_REPO_ROOT) comes from in this repository."""
+    assert path.startswith(IMAGE_REPO_ROOT + "/"), f"{path} is not inside the image's copy of the repo"
+    return REPO / path[len(IMAGE_REPO_ROOT) + 1:]
+
+
+def test_dockerfile_holds_the_repo_where_the_rayjobs_look(rayjob):
+    text = DOCKERFILE.read_text()
+    lines = [l.strip() for l in text.splitlines() if l.strip() and not l.strip().startswith("#")]
+    copy_line = next(l for l in lines if l.startswith("COPY"))
+    assert copy_line.split()[-2:] == [".", IMAGE_REPO_ROOT], copy_line  # the build context, at the repo root
+    assert f"WORKDIR {IMAGE_REPO_ROOT}" in lines
+    runtime_env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
+    assert _image_path(runtime_env["working_dir"] + "/jobs/merge.py").is_file()
+    assert _image_path(_entrypoint_config(rayjob["spec"]["entrypoint"])).is_file()
+    image = _head(rayjob)["template"]["spec"]["containers"][0]["image"]
+    base = next(l for l in lines if l.startswith("FROM")).split()[1]
+    assert base.startswith("rayproject/ray:" + rayjob["spec"]["rayClusterSpec"]["rayVersion"] + "-")
+    assert base.split(":")[1] in image, f"the RayJob image {image} should carry the Dockerfile's tag"
+
+
+def test_dockerfile_takes_a_cuda_torch_not_the_cpu_pin():
+    text = DOCKERFILE.read_text()
+    assert "-gpu" in next(l for l in text.splitlines() if l.startswith("FROM"))
+    assert "torch==2.13.0" not in text and "download.pytorch.org/whl/cpu" not in text
+    assert re.search(r"pip install[^\n]*\btorch\b", text) and "pip install --no-cache-dir -e /home/ray/recall-ray" in text
+
+
+def test_shared_volume_claim_is_the_one_the_rayjobs_mount(rayjob):
+    pvc = _load_yaml(PVC_YAML)
+    assert pvc["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in pvc["spec"]["accessModes"]
+    claims = {v["persistentVolumeClaim"]["claimName"]
+              for pod in [_head(rayjob)["template"]] + [g["template"] for g in rayjob["spec"]["rayClusterSpec"]
+                                                        ["workerGroupSpecs"]]
+              for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {pvc["metadata"]["name"]}
+
+
+def test_autoscaling_rayjob_starts_empty_and_asks_for_its_targets():
+    job = _load_yaml(AUTOSCALING_YAML)
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    for group in cluster["workerGroupSpecs"]:
+        assert group["replicas"] == 0 and group["minReplicas"] == 0 and group["maxReplicas"] >= 1
+    argv = shlex.split(job["spec"]["entrypoint"])
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    assert "ray.autoscaler=true" in sets
+    from recall_ray.config import load_config
+
+    cfg = load_config(str(_image_path(_entrypoint_config(job["spec"]["entrypoint"]))), sets)
+    assert cfg.ray.autoscaler and isinstance(cfg.representations.num_actors, int) and isinstance(
+        cfg.merge.num_actors, int), "an empty cluster needs numeric pool targets to ask for"

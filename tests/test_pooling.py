@@ -159,3 +159,34 @@ def test_inference_pool_gpu_leaves_a_cpu_when_cpus_are_scarce(cluster):
     p = inference_pool(cluster, "auto", num_items=100)
     assert p.num_gpus == 1
     assert p.num_cpus * p.size <= cluster["CPU"] - 0.5
+
+
+# ----------------------------------------------------------------- autoscaling targets
+
+
+def test_targets_on_an_autoscaling_cluster_are_not_cut_to_what_is_up(monkeypatch):
+    """A cluster that starts with no workers: a numeric target keeps its size (one CPU, or
+    one GPU, per actor) and the whole pool is asked of the autoscaler at once; a fixed
+    machine keeps cutting the pool to its CPUs (it never waits for CPUs that cannot come)."""
+    from recall_ray.cluster import pools
+
+    asked = []
+    import ray.autoscaler.sdk as sdk
+
+    monkeypatch.setattr(sdk, "request_resources", lambda bundles=None, **kw: asked.append(bundles))
+    fixed = inference_pool({"CPU": 2.0}, 3, num_items=100)
+    assert fixed.num_cpus * fixed.size <= 1.0 + 1e-9  # cut to the machine
+    pools.request_pool(fixed)
+    assert asked == []  # no autoscaler to ask
+    monkeypatch.setattr(pools, "AUTOSCALING", True)
+    empty = inference_pool({"CPU": 0.0}, 3, num_items=100)
+    assert (empty.size, empty.num_cpus, empty.num_gpus) == (3, 1.0, 0)
+    gpu = inference_pool({"CPU": 4.0}, 4, num_items=100, use_gpu=True)
+    assert (gpu.size, gpu.num_gpus) == (4, 1)
+    pools.request_pool(empty)
+    pools.request_pool(gpu)
+    merge = pools.merge_pool({"CPU": 0.0}, 6, num_groups=31)
+    pools.request_pool(merge)
+    pools.release_requests()
+    assert asked == [[{"CPU": 1.0}] * 3, [{"CPU": 1.0, "GPU": 1.0}] * 4, [{"CPU": 0.5}] * 6, []]
+    assert inference_pool({"CPU": 64.0}, 4, num_items=100).num_cpus == pytest.approx(63.0 / 4)  # room enough

@@ -14,7 +14,7 @@ import torch
 from ..core.metrics import max_new_tokens
 from ..models import LoadedModelSlot, ResolvedModel
 from ..progress import Progress
-from .pools import inference_pool
+from .pools import inference_pool, request_pool
 
 
 class EvalWorker:
@@ -140,6 +140,7 @@ def evaluate_rows(work: Sequence[tuple[ResolvedModel, Sequence[Any]]], batch_siz
     # batch shares its kind and generation length and pads little.
     rows.sort(key=lambda r: (r["model"], work[r["model"]][1][r["row"]].task, r["kind"], len(r["prompt"])))
     pool = inference_pool(ray.cluster_resources(), num_actors, max(1, len(rows) // batch_size))
+    request_pool(pool)  # an autoscaling cluster grows for the whole pool at once
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 64)))
     ds = ds.map_batches(
         EvalWorker,

@@ -32,7 +32,7 @@ from ..safetensors_io import ST_TO_TORCH, StreamingShardWriter, TensorInfo
 from ..storage import discard, filesystem, is_uri, publish, put_file, refuse_existing_output, staging_location
 from ..progress import Progress
 from .faults import fault_point
-from .pools import merge_pool
+from .pools import merge_pool, request_pool
 
 log = logging.getLogger("recall_ray.merge")
 
@@ -225,6 +225,7 @@ def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, 
     refuse_existing_output(output, overwrite)
     t0 = time.perf_counter()
     pool = merge_pool(ray.cluster_resources(), num_actors, grouping.num_groups)
+    request_pool(pool)  # an autoscaling cluster grows for the whole pool at once
     n_actors = pool.size
     total = sum(infos[n].nbytes for n in grouping.groups)
     n_shards = max(n_actors, int(np.ceil(total / max_shard_bytes)))

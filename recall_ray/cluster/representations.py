@@ -16,7 +16,7 @@ from ..models import LoadedModelSlot, ResolvedModel
 from ..reps_parquet import reps_table
 from ..storage import RunDir
 from .faults import fault_point
-from .pools import inference_pool
+from .pools import inference_pool, request_pool
 
 log = logging.getLogger("recall_ray.representations")
 
@@ -123,6 +123,7 @@ def extract(models: list[ResolvedModel], items: list[dict], run_dir: RunDir, rel
     many = len(models) > 1
     rows = [{"model": q, **it} for q in range(len(models)) for it in items] if many else items
     pool = inference_pool(ray.cluster_resources(), num_actors, len(rows))
+    request_pool(pool)  # an autoscaling cluster grows for the whole pool at once
     tmp = run_dir.tmp_name(rels[0] if not many else "reps/_pool")
     log.info("representations of %s: %d samples each, %d actor(s) x %.2f CPU / %d GPU", [m.label for m in models],
              len(items), pool.size, pool.num_cpus, pool.num_gpus)

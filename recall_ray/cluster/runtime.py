@@ -69,10 +69,15 @@ def quiet_ray_data() -> None:
 def ray_runtime(ray_cfg: RayConfig) -> Iterator[None]:
     """Join the cluster (or start local Ray) for the block; stop only a runtime started here
     (`ray.shutdown`, never `ray stop`, which would kill every Ray process on the machine)."""
+    from . import pools
+
     started = connect_ray(ray_cfg)
+    pools.AUTOSCALING = ray_cfg.autoscaler
     try:
         yield
     finally:
+        pools.release_requests()
+        pools.AUTOSCALING = False
         if started:
             import ray
 
