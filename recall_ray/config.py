@@ -82,9 +82,15 @@ class FinetuneConfig(Section):
             raise ValueError(f"must be a positive integer or 'auto', got {v}")
         return v
 
+    # Fault tolerance: every `checkpoint_every` steps (0: never) the LoRA weights, the
+    # optimizer and the random state are checkpointed, and a worker that dies is restarted
+    # up to `max_failures` times from the last checkpoint; the adapter is the same bit for bit.
+    checkpoint_every: int = Field(0, ge=0)
+    max_failures: int = Field(0, ge=0)
+
     # Settings of how the training runs, not of what it learns: left out of the fine-tune
     # stages' keys, so that adding one keeps finished (and exported) adapters reusable.
-    OPERATIONAL: ClassVar[frozenset[str]] = frozenset()
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "max_failures"})
 
     def key(self) -> dict:
         return self.model_dump(exclude=set(self.OPERATIONAL))

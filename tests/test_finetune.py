@@ -208,3 +208,39 @@ def test_cpus_per_worker_must_be_positive():
 
     with pytest.raises(ValidationError, match="positive integer or 'auto'"):
         small_finetune_cfg(cpus_per_worker=0)
+
+
+def test_a_worker_killed_mid_training_resumes_from_its_checkpoint(two_runs, tiny_dir, sst2_records, tmp_path):
+    """Checkpoints every step; the worker dies after step 2, before its checkpoint: Ray Train
+    restarts it from step 1's checkpoint (weights, optimizer, dropout's random state), it
+    redoes step 2, and the adapter equals an undisturbed run's bit for bit."""
+    from conftest import FAULTS
+
+    import threading
+    import time
+
+    _, (plain, _), _ = two_runs
+    (FAULTS / "finetune-step-2").write_text("exit")
+
+    def trap_step_one() -> None:
+        """Once the first worker is dead, a worker that ran step 1 again (a restart from
+        scratch, not from the checkpoint) would fail there."""
+        deadline = time.time() + 300
+        while not (FAULTS / "finetune-step-2.reached").exists() and time.time() < deadline:
+            time.sleep(0.02)
+        (FAULTS / "finetune-step-1").write_text("ENOSPC")
+
+    trap = threading.Thread(target=trap_step_one, daemon=True)
+    trap.start()
+    cfg = small_finetune_cfg(checkpoint_every=1, max_failures=1)
+    try:
+        out = finetune_lora(str(tiny_dir), sst2_records, cfg, str(tmp_path / "a"), str(tmp_path / "ray"), task="sst2")
+        trap.join(timeout=10)
+        assert (FAULTS / "finetune-step-2.reached").exists(), "the worker was never killed"
+        assert (FAULTS / "finetune-step-1").exists(), "step 1 ran again: the worker restarted from scratch"
+    finally:
+        (FAULTS / "finetune-step-1").unlink(missing_ok=True)
+    assert (Path(out) / "adapter_model.safetensors").read_bytes() == \
+        (Path(plain) / "adapter_model.safetensors").read_bytes()
+    assert json.loads((Path(out) / META_FILE).read_text()) == json.loads((Path(plain) / META_FILE).read_text())
+    assert sorted(p.name for p in Path(out).iterdir()) == sorted(p.name for p in Path(plain).iterdir())

@@ -36,6 +36,7 @@ import torch
 from ..config import FinetuneConfig
 from ..core.lora import META_FILE
 from ..core.sft import batch_schedule, collate, shard, tokenize_records
+from .faults import fault_point
 
 logger = logging.getLogger("recall_ray.finetune")
 
@@ -114,6 +115,72 @@ def _save_adapter(model: torch.nn.Module, out: str, use_deepspeed: bool, rank: i
         peft_model.save_pretrained(out, safe_serialization=True)
 
 
+RESUME_FILE = "resume_state.pt"
+RESUME_DIR = "resume-step-"  # + the step, zero-padded: the newest sorts last
+
+
+def _checkpoint(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, loss: float,
+                rank: int) -> None:
+    """Report a checkpoint to resume from: the trainable (LoRA) weights, the optimizer's
+    state, the random generators' state (dropout) and the step, in a folder named after the
+    step. Every rank reports (a barrier); rank 0 carries the files (DDP keeps the ranks'
+    weights equal). The files are in the run's storage when `report` returns."""
+    import ray.train
+
+    state = {"step": step, "loss": loss, "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+             "params": {n: p.detach().cpu().clone() for n, p in peft_model.named_parameters() if p.requires_grad},
+             "optimizer": optimizer.state_dict()}
+    with tempfile.TemporaryDirectory(prefix="rr_resume_") as tmp:
+        if rank == 0:
+            torch.save(state, os.path.join(tmp, RESUME_FILE))
+        ray.train.report({"step": step, "loss": loss}, checkpoint_dir_name=f"{RESUME_DIR}{step:07d}",
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
+def _resume_states() -> list:
+    """The run's resume checkpoints, newest first: the one Ray Train registered, and those in
+    the run's storage (a checkpoint reported just before its worker died is stored but may
+    not have been registered yet)."""
+    import ray.train
+    from pyarrow.fs import FileSelector, FileType
+
+    found = []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        found.append(ckpt)
+    storage = ray.train.get_context().get_storage()
+    fs, root = storage.storage_filesystem, storage.experiment_fs_path
+    for info in fs.get_file_info(FileSelector(root, allow_not_found=True)):
+        if info.type == FileType.Directory and info.base_name.startswith(RESUME_DIR):
+            found.append(ray.train.Checkpoint(info.path, filesystem=fs))
+    return sorted(found, key=lambda c: c.path.rstrip("/").rsplit("/", 1)[-1], reverse=True)
+
+
+def _resume(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> tuple[int, float]:
+    """(the first step to run, the last loss) after restoring the latest checkpoint of this
+    run when the worker was restarted; (1, nan) for a fresh start."""
+    for ckpt in _resume_states():
+        try:
+            with ckpt.as_directory() as d:
+                state = torch.load(os.path.join(d, RESUME_FILE), map_location="cpu", weights_only=False)  # ours
+        except (OSError, RuntimeError, EOFError) as e:  # cut short by the failure: the one before
+            logger.warning("checkpoint %s unreadable (%s); trying an older one", ckpt.path, e)
+            continue
+        params = dict(peft_model.named_parameters())
+        with torch.no_grad():
+            for n, t in state["params"].items():
+                params[n].copy_(t.to(params[n].device))
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if rank == 0:
+            logger.info("resumed from the checkpoint of step %d", state["step"])
+        return int(state["step"]) + 1, float(state["loss"])
+    return 1, float("nan")
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: LoRA SFT on this rank's shard, then rank 0 reports the adapter."""
     import ray.train
@@ -152,10 +219,13 @@ def train_loop_per_worker(config: dict) -> None:
     model.train()
     # Dropout masks differ per rank but are reproducible for a given seed.
     torch.manual_seed(cfg.seed + rank)
+    first_step, loss_value = _resume(peft_model, optimizer, rank)  # a restarted worker goes on from its checkpoint
 
     log_every = max(1, min(10, cfg.steps // 5))
-    loss_value = penalty_value = float("nan")
+    penalty_value = float("nan")
     for step, idx in enumerate(schedule, start=1):
+        if step < first_step:
+            continue
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
         task_loss = loss = model(**batch).loss
         if fisher is not None:  # the deviation from the start model is exactly the LoRA delta
@@ -177,6 +247,9 @@ def train_loop_per_worker(config: dict) -> None:
                 logger.info("step %d/%d loss %.4f", step, cfg.steps, loss_value)
             else:
                 logger.info("step %d/%d loss %.4f ewc penalty %.4g", step, cfg.steps, loss_value, penalty_value)
+        fault_point(f"finetune-step-{step}")  # tests: a worker that dies after a step, before its checkpoint
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            _checkpoint(peft_model, optimizer, step, loss_value, rank)
 
     final = torch.tensor([loss_value], dtype=torch.float64, device=device)
     if world > 1:  # report the mean last-step loss over ranks
@@ -247,6 +320,9 @@ def validate_inputs(base_dir: str, records: Sequence[dict], cfg: FinetuneConfig,
     n = min(len(records), cfg.max_samples)
     if n < cfg.num_workers:
         raise ValueError(f"{n} records cannot be sharded over {cfg.num_workers} workers: lower finetune.num_workers")
+    if cfg.checkpoint_every and cfg.deepspeed is not None:
+        raise ValueError("finetune.checkpoint_every is not supported with DeepSpeed (its ZeRO-3 state is sharded):"
+                         " unset one of them")
     if cfg.deepspeed is not None:
         if not cfg.use_gpu:
             raise ValueError("finetune.deepspeed needs GPUs: set finetune.use_gpu=true or unset finetune.deepspeed")
@@ -321,7 +397,9 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": threads}
         ),
-        run_config=ray.train.RunConfig(storage_path=storage, name=run_name),
+        run_config=ray.train.RunConfig(storage_path=storage, name=run_name,
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
     logger.info("fine-tuning %s on %d records (%d steps, batch %d x %d workers of %d CPUs); run %s/%s",
                 base_dir, len(records), cfg.steps, cfg.batch_size, cfg.num_workers, threads, storage, run_name)
