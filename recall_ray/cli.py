@@ -51,6 +51,8 @@ class RunLogHandler(logging.Handler):
         self.file = None
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.INFO and record.name.split(".")[0] == "ray":
+            return  # Ray's own debug records (a scheduling report a second) would be most of the file
         try:
             line = self.format(record) + "\n"
         except Exception:  # a record that cannot be formatted must not stop the job

@@ -342,8 +342,8 @@ def _merge(run: Run, _: str | None) -> dict:
                        resume_key=stable_hash(run.parts["merge"]))
     return {"output": cfg.output_dir, "seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb,
             "peak_anon_mb": report.peak_anon_mb, "resumed_shards": report.resumed,
-            "shards": [{k: s[k] for k in ("file", "bytes", "seconds", "peak_rss_mb", "peak_anon_mb", "node_id")}
-                       for s in report.shards]}
+            "shards": [{k: s.get(k) for k in ("file", "bytes", "bytes_read", "seconds", "peak_rss_mb", "peak_anon_mb",
+                                              "node_id")} for s in report.shards]}
 
 
 def _baseline_method(run: Run, name: str) -> MergeMethod:

@@ -222,6 +222,7 @@ class LazyTensorReader:
         self._infos = infos
         self._files: dict[str, object] = {}
         self._pickled: dict[str, dict] = {}
+        self.bytes_read = 0  # tensor bytes read from the files so far (what a merge costs in I/O)
 
     def _read(self, info: TensorInfo, shape: tuple[int, ...], nbytes: int) -> torch.Tensor:
         t = torch.empty(shape, dtype=ST_TO_TORCH[info.dtype])
@@ -232,6 +233,7 @@ class LazyTensorReader:
             f = self._files[info.file] = open(info.file, "rb", buffering=0)
         f.seek(info.offset)
         got = f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self.bytes_read += got
         if got != nbytes:
             raise CheckpointError(f"{info.file}: tensor {info.name} is cut short ({got} of {nbytes} bytes): the file is"
                                   " truncated; re-download or re-save the model")

@@ -117,10 +117,11 @@ def _check_same_tensors(ref_label: str, ref: dict[str, TensorInfo], label: str, 
             )
 
 
-def nonfinite_tensors(model: ResolvedModel) -> list[str]:
-    """Names of floating tensors with NaN or Inf (adapter deltas included). Reads every weight."""
+def nonfinite_tensors(model: ResolvedModel, with_base: bool = True) -> list[str]:
+    """Names of floating tensors with NaN or Inf (adapter deltas included). Reads every weight
+    (an adapter's own tensors only, without `with_base`: its base is scanned on its own)."""
     t = ModelTensors(model)
-    bad = list(iter_nonfinite(t.reader, t.infos))
+    bad = list(iter_nonfinite(t.reader, t.infos)) if with_base or t.adapter is None else []
     if t.adapter is not None:
         bad += [f"{t.adapter.path}:{n}" for n in iter_nonfinite(t.adapter_reader, t.adapter.infos)]
     return bad

@@ -158,9 +158,12 @@ def _kill_session(ray_tmp: str) -> None:
 
 
 def test_driver_killed_during_the_merge_resumes_the_unfinished_shards(tmp_path, tiny_dir, tiny_experts, ray_session):
-    """The job's driver is killed (SIGKILL) after the merge's first shard; the rerun keeps
-    that shard (its manifest says so) and merges the others, and the model equals an
-    undisturbed run's bit for bit."""
+    """The job, run as a user runs it (its own process and local Ray), is killed (SIGKILL)
+    after the merge's first shard; the rerun keeps that shard (its manifest says so) and
+    merges the others, and the model equals an undisturbed run's bit for bit. On the way, what
+    the person running it reads: one progress line per stage, the weight table and the
+    timings on the console, no Ray Data progress dumps or records there; the detail in the
+    run directory's job.log."""
     from recall_ray.config import build_config
     from recall_ray.pipeline import run_pipeline
 
@@ -181,19 +184,18 @@ def test_driver_killed_during_the_merge_resumes_the_unfinished_shards(tmp_path, 
         env.pop(var, None)
     cmd = [sys.executable, str(REPO / "jobs" / "merge.py"), "--config", str(tmp_path / "job.yaml")]
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path, text=True)
         deadline = time.time() + 300
         while not (faults / "merge-driver-after-shard.reached").exists():
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
             time.sleep(0.2)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        first_out, first_err = proc.communicate(timeout=60)
     finally:
         _kill_session(ray_tmp)
     stage = json.loads((tmp_path / "job" / "manifest.json").read_text())["stages"]["merge"]
     assert stage["status"] == "running"  # killed mid-stage
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**env, "RAY_TMPDIR": ray_tmp},
-                           cwd=tmp_path)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
     _kill_session(ray_tmp)
     assert again.returncode == 0, again.stderr[-3000:]
     stage = json.loads((tmp_path / "job" / "manifest.json").read_text())["stages"]["merge"]
@@ -201,3 +203,16 @@ def test_driver_killed_during_the_merge_resumes_the_unfinished_shards(tmp_path, 
     out = Path(stage["result"]["output"])
     assert hashes(out) == hashes(Path(calm.output))
     assert not [p for p in out.parent.iterdir() if ".partial-" in p.name]  # the staging moved into place
+
+    # what the console showed: one line per stage (the first run's stages, then the rerun's merge)
+    first, second = first_out.splitlines(), again.stdout.splitlines()
+    for stage_line in ("finite check (NaN/Inf): 3/3 weight sets in", "reps_new: 16/16 samples in",
+                       "typical (KMeans per layer): 3/3 layers in", "reps of base, e0: "):
+        assert sum(line.startswith(stage_line) for line in first) == 1, (stage_line, first_out)
+    assert sum(line.startswith("merge recall: 3/3 shards in") for line in second) == 1, again.stdout
+    assert "per-layer merge weights:" in again.stdout and "stage timings:" in again.stdout and len(second) < 40
+    for err in (first_err, again.stderr):
+        assert not [line for line in err.splitlines() if "logging_progress" in line or "Execution plan" in line
+                    or " INFO recall_ray" in line or " INFO ray.data" in line], err
+    log = (tmp_path / "job" / "job.log").read_text()
+    assert "stage reps_new: done" in log and "Execution plan of Dataset" in log

@@ -85,8 +85,8 @@ def shard_name(i: int, n: int) -> str:
 class ShardMergeActor:
     """Holds lazy readers of every input model; merges one shard per call."""
 
-    def __init__(self, models: list[ResolvedModel]):
-        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    def __init__(self, models: list[ResolvedModel], threads: int | None = None):
+        torch.set_num_threads(threads or max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.models = models
         self.tensors = [ModelTensors(m) for m in models]
         self.ref = 0  # the base: its dtypes and shapes define the output
@@ -95,12 +95,17 @@ class ShardMergeActor:
         self.low_rank = {q for q, m in enumerate(models)
                          if q != self.ref and m.kind == "adapter" and m.base_path == models[self.ref].weights_dir}
 
+    def _bytes_read(self) -> int:
+        return sum(t.reader.bytes_read + (t.adapter_reader.bytes_read if t.adapter_reader else 0)
+                   for t in self.tensors)
+
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
     def merge_shard(self, names: list[str], groups: dict[str, int], method: MergeMethod, staging: str,
                     filename: str, metadata: dict[str, str]) -> dict:
         t0 = time.perf_counter()
+        read0 = self._bytes_read()
         infos = self.tensors[self.ref].infos
         plan = [(n, infos[n].dtype, infos[n].shape) for n in names]
         local_dir = staging if not is_uri(staging) else tempfile.mkdtemp(prefix="recall-ray-shard-")
@@ -137,6 +142,7 @@ class ShardMergeActor:
             "file": filename,
             "names": names,
             "bytes": int(sum(infos[n].nbytes for n in names)),
+            "bytes_read": self._bytes_read() - read0,  # from every input, for this shard
             "seconds": time.perf_counter() - t0,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_anon_mb": peak_anon,
@@ -258,7 +264,7 @@ def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, 
             opts = {"num_cpus": pool.num_cpus, "max_restarts": 3, "max_task_retries": 3}
             if pg is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
-            actors.append(ShardMergeActor.options(**opts).remote(models))
+            actors.append(ShardMergeActor.options(**opts).remote(models, pool.threads))
         method_ref = ray.put(method)  # the weights travel once, not once per shard
         meta = {"format": "pt", "merged_by": "recall-ray", "merge_method": method.label}
         pending = {}

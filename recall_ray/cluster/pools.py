@@ -65,14 +65,16 @@ def inference_pool(cluster: dict[str, float], requested: int | str, num_items: i
 
 
 def merge_pool(cluster: dict[str, float], requested: int | str, num_groups: int) -> PoolShape:
-    """Merge actors: half a CPU each (the work is reading and writing), at most one per
-    layer group; `auto` leaves one CPU to the driver on nodes with more than two."""
+    """Merge actors: half a CPU each in the placement group (the work is reading and
+    adding), at most one per layer group; `auto` leaves one CPU to the driver on nodes with
+    more than two. Each actor runs torch on its share of the cluster's cores (the
+    elementwise sums are memory-bound but still gain from a second thread)."""
+    cpus = int(cluster.get("CPU", 1))
     if requested != "auto":
         size = max(1, min(int(requested), num_groups))
     else:
-        cpus = int(cluster.get("CPU", 1))
         size = max(1, min(num_groups, cpus - 1 if cpus > 2 else 1))
-    return PoolShape(size, 0.5, 0, 1)
+    return PoolShape(size, 0.5, 0, max(1, cpus // size))
 
 
 def request_pool(shape: PoolShape) -> None:

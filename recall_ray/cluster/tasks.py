@@ -35,20 +35,22 @@ def kmeans_all_layers(reps_uri: str, num_layers: int, k: int, seed: int, n_init:
 
 
 def nonfinite_by_model(models: Sequence[ResolvedModel]) -> dict[str, list[str]]:
-    """{label: names of tensors with NaN or Inf}, one Ray task per distinct weight set (a
-    base shared by several adapters is read once). Reads every weight of every input."""
+    """{label: names of tensors with NaN or Inf}, one Ray task per distinct weight set: a
+    full model's weights once, and each adapter's own tensors (its base, shared by every
+    adapter of it, is scanned once, as a weight set of its own). Reads every weight once."""
     import ray
 
     from ..validate import nonfinite_tensors
 
     scan = ray.remote(num_cpus=0.5)(nonfinite_tensors)
-    seen: dict[tuple, ResolvedModel] = {}
+    full = {m.weights_dir: m for m in models if m.kind == "hf"}
+    refs = {m.label: scan.remote(m) for m in full.values()}
     for m in models:
-        key = (m.weights_dir, m.path if m.kind == "adapter" else None)
-        seen.setdefault(key, m)
+        if m.kind == "adapter":  # its base's weights too when no full model in the list holds them
+            refs[m.label] = scan.remote(m, m.weights_dir not in full)
+            full.setdefault(m.weights_dir, m)
     from ..progress import Progress
 
-    refs = {m.label: scan.remote(m) for m in seen.values()}
     progress = Progress("finite check (NaN/Inf)", len(refs), "weight sets")
     out = {}
     for label, r in refs.items():
