@@ -21,6 +21,11 @@ SCRIPT = textwrap.dedent("""
         def ping(self):
             return 1
 
+        def niceness(self):
+            import os
+
+            return os.nice(0)
+
         def state_of(self, actor_id):
             # what Ray Train's placement-group cleaner asks about its controller, from a worker
             from ray.util.state import get_actor
@@ -31,6 +36,7 @@ SCRIPT = textwrap.dedent("""
     a, b = Probe.remote(), Probe.remote()
     ray.get([a.ping.remote(), b.ping.remote()])
     print("STATE", ray.get(b.state_of.remote(a._actor_id.hex())))
+    print("NICE", ray.get(a.niceness.remote()))
     ray.shutdown()
 """)
 
@@ -50,6 +56,7 @@ def test_workers_ask_their_own_runtime_about_actors_beside_another_ray(ray_sessi
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "STATE ALIVE" in out.stdout, (out.stdout[-2000:], out.stderr[-2000:])
+    assert "NICE 0" in out.stdout  # the job's workers run at its own priority, not Ray's default 15
 
 
 def test_release_dashboard_puts_back_the_api_server_address(monkeypatch):

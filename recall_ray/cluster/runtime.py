@@ -37,6 +37,10 @@ def connect_ray(ray_cfg: RayConfig) -> bool:
         quiet_ray_data()
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a laptop run needs no token auth
+    # Ray starts its workers at niceness 15, so any other busy process on the machine takes
+    # their cores: beside one, an actor ran at half a bare loop's speed (its second torch
+    # thread starved). The job's workers are the job: they run at its own priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     # address="local": a new instance, never someone else's `ray start` cluster on this host.
     ray.init(address="local", num_cpus=ray_cfg.num_cpus, object_store_memory=ray_cfg.object_store_memory,
              configure_logging=False, **own_dashboard())
