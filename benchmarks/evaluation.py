@@ -26,8 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO, progress_marks, setup, steady_seconds
 
 TASKS = ["sst2", "ag_news", "medmcqa", "race", "squad_v2", "iwslt2017_en_fr"]
 
@@ -73,26 +72,11 @@ def ours(model, items, batch: int) -> tuple[float, float]:
     """(total seconds, steady-state seconds) of the evaluation stage on `items`."""
     from recall_ray.evaluate import evaluate_models
 
-    marks: list[float] = []
-    import recall_ray.cluster.generation as gen
-
-    real = gen.Progress
-
-    class Timed(real):  # timestamps of every answered row, from the stage's own progress
-        def update(self, n: int = 1) -> None:
-            marks.append(time.perf_counter())
-            super().update(n)
-
-    gen.Progress = Timed
-    try:
+    with progress_marks() as marks:
         t0 = time.perf_counter()
         evaluate_models([model], [items[0].task], REPO / "data", items=items, batch_size=batch)
         total = time.perf_counter() - t0
-    finally:
-        gen.Progress = real
-    first = marks[min(batch, len(marks)) - 1]  # the first batch answered: the pool is up
-    steady = (marks[-1] - first) * len(items) / max(1, len(items) - min(batch, len(items)))
-    return total, steady
+    return total, steady_seconds(marks, sum(len(i.kinds) for i in items))
 
 
 def main() -> int:
@@ -103,17 +87,11 @@ def main() -> int:
     p.add_argument("--tasks", nargs="+", default=TASKS)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "evaluation"))
     args = p.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from recall_ray.cli import setup_logging
+    model_dir, model = setup(args.model)
     from recall_ray.cluster.runtime import ray_runtime
     from recall_ray.config import RayConfig
     from recall_ray.evaluate import build_items
-    from recall_ray.models import resolve_model, resolve_path
 
-    setup_logging(False)
-    model_dir = resolve_path(args.model)
-    model = resolve_model("m", model_dir, model_dir)
     threads = os.cpu_count() or 1
     rows = []
     with ray_runtime(RayConfig(object_store_memory=256 * 1024**2)):

@@ -26,8 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO, progress_marks, setup, steady_seconds
 
 
 def bare_loop(model_dir: str, texts: list[str], batch: int, threads: int) -> float:
@@ -51,30 +50,15 @@ def bare_loop(model_dir: str, texts: list[str], batch: int, threads: int) -> flo
 
 def ours(model, items: list[dict], batch: int, out: Path) -> tuple[float, float]:
     """(total seconds, steady-state seconds) of the stage on `items`."""
-    import recall_ray.cluster.representations as reps
-    import recall_ray.progress as progress
+    from recall_ray.cluster.representations import extract
     from recall_ray.storage import RunDir
 
-    marks: list[tuple[float, int]] = []
-    real = progress.Progress
-
-    class Timed(real):  # timestamps of every answered batch, from the stage's own progress
-        def update(self, n: int = 1) -> None:
-            marks.append((time.perf_counter(), n))
-            super().update(n)
-
-    progress.Progress = Timed
-    try:
+    with progress_marks() as marks:
         t0 = time.perf_counter()
-        reps.extract([model], items, RunDir(str(out)), ["reps/m"], max_length=128, exclude_first_token=False,
-                     dtype="float32", batch_size=batch, num_actors="auto")
+        extract([model], items, RunDir(str(out)), ["reps/m"], max_length=128, exclude_first_token=False,
+                dtype="float32", batch_size=batch, num_actors="auto")
         total = time.perf_counter() - t0
-    finally:
-        progress.Progress = real
-    first_t, first_n = marks[0]
-    rest = sum(n for _, n in marks[1:])
-    steady = (marks[-1][0] - first_t) * len(items) / max(1, rest)
-    return total, steady
+    return total, steady_seconds(marks, len(items))
 
 
 def main() -> int:
@@ -85,17 +69,11 @@ def main() -> int:
     p.add_argument("--model", default="builtin:smollm2-135m-instruct")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "representations"))
     args = p.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from recall_ray.cli import setup_logging
+    model_dir, model = setup(args.model)
     from recall_ray.cluster.runtime import ray_runtime
     from recall_ray.config import RayConfig
     from recall_ray.core.templates import load_task_records
-    from recall_ray.models import resolve_model, resolve_path
 
-    setup_logging(False)
-    model_dir = resolve_path(args.model)
-    model = resolve_model("m", model_dir, model_dir)
     records = load_task_records(str(REPO / "data" / "ag_news" / "train.jsonl"), "ag_news", args.samples)
     items = [{"sample_idx": i, "sample_id": r["sample_id"], "text": r["prompt"] + r["target"]}
              for i, r in enumerate(records)]

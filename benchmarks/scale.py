@@ -116,6 +116,7 @@ def run_one(kind: str, n: int, out: Path) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
+    from recall_ray.cluster.runtime import quiet_ray_data
     from recall_ray.config import build_config
     from recall_ray.pipeline import preflight, run_pipeline
 
@@ -141,6 +142,7 @@ def run_one(kind: str, n: int, out: Path) -> dict:
     })
     try:
         ray.init(address=cluster.address)
+        quiet_ray_data()
         cluster.wait_for_nodes()
         t_ready = time.perf_counter() - t0
         plan = preflight(cfg)

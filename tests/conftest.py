@@ -84,6 +84,26 @@ def perturbed_copy(src: Path, dst: Path, seed: int, scale: float = 0.02) -> Path
     return dst
 
 
+def make_lora(base: Path, out: Path, seed: int = 0, scale: float = 0.5, targets=("q_proj", "v_proj"),
+              use_rslora: bool = False):
+    """A PEFT LoRA adapter of `base` (r 4, alpha 8) with random non-zero B (std `scale`),
+    saved to `out`; returns the PeftModel (for `merge_and_unload`)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), lora_dropout=0.0,
+                                          use_rslora=use_rslora))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    pm.save_pretrained(out)
+    return pm
+
+
 def float64_state(model_dir: Path) -> dict:
     """Every tensor of a model directory's safetensors shards, as float64 numpy arrays (the
     tests' independent reference)."""

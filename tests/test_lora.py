@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_llama
+from conftest import make_lora, make_tiny_llama
 from recall_ray.core.lora import check_adapter_fits, fold_lora
 from recall_ray.models import read_adapter
 from recall_ray.models import ModelTensors, resolve_model
@@ -76,19 +76,7 @@ def base_dir(tmp_path_factory) -> Path:
 
 def make_adapter(base: Path, out: Path, use_rslora: bool = False, seed: int = 0):
     """A PEFT LoRA adapter with random non-zero B; returns (adapter dir, PEFT-merged state dict)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, use_rslora=use_rslora)
-    pm = get_peft_model(model, cfg)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    pm.save_pretrained(out)
+    pm = make_lora(base, out, seed=seed, use_rslora=use_rslora)
     merged = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
     return out, merged
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, make_lora
 from recall_ray.cluster.merge import run_merge
 from recall_ray.core.merge_methods import MergeMethod
 from recall_ray.models import resolve_model
@@ -86,19 +86,7 @@ def test_two_nodes_same_bytes_as_one(tmp_path, tiny_dir, tiny_experts, ray_sessi
 
 
 def _lora(base: Path, out: Path, seed: int, targets=("q_proj", "v_proj")) -> Path:
-    """A PEFT LoRA adapter of `base` with random non-zero A and B."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8,
-                                                                                target_modules=list(targets)))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    pm.save_pretrained(out)
+    make_lora(base, out, seed=seed, scale=0.3, targets=targets)
     return out
 
 

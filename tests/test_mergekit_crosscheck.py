@@ -23,7 +23,7 @@ from mergekit.merge import run_merge as mergekit_run_merge  # noqa: E402
 from mergekit.options import MergeOptions  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from conftest import make_tiny_llama, perturbed_copy  # noqa: E402
+from conftest import make_lora, make_tiny_llama, perturbed_copy  # noqa: E402
 from recall_ray.cluster.merge import run_merge  # noqa: E402
 from recall_ray.core.merge_methods import MergeMethod  # noqa: E402
 from recall_ray.mergekit_export import block_filters, mergekit_config, write_mergekit_yaml  # noqa: E402
@@ -47,19 +47,8 @@ def deep_models(tmp_path_factory, tiny_dir) -> list[Path]:
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory, tiny_dir) -> Path:
     """A PEFT LoRA adapter on tiny_dir with non-zero B (so it really changes q/v_proj)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     out = tmp_path_factory.mktemp("mk_adapter") / "lora"
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    pm.save_pretrained(out)
+    make_lora(tiny_dir, out, seed=0, scale=0.1)
     return out
 
 
