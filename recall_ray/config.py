@@ -109,15 +109,39 @@ class TypicalConfig(Section):
     n_init: int = Field(4, gt=0)
 
 
+# Named similarity settings (`similarity.preset`): "paper" is RECALL's formula read literally
+# (raw mean-pooled vectors, RBF with sigma 1, softmax at temperature 1); "validated" is the
+# setting chosen on the validation split of the multi scenario (docs/results/selection/).
+SIMILARITY_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"kernel": "rbf", "sigma": 1.0, "normalize": "none", "temperature": 1.0, "pairing": "paired"},
+    "validated": {"kernel": "rbf", "sigma": 1.0, "normalize": "l2", "temperature": 0.02, "pairing": "paired"},
+}
+
+
 class SimilarityConfig(Section):
     """RECALL's similarity (core.similarity): a kernel of KERNELS, a row normalisation of
-    NORMALIZERS, the RBF width and the softmax temperature."""
+    NORMALIZERS, the RBF width and the softmax temperature. A `preset` (SIMILARITY_PRESETS)
+    sets them all; a key given beside it wins over the preset's."""
 
+    preset: Literal["paper", "validated"] | None = None
     kernel: str = "rbf"
     sigma: float | Literal["median"] = 1.0
     normalize: str = "none"
     temperature: float = Field(1.0, gt=0)
     pairing: Literal["paired", "all_pairs"] = "paired"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            if data["preset"] not in SIMILARITY_PRESETS:
+                return data  # the Literal names the choices
+            return {**SIMILARITY_PRESETS[data["preset"]], **data}
+        return data
+
+    def key(self) -> dict:
+        """What decides the weights: the resolved settings, not the preset's name."""
+        return self.model_dump(exclude={"preset"})
 
     @field_validator("kernel", "normalize")
     @classmethod

@@ -379,7 +379,7 @@ def _reps_new_key(run: Run, _: str | None) -> list:
 
 def _weights_key(run: Run, _: str | None) -> list:
     return [run.parts["typical"], {lbl: run.fp(lbl) for lbl in _weigh_labels(run)}, run.reps_opts(),
-            run.cfg.similarity.model_dump(), run.cfg.include_base]
+            run.cfg.similarity.key(), run.cfg.include_base]
 
 
 def _merge_key(run: Run, _: str | None) -> list:

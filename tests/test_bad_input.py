@@ -331,3 +331,17 @@ def test_every_job_runs_its_own_checkouts_recall_ray(tmp_path):
         module_file, pythonpath = out.stdout.strip().splitlines()[-2:]
         assert module_file == str(clone / "recall_ray" / "__init__.py"), job.name
         assert pythonpath.split(os.pathsep)[0] == str(clone), job.name
+
+
+def test_similarity_presets_expand_and_keep_the_weights_key():
+    """A preset names a whole similarity setting; a key beside it wins; the weights stage's
+    key is the resolved setting, so naming the paper's preset changes nothing cached."""
+    from recall_ray.config import SIMILARITY_PRESETS, SimilarityConfig
+
+    assert SimilarityConfig(preset="paper").key() == SimilarityConfig().key() == {
+        k: v for k, v in SIMILARITY_PRESETS["paper"].items()}
+    validated = SimilarityConfig(preset="validated", temperature=0.1)
+    assert (validated.normalize, validated.temperature) == ("l2", 0.1)
+    with pytest.raises(ConfigError, match=r"config key 'similarity\.preset'"):
+        build_config({"base": {"path": "x"}, "task": {"data": "d", "template": "sst2"},
+                      "similarity": {"preset": "best"}})
