@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -28,13 +27,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 HERE = Path(__file__).resolve().parent
 
 NAIVE = r"""
-import resource, sys, torch
+import sys, torch
 from safetensors.torch import load_file
 dirs = sys.argv[1:]
 states = [load_file(f"{d}/model.safetensors") for d in dirs]
 w = 1.0 / len(states)
 merged = {k: sum(w * s[k].float() for s in states) for k in states[0]}
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print([int(x.split()[1]) / 1024 for x in open("/proc/self/status") if x.startswith("VmHWM")][0])
 """
 
 
@@ -101,7 +100,7 @@ def main() -> int:
     ray.shutdown()
     out = HERE / "results" / "merge_memory.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+    out.write_text(json.dumps({"rows": rows, "driver_peak_rss_mb": [int(x.split()[1]) / 1024 for x in open("/proc/self/status") if x.startswith("VmHWM")][0]},
                               indent=2) + "\n")
     print(f"saved {out}")
     return 0

@@ -37,7 +37,7 @@ from common import REPO
 RESULTS = REPO / "benchmarks" / "results"
 
 OURS = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 t0 = time.perf_counter()
 sys.path.insert(0, sys.argv[1])
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -59,11 +59,11 @@ with ray_runtime(RayConfig(object_store_memory=256 * 1024**2)):
                     extra_files=mergekit_file(method, models, ms))
     stage = time.perf_counter() - t1
 print(json.dumps({"stage_s": stage, "process_s": time.perf_counter() - t0, "actor_peak_rss_mb": rep.peak_rss_mb,
-                  "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "driver_peak_rss_mb": [int(x.split()[1]) / 1024 for x in open("/proc/self/status") if x.startswith("VmHWM")][0]}))
 """
 
 BARE = r"""
-import json, re, resource, sys, time
+import json, re, sys, time
 t0 = time.perf_counter()
 import numpy as np, torch
 from safetensors import safe_open
@@ -83,7 +83,7 @@ for name in files[0].keys():
     merged[name] = acc.to(torch.bfloat16)
 save_file(merged, f"{out}/model.safetensors", metadata={"format": "pt"})
 print(json.dumps({"process_s": time.perf_counter() - t0,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": [int(x.split()[1]) / 1024 for x in open("/proc/self/status") if x.startswith("VmHWM")][0]}))
 """
 
 

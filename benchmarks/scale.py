@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -119,6 +118,7 @@ def run_one(kind: str, n: int, out: Path) -> dict:
     from recall_ray.cluster.runtime import quiet_ray_data
     from recall_ray.config import build_config
     from recall_ray.pipeline import preflight, run_pipeline
+    from recall_ray.procmem import peak_rss_mb
 
     experts = [MODELS / f"{kind}-{i:03d}" for i in range(n)]  # made by the parent process
     base = MODELS / "base-bf16"
@@ -147,7 +147,7 @@ def run_one(kind: str, n: int, out: Path) -> dict:
         t_ready = time.perf_counter() - t0
         plan = preflight(cfg)
         result = run_pipeline(cfg, plan)
-        driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        driver_peak = peak_rss_mb()
         manifest = json.loads((out / "run" / "manifest.json").read_text())
     finally:
         ray.shutdown()

@@ -11,7 +11,6 @@ import errno
 import json
 import logging
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -30,6 +29,7 @@ from ..core.merge_methods import MergeMethod
 from ..models import ModelTensors, ResolvedModel
 from ..safetensors_io import ST_TO_TORCH, StreamingShardWriter, TensorInfo
 from ..storage import discard, filesystem, is_uri, publish, put_file, refuse_existing_output, staging_location
+from ..procmem import peak_rss_mb, rss_anon_mb
 from ..progress import Progress
 from .faults import fault_point
 from .pools import merge_pool, request_pool
@@ -62,19 +62,6 @@ def plan_shards(grouping: Grouping, infos: dict[str, TensorInfo], num_shards: in
         shards.append(list(range(start, end)))
         start = end
     return shards
-
-
-def _rss_anon_mb() -> float | None:
-    """Anonymous resident memory (tensors, runtime; no file-backed pages), sampled while
-    tensors are alive to show the merge's own footprint. Linux only."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def shard_name(i: int, n: int) -> str:
@@ -111,13 +98,13 @@ class ShardMergeActor:
         local_dir = staging if not is_uri(staging) else tempfile.mkdtemp(prefix="recall-ray-shard-")
         tmp_path = os.path.join(local_dir, f".{filename}.partial")
         writer = StreamingShardWriter(tmp_path, plan, metadata)
-        peak_anon = _rss_anon_mb() or 0.0
+        peak_anon = rss_anon_mb() or 0.0
         try:
             for name in names:
                 def load(q: int, name: str = name) -> torch.Tensor:
                     nonlocal peak_anon
                     t = self.tensors[q].get(name)
-                    peak_anon = max(peak_anon, _rss_anon_mb() or 0.0)  # reference, accumulator and this copy alive
+                    peak_anon = max(peak_anon, rss_anon_mb() or 0.0)  # reference, accumulator and this copy alive
                     return t
 
                 def delta(q: int, name: str = name):
@@ -127,7 +114,7 @@ class ShardMergeActor:
                                              delta=delta)
                 writer.write(name, merged)
                 fault_point(f"merge-shard-{filename}")  # tests: a merge actor that dies mid-shard
-                peak_anon = max(peak_anon, _rss_anon_mb() or 0.0)  # sampled while the result is alive
+                peak_anon = max(peak_anon, rss_anon_mb() or 0.0)  # sampled while the result is alive
                 del merged
             writer.close()
         except BaseException:
@@ -144,7 +131,7 @@ class ShardMergeActor:
             "bytes": int(sum(infos[n].nbytes for n in names)),
             "bytes_read": self._bytes_read() - read0,  # from every input, for this shard
             "seconds": time.perf_counter() - t0,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "peak_anon_mb": peak_anon,
             "node_id": ray.get_runtime_context().get_node_id(),
         }
