@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,9 +113,11 @@ def lora_experts(n: int) -> list[Path]:
 
 def run_one(kind: str, n: int, out: Path) -> dict:
     """The job with n experts (n - 1 old ones and the new model) on a simulated cluster."""
+    import pyarrow.parquet as pq
     import ray
     from ray.cluster_utils import Cluster
 
+    from recall_ray.cluster.pools import inference_pool, merge_pool
     from recall_ray.cluster.runtime import quiet_ray_data
     from recall_ray.config import build_config
     from recall_ray.pipeline import preflight, run_pipeline
@@ -148,7 +151,12 @@ def run_one(kind: str, n: int, out: Path) -> dict:
         plan = preflight(cfg)
         result = run_pipeline(cfg, plan)
         driver_peak = peak_rss_mb()
+        # the pools the stages had (the same sizing rule, the same cluster): the per-core rates
+        pools = {"reps": asdict(inference_pool(ray.cluster_resources(), cfg.representations.num_actors, n)),
+                 "merge": asdict(merge_pool(ray.cluster_resources(), cfg.merge.num_actors, plan.modelset.grouping.num_groups))}
         manifest = json.loads((out / "run" / "manifest.json").read_text())
+        tokens = _tokens(base, [r["prompt"] + r["target"] for r in plan.records],
+                         pq.read_table(out / "run" / "typical.parquet").column("text").to_pylist(), 128)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -177,7 +185,19 @@ def run_one(kind: str, n: int, out: Path) -> dict:
                        **reps_bytes, "merge": sum(s["bytes_read"] for s in merge["shards"])},
         "model_bytes": {"base": base_bytes, "expert": expert_bytes[0]},
         "typical_count": result.typical_count,
+        "pools": pools,
+        "tokens": tokens,  # what the forward passes processed (docs/scaling.md's per-token rates)
     }
+
+
+def _tokens(model_dir: Path, task_texts: list[str], typical_texts: list[str], max_length: int) -> dict:
+    """Tokens through the representation forwards: every task sample once (reps_new), the
+    typical samples once per other model (reps_others), as the extractor truncates them."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    count = lambda texts: sum(len(ids) for ids in tok(texts, truncation=True, max_length=max_length)["input_ids"])  # noqa: E731
+    return {"reps_new": count(task_texts), "typical_per_model": count(typical_texts)}
 
 
 def _target_bytes(base: Path, adapter: Path) -> int:
@@ -291,6 +311,9 @@ def main() -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # the simulated nodes' workers at the benchmark's own priority, as a local job's run
+    # (cluster.runtime): at Ray's default niceness 15 any busy process takes their cores
+    os.environ.setdefault("RAY_worker_niceness", "0")
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.report:
         return report()

@@ -20,7 +20,7 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -264,10 +264,18 @@ def _reps_other(run: Run, label: str | None) -> dict:
             f"reps_{m.label}", stable_hash(_reps_other_key(run, m.label)))]
         typical_items = [run.items[i] for i in run.typical_idx]
         _extract(pending, typical_items, run, [run.reps_rel(m.label) for m in pending],
-                 f"reps of {', '.join(m.label for m in pending)}")
+                 f"reps of {_names(m.label for m in pending)}")
         run.pending_reps = pending
         return {"pool_models": [m.label for m in pending]}
     return {"pool_of": run.pending_reps[0].label}
+
+
+def _names(labels: Iterable[str], shown: int = 4) -> str:
+    """A list of names for a progress line: all of a few, or the count and its ends."""
+    labels = list(labels)
+    if len(labels) <= shown:
+        return ", ".join(labels)
+    return f"{len(labels)} models ({', '.join(labels[:shown - 1])}, ..., {labels[-1]})"
 
 
 def _reps_other_key(run: Run, label: str) -> list:

@@ -155,3 +155,10 @@ def test_run_dir_and_output_as_filesystem_uris(tmp_path, tiny_dir, tiny_experts,
     assert (tmp_path / "run" / "weights.parquet").is_file() and (tmp_path / "run" / "reps" / "new").is_dir()
     again = run_pipeline(cfg)
     assert all(t["skipped"] for t in again.timings.values()), again.timings
+
+
+def test_progress_names_a_long_model_list_by_count_and_ends():
+    from recall_ray.pipeline import _names
+
+    assert _names(["base", "e0"]) == "base, e0"
+    assert _names([f"e{i:03d}" for i in range(48)]) == "48 models (e000, e001, e002, ..., e047)"

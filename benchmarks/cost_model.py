@@ -1,0 +1,177 @@
+"""A cost model on paper: RECALL with N = 48 experts of 7B parameters on a cluster of 8 GPU
+nodes, built from the rates that benchmarks/scale.py measured on this machine.
+
+    python benchmarks/cost_model.py      # after scale.py --kind full/lora and --report
+
+What is measured here (benchmarks/results/scale/, SmolLM2-135M experts, a simulated 3-node
+cluster on 2 cores), each as the marginal cost of one more expert (the slope of the fit, so
+start-up costs drop out):
+  - the merge's read-accumulate rate, bytes of input per CPU-second (full experts);
+  - the NaN/Inf scan's rate, bytes per CPU-second;
+  - a representation forward's rate, FLOP per CPU-second (LoRA experts: no model load);
+  - a model load's rate in a representation actor, bytes per second (full minus LoRA).
+What is assumed (the ASSUMED dict below, stated in docs/scaling.md): the 7B model's shape, the
+nodes' GPUs, cores, network and the shared storage's bandwidth. Each stage's time is the
+largest of its parts (reading, network, compute), since the stages stream; the fixed costs
+(Ray start, actor start) are left out and named separately.
+
+Writes benchmarks/results/cost_model.json and .md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# SmolLM2-135M (the measured model): FLOP per token of a representation forward, which skips
+# the LM head: 2 x the non-embedding parameters (30 blocks of q 576x576, k and v 576x192,
+# o 576x576, MLP 3 x 576x1536) plus attention over 128 tokens (small: 2 x 2 x T x d per block).
+MEASURED_FLOP_PER_TOKEN = 2 * 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) + 2 * 2 * 128 * 576 * 30
+
+ASSUMED = {
+    "model": "7B Llama-shaped (Llama-2-7B: 32 blocks, hidden 4096, MLP 11008, vocab 32000)",
+    "params": 6.74e9,
+    "nonembedding_params": 6.48e9,
+    "bytes_per_param": 2,  # bf16 checkpoints
+    "lora_bytes": 2 * 32 * 2 * (4096 * 16 + 16 * 4096) * 2,  # r 16 on q, v of 32 blocks, bf16
+    "task_samples": 200,
+    "typical_samples": 100,  # the union over 32 layers of k = 20 (scale.py's runs: 37-41 of 64 at k 5)
+    "tokens_per_sample": 100,  # measured on AG News here (scale.py's token counts): about the same
+    "nodes": 8,
+    "gpus_per_node": 8,
+    "cpus_per_node": 64,
+    "gpu_bf16_flops": 990e12,  # H100 SXM dense bf16 peak
+    "gpu_utilisation": 0.3,  # short sequences, batch 16: far from peak
+    "nic_bytes_per_s": 12.5e9,  # 100 Gb/s per node
+    "storage_bytes_per_s": 20e9,  # the shared store's aggregate read rate (a parallel file system)
+    "merge_actors_per_node": 8,
+}
+
+
+def _load() -> dict:
+    runs = {}
+    for p in sorted((RESULTS / "scale").glob("*-*.json")):
+        stem = p.stem.split("-")
+        if stem[-1].isdigit():
+            runs[(stem[0], int(stem[-1]))] = json.loads(p.read_text())
+    return runs
+
+
+def _slope(runs: dict, kind: str, what) -> tuple[float, float]:
+    """Per-expert marginal (d what / d N) between the smallest and the largest N of `kind`."""
+    ns = sorted(n for k, n in runs if k == kind)
+    lo, hi = runs[(kind, ns[0])], runs[(kind, ns[-1])]
+    return (what(hi) - what(lo)) / (ns[-1] - ns[0]), ns[-1] - ns[0]
+
+
+def measured_rates(runs: dict) -> dict:
+    sec = lambda stage: (lambda r: r["stage_seconds"][stage])  # noqa: E731
+    byt = lambda stage: (lambda r: r["bytes_read"][stage])  # noqa: E731
+    full48 = runs[("full", max(n for k, n in runs if k == "full"))]
+    lora48 = runs[("lora", max(n for k, n in runs if k == "lora"))]
+    pools = full48["pools"]  # the same sizing rule on the same simulated cluster for both kinds
+    merge_cpus = pools["merge"]["size"] * pools["merge"]["threads"]
+    reps_threads = pools["reps"]["size"] * pools["reps"]["threads"]
+    merge_s, _ = _slope(runs, "full", sec("merge"))
+    merge_b, _ = _slope(runs, "full", byt("merge"))
+    scan_s, _ = _slope(runs, "full", sec("finite_check"))
+    scan_b, _ = _slope(runs, "full", byt("finite_check"))
+    lora_reps_s, _ = _slope(runs, "lora", sec("reps_others"))
+    full_reps_s, _ = _slope(runs, "full", sec("reps_others"))
+    tokens = (lora48.get("tokens") or full48["tokens"])["typical_per_model"]
+    return {
+        "merge_bytes_per_cpu_s": merge_b / (merge_s * merge_cpus),
+        "scan_bytes_per_cpu_s": scan_b / (scan_s * 2),  # Ray tasks on the cluster's 2 CPUs
+        "forward_flop_per_cpu_s": tokens * MEASURED_FLOP_PER_TOKEN / (lora_reps_s * reps_threads),
+        "load_bytes_per_s": full48["model_bytes"]["expert"] / max(full_reps_s - lora_reps_s, 1e-9),
+        "per_expert_s": {"merge": merge_s, "finite_check": scan_s, "reps_others_full": full_reps_s,
+                         "reps_others_lora": lora_reps_s},
+        "typical_tokens_per_model": tokens,
+        "typical_count": lora48["typical_count"],
+        "merge_cpus": merge_cpus,
+        "reps_threads": reps_threads,
+    }
+
+
+def project(rates: dict, a: dict, n: int = 48, lora: bool = False) -> dict:
+    """Seconds of each stage at 7B (the largest of its reading, network and compute times),
+    and the bytes it reads."""
+    model_bytes = a["params"] * a["bytes_per_param"]
+    expert_bytes = a["lora_bytes"] if lora else model_bytes
+    inputs = model_bytes + n * expert_bytes  # the base and every expert, once
+    store = a["storage_bytes_per_s"]
+    nic = a["nodes"] * a["nic_bytes_per_s"]
+    gpus = a["nodes"] * a["gpus_per_node"]
+    cpus = a["nodes"] * a["cpus_per_node"]
+    flop_token = 2 * a["nonembedding_params"]
+    gpu_flops = a["gpu_bf16_flops"] * a["gpu_utilisation"]
+    io = lambda b: b / min(store, nic)  # every byte from the shared store crosses a NIC  # noqa: E731
+    stages = {}
+    stages["finite_check"] = {"bytes": inputs, "io_s": io(inputs),
+                              "compute_s": inputs / (rates["scan_bytes_per_cpu_s"] * cpus)}
+    fwd_new = a["task_samples"] * a["tokens_per_sample"] * flop_token
+    stages["reps_new"] = {"bytes": model_bytes + (expert_bytes if lora else 0), "io_s": io(model_bytes),
+                          "compute_s": fwd_new / gpu_flops, "flop": fwd_new}
+    fwd_others = (n + 1) * a["typical_samples"] * a["tokens_per_sample"] * flop_token
+    # full experts: every model loaded once by one of the GPU actors; LoRA: the base once per actor
+    reps_bytes = model_bytes + n * expert_bytes if not lora else gpus * model_bytes + n * expert_bytes
+    stages["reps_others"] = {"bytes": reps_bytes, "io_s": io(reps_bytes),
+                             "compute_s": fwd_others / (gpu_flops * min(gpus, n + 1)), "flop": fwd_others}
+    merge_cpus = a["nodes"] * a["merge_actors_per_node"]
+    merge_in = inputs if not lora else model_bytes + n * expert_bytes
+    # LoRA: the low-rank products, sum_q B_q A_q for 64 target matrices of 4096 x 4096 at r 16
+    lora_flop = n * 64 * 2 * 4096 * 4096 * 16 if lora else 0
+    stages["merge"] = {"bytes": merge_in, "io_s": io(merge_in + model_bytes),  # + the merged model written
+                       "compute_s": model_bytes / (rates["merge_bytes_per_cpu_s"] * merge_cpus) * (1 if lora else n + 1)
+                       + lora_flop / (rates["forward_flop_per_cpu_s"] * merge_cpus)}
+    for st in stages.values():
+        st["seconds"] = max(st["io_s"], st["compute_s"])
+    return stages
+
+
+def cpu_only_forward_s(rates: dict, a: dict, n: int = 48) -> float:
+    """reps_others on CPU nodes alone (no GPUs), at the measured FLOP per CPU-second."""
+    fwd = (n + 1) * a["typical_samples"] * a["tokens_per_sample"] * 2 * a["nonembedding_params"]
+    return fwd / (rates["forward_flop_per_cpu_s"] * a["nodes"] * a["cpus_per_node"])
+
+
+def main() -> int:
+    runs = _load()
+    if not any(k == "full" for k, _ in runs) or not any(k == "lora" for k, _ in runs):
+        print("run benchmarks/scale.py --kind full and --kind lora first", file=sys.stderr)
+        return 2
+    rates = measured_rates(runs)
+    out = {"measured": rates, "assumed": ASSUMED, "full": project(rates, ASSUMED), "lora": project(rates, ASSUMED, lora=True),
+           "cpu_only_reps_others_s": cpu_only_forward_s(rates, ASSUMED)}
+    lines = ["Measured here (marginal per expert, SmolLM2-135M, 2 cores):", "",
+             f"- merge: {rates['merge_bytes_per_cpu_s'] / 1e6:.0f} MB of input per CPU-second"
+             f" ({rates['per_expert_s']['merge']:.2f} s per full expert on {rates['merge_cpus']} CPUs)",
+             f"- NaN/Inf scan: {rates['scan_bytes_per_cpu_s'] / 1e6:.0f} MB per CPU-second"
+             f" ({rates['per_expert_s']['finite_check']:.2f} s per full expert)",
+             f"- representation forward: {rates['forward_flop_per_cpu_s'] / 1e9:.1f} GFLOP per CPU-second"
+             f" ({rates['typical_tokens_per_model']} tokens per model, {rates['per_expert_s']['reps_others_lora']:.2f} s"
+             f" per LoRA expert on {rates['reps_threads']} threads)",
+             f"- model load in a representation actor: {rates['load_bytes_per_s'] / 1e6:.0f} MB/s"
+             f" ({rates['per_expert_s']['reps_others_full']:.2f} s per full expert, less the LoRA expert's)", ""]
+    for kind in ("full", "lora"):
+        st = out[kind]
+        total = sum(s["seconds"] for s in st.values())
+        lines += [f"Projected, N = 48 {kind} experts of 7B on {ASSUMED['nodes']} nodes x {ASSUMED['gpus_per_node']} GPUs:", "",
+                  "| stage | bytes read (GB) | reading s | compute s | stage s | share |", "|---|---:|---:|---:|---:|---:|"]
+        for name, s in st.items():
+            lines.append(f"| {name} | {s['bytes'] / 1e9:.1f} | {s['io_s']:.1f} | {s['compute_s']:.2f} | {s['seconds']:.1f}"
+                         f" | {100 * s['seconds'] / total:.0f}% |")
+        lines += [f"| total (without fixed costs) | {sum(s['bytes'] for s in st.values()) / 1e9:.0f} | | | {total:.0f} | |", ""]
+    lines.append(f"On CPU-only nodes ({ASSUMED['nodes']} x {ASSUMED['cpus_per_node']} cores) the full experts' representation"
+                 f" forwards alone would take {out['cpu_only_reps_others_s']:.0f} s at the measured rate.")
+    (RESULTS / "cost_model.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / "cost_model.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
