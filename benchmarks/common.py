@@ -48,10 +48,14 @@ def progress_marks() -> Iterator[list[tuple[float, int]]]:
         progress.Progress = generation.Progress = real
 
 
-def steady_seconds(marks: list[tuple[float, int]], total: int) -> float:
+def steady_seconds(marks: list[tuple[float, int]], total: int) -> float | None:
     """Seconds for `total` units at the rate from the first answered batch to the last (the
-    pool's start-up, its actor start and model load, left out)."""
+    pool's start-up, its actor start and model load, left out). None when the answers came
+    in fewer than three bursts, or the first burst held more than half of them: the pool
+    answered in bulk and no rate can be read (take more samples)."""
     first_t = marks[0][0]
     first_n = sum(n for t, n in marks if t == first_t)
     rest = sum(n for _, n in marks) - first_n
+    if len({t for t, _ in marks}) < 3 or first_n > total / 2:
+        return None
     return (marks[-1][0] - first_t) * total / max(1, rest)
