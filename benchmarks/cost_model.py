@@ -60,11 +60,11 @@ def _load() -> dict:
     return runs
 
 
-def _slope(runs: dict, kind: str, what) -> tuple[float, float]:
+def _slope(runs: dict, kind: str, what) -> float:
     """Per-expert marginal (d what / d N) between the smallest and the largest N of `kind`."""
     ns = sorted(n for k, n in runs if k == kind)
     lo, hi = runs[(kind, ns[0])], runs[(kind, ns[-1])]
-    return (what(hi) - what(lo)) / (ns[-1] - ns[0]), ns[-1] - ns[0]
+    return (what(hi) - what(lo)) / (ns[-1] - ns[0])
 
 
 def measured_rates(runs: dict) -> dict:
@@ -75,12 +75,12 @@ def measured_rates(runs: dict) -> dict:
     pools = full48["pools"]  # the same sizing rule on the same simulated cluster for both kinds
     merge_cpus = pools["merge"]["size"] * pools["merge"]["threads"]
     reps_threads = pools["reps"]["size"] * pools["reps"]["threads"]
-    merge_s, _ = _slope(runs, "full", sec("merge"))
-    merge_b, _ = _slope(runs, "full", byt("merge"))
-    scan_s, _ = _slope(runs, "full", sec("finite_check"))
-    scan_b, _ = _slope(runs, "full", byt("finite_check"))
-    lora_reps_s, _ = _slope(runs, "lora", sec("reps_others"))
-    full_reps_s, _ = _slope(runs, "full", sec("reps_others"))
+    merge_s = _slope(runs, "full", sec("merge"))
+    merge_b = _slope(runs, "full", byt("merge"))
+    scan_s = _slope(runs, "full", sec("finite_check"))
+    scan_b = _slope(runs, "full", byt("finite_check"))
+    lora_reps_s = _slope(runs, "lora", sec("reps_others"))
+    full_reps_s = _slope(runs, "full", sec("reps_others"))
     tokens = (lora48.get("tokens") or full48["tokens"])["typical_per_model"]
     return {
         "merge_bytes_per_cpu_s": merge_b / (merge_s * merge_cpus),
@@ -130,7 +130,7 @@ def project(rates: dict, a: dict, n: int = 48, lora: bool = False) -> dict:
     # LoRA: the low-rank products, sum_q B_q A_q for 64 target matrices of 4096 x 4096 at r 16
     lora_flop = n * 64 * 2 * 4096 * 4096 * 16 if lora else 0
     stages["merge"] = {"bytes": merge_in, "io_s": io(merge_in + model_bytes),  # + the merged model written
-                       "compute_s": model_bytes / (rates["merge_bytes_per_cpu_s"] * merge_cpus) * (1 if lora else n + 1)
+                       "compute_s": merge_in / (rates["merge_bytes_per_cpu_s"] * merge_cpus)
                        + lora_flop / (rates["forward_flop_per_cpu_s"] * merge_cpus)}
     for st in stages.values():
         st["seconds"] = max(st["io_s"], st["compute_s"])
