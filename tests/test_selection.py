@@ -81,6 +81,69 @@ def test_each_choice_is_fixed_for_the_next_parameter(tmp_path):
     assert list(table["candidate"][:3]) == ["baselines.lam=1.0", "baselines.lam=0.5", "baselines.lam=0.3"]
 
 
+def test_each_candidate_is_paired_with_the_first_on_the_same_samples(tmp_path):
+    """The scenario leaves its predictions in <run_dir>/<variant>/eval/; each candidate's are
+    paired with the first candidate's, sample by sample, over every variant and task (a
+    lead of a few samples is noise: its p-value says so)."""
+    import json
+    import math
+
+    run_dir = tmp_path / "sel"
+    cfg = SelectionConfig.model_validate({
+        "scenario": str(REPO / "configs" / "scenarios" / "multi.yaml"), "run_dir": str(run_dir),
+        "set": ["include_base=[true, false]"],
+        "parameters": [{"name": "T", "methods": ["recall"],
+                        "values": [{"recall.similarity.temperature": t} for t in (1.0, 0.5, 0.1)]}]})
+    # per candidate, which of 10 samples per (variant, task) it gets right; the base is
+    # scored beside it and must not count
+    right = {1.0: set(range(5)), 0.5: set(range(9)), 0.1: set(range(3, 7))}
+
+    def fake_run(sc):
+        t = sc.recall.similarity.temperature
+        for variant in ("with_base", "without_base"):
+            d = run_dir / variant / "eval"
+            d.mkdir(parents=True, exist_ok=True)
+            lines = []
+            for task, (yes, no) in {"sst2": ("positive", "negative"), "ag_news": ("World", "Sports")}.items():
+                for i in range(10):
+                    lines.append({"model": "recall", "task": task, "sample_id": str(i), "references": [yes],
+                                  "prediction": yes if i in right[t] else no})
+                    lines.append({"model": "base", "task": task, "sample_id": str(i), "references": [yes],
+                                  "prediction": yes})
+            (d / "predictions.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+        mean = 100 * len(right[t]) / 10
+        return SimpleNamespace(table=pd.DataFrame({"variant": ["with_base", "without_base"], "model": ["recall"] * 2,
+                                                   "mean": [mean, mean]}))
+
+    table, chosen = run_selection(cfg, fake_run, load_scenario)
+    assert chosen == {"recall.similarity.temperature": 0.5}
+
+    def sign_p(a, b):  # two-sided exact binomial, written out
+        n = a + b
+        return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(a, b) + 1)) / 2 ** n) if n else 1.0
+
+    # 2 variants x 2 tasks = 4 blocks of 10 samples
+    first = right[1.0]
+    for t in (0.5, 0.1):
+        only_this, only_first = 4 * len(right[t] - first), 4 * len(first - right[t])
+        rows = table[table["candidate"] == f"recall.similarity.temperature={t}"]
+        assert len(rows) == 2  # one per variant, both carrying the pooled comparison
+        for row in rows.itertuples():
+            assert (row.only_this, row.only_first) == (only_this, only_first)
+            assert row.p_vs_first == pytest.approx(sign_p(only_this, only_first))
+    assert table.iloc[:2]["only_this"].isna().all()  # the first candidate has nothing to be paired with
+    lead = table[table["candidate"] == "recall.similarity.temperature=0.5"].iloc[0]
+    assert (lead["only_this"], lead["only_first"]) == (16, 0) and lead["p_vs_first"] < 0.001
+
+    from recall_ray.storage import RunDir
+    from recall_ray.studies.selection import write_selection
+
+    write_selection(RunDir(str(tmp_path / "out")), table, chosen, "sel.yaml")
+    written = pd.read_csv(tmp_path / "out" / "selection.csv", dtype=str, keep_default_na=False)
+    assert written["only_this"].tolist() == ["", "", "16", "16", "8", "8"]
+    assert written["p_vs_first"].tolist()[2] == f"{sign_p(16, 0):.3g}"  # 3.05e-05, not 0.00
+
+
 def test_the_committed_selection_config_loads_and_every_candidate_validates():
     cfg = load_selection(str(REPO / "configs" / "selection" / "multi.yaml"))
     from recall_ray.studies.selection import candidate_overrides

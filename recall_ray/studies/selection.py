@@ -20,6 +20,10 @@ with `set`), and a candidate's score is the mean over every task seen at the las
 directory, so what it shares with an earlier one (representations, unchanged merges,
 scores of unchanged models) is reused, not recomputed.
 
+Beside each candidate's score, one-shot scenarios (single, multi) get it paired against the
+first candidate on the same samples (`only_this`, `only_first`, `p_vs_first`: how many each
+alone got right, and the sign test), which says whether a lead is more than noise.
+
 Writes <run_dir>/selection.csv and selection.md (every candidate's scores) and
 selected.yaml (the chosen overrides, to copy into the scenario configs).
 """
@@ -103,6 +107,45 @@ def best_index(scores: list[float]) -> int:
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
+def candidate_predictions(run_dir: str | Path, methods: list[str]) -> pd.DataFrame | None:
+    """The predictions of `methods` in every evaluation a one-shot scenario just wrote in
+    `run_dir` (<variant>/eval/predictions.jsonl), or None when there is none. Each sample id
+    is prefixed with its evaluation and method, so that the rows of every variant and method
+    pair up with the same rows of another candidate and nothing else."""
+    import json
+
+    parts = []
+    for f in sorted(Path(run_dir).rglob("eval/predictions.jsonl")):
+        where = f.parent.parent.relative_to(run_dir).as_posix()
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r.get("model") in methods]
+        for r in rows:
+            r["sample_id"] = f"{where}/{r['model']}/{r['sample_id']}"
+        parts.extend(rows)
+    return pd.DataFrame(parts) if parts else None
+
+
+def paired_with_first(predictions: list[pd.DataFrame | None]) -> list[dict[str, Any]]:
+    """Each candidate against the first one listed (the setting before selection), over all
+    the samples both were scored on: how many this one alone got right, how many the first
+    alone, and the sign test's p-value. Empty for the first candidate, and for any candidate
+    (or a first one) without predictions."""
+    from ..core.analysis import paired_comparison
+
+    first = predictions[0] if predictions else None
+    out: list[dict[str, Any]] = [{}]
+    for preds in predictions[1:]:
+        if first is None or preds is None:
+            out.append({})
+            continue
+        both = pd.concat([first.assign(model="first"), preds.assign(model="this")], ignore_index=True)
+        cmp = paired_comparison(both, "this", "first")
+        row = cmp[cmp["task"] == "all"] if (cmp["task"] == "all").any() else cmp
+        r = row.iloc[0]
+        out.append({"only_this": int(r["only_a"]), "only_first": int(r["only_b"]), "p_vs_first": float(r["p_value"])})
+    return out
+
+
 def candidate_overrides(cfg: SelectionConfig, param: Parameter, values: dict[str, Any],
                         chosen: dict[str, Any]) -> list[str]:
     """The --set list of one candidate: the common overrides, the validation split, what was
@@ -120,30 +163,44 @@ def run_selection(cfg: SelectionConfig, run_scenario, load_scenario) -> tuple[pd
     chosen: dict[str, Any] = {}
     rows = []
     for param in cfg.parameters:
-        scores = []
+        scores, predictions, first_row = [], [], len(rows)
         for values in param.values:
             sc = load_scenario(cfg.scenario, candidate_overrides(cfg, param, values, chosen))
             log.info("selection: %s = %s", param.name, values)
             table = run_scenario(sc).table
             if sc.scenario == "sequential":
                 table = final_step_rows(table)
+                predictions.append(None)  # its score is the last step's: no pairing over every step's samples
+            else:
+                predictions.append(candidate_predictions(sc.run_dir, param.methods))
             scores.append(candidate_score(table, param.methods))
             label = ", ".join(assignments(values))
             for r in table[table["model"].isin(param.methods)].to_dict(orient="records"):
-                rows.append({"parameter": param.name, "candidate": label, **r})
+                rows.append({"parameter": param.name, "candidate": label, "_index": len(scores) - 1, **r})
+        # Is a lead over the first candidate more than noise? Paired over the same samples.
+        against = paired_with_first(predictions)
+        for r in rows[first_row:]:
+            r.update(against[r.pop("_index")])
         best = best_index(scores)
         chosen.update(param.values[best])
         for r in rows:
             if r["parameter"] == param.name:
                 r["chosen"] = r["candidate"] == ", ".join(assignments(param.values[best]))
     table = pd.DataFrame(rows)
-    front = ["parameter", "candidate", "chosen", *[c for c in _SCORE_COLUMNS if c in table]]
+    front = ["parameter", "candidate", "chosen", *[c for c in _SCORE_COLUMNS if c in table],
+             *[c for c in ("only_this", "only_first", "p_vs_first") if c in table]]
     return table[front + [c for c in table.columns if c not in front]], chosen
 
 
 def write_selection(root, table: pd.DataFrame, chosen: dict[str, Any], source: str) -> None:
     from ..report import markdown_table
 
+    table = table.copy()
+    for c in ("only_this", "only_first"):  # counts, blank for the first candidate
+        if c in table:
+            table[c] = table[c].astype("Int64")
+    if "p_vs_first" in table:  # a p-value needs its significant digits, not two decimals
+        table["p_vs_first"] = table["p_vs_first"].map(lambda p: "" if pd.isna(p) else f"{p:.3g}")
     root.write_text("selection.csv", table.to_csv(index=False, float_format="%.2f"))
     root.write_text("selection.md", markdown_table(table))
     root.write_text("selected.yaml", f"# chosen on the validation split by jobs/select_settings.py --config {source}\n"
