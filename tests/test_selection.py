@@ -144,8 +144,14 @@ def test_each_candidate_is_paired_with_the_first_on_the_same_samples(tmp_path):
     assert written["p_vs_first"].tolist()[2] == f"{sign_p(16, 0):.3g}"  # 3.05e-05, not 0.00
 
 
-def test_the_committed_selection_config_loads_and_every_candidate_validates():
-    cfg = load_selection(str(REPO / "configs" / "selection" / "multi.yaml"))
+ONE_SHOT_SELECTIONS = sorted(p.name for p in (REPO / "configs" / "selection").glob("*.yaml")
+                             if yaml.safe_load(p.read_text())["scenario"] != "configs/scenarios/sequential.yaml")
+
+
+@pytest.mark.parametrize("name", ONE_SHOT_SELECTIONS)
+def test_the_committed_selection_configs_load_and_every_candidate_validates(name):
+    assert "multi.yaml" in ONE_SHOT_SELECTIONS
+    cfg = load_selection(str(REPO / "configs" / "selection" / name))
     from recall_ray.studies.selection import candidate_overrides
 
     for p in cfg.parameters:
