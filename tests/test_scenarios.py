@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import DATA, float64_state, reference_group
+from conftest import DATA, REPO, float64_state, reference_group
 from recall_ray.config import ConfigError
 from recall_ray.studies.common import pooled_over_evals
 from recall_ray.studies.oneshot import ScenarioConfig, preflight, run_scenario, variants
@@ -304,3 +304,21 @@ def test_bad_scenario_configs_are_refused(tmp_path, experts_dir, tiny_dir):
     with pytest.raises(ConfigError, match="recall.max_samples=5000 exceeds"):
         preflight(load_scenario(write({**good, "recall": {"max_samples": 5000}})))
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "scenarios").glob("*.yaml")))
+def test_every_committed_scenario_config_loads_and_names_what_is_shipped(name):
+    """The configs docs/results.md names must load as they are, and every input they name
+    (experts, exported step adapters, data) must be in the repository."""
+    repo = REPO
+    cfg = load_scenario(str(repo / "configs" / "scenarios" / name), [])
+    assert cfg.evaluate.split == "test" and cfg.evaluate.max_samples >= 100
+    for t in cfg.tasks:
+        assert (repo / cfg.data_dir / t / "test.jsonl").is_file()
+        assert (repo / cfg.data_dir / t / "train.jsonl").is_file()
+    for attr in ("experts", "adapters"):
+        where = getattr(cfg, attr, None)
+        if where is not None:
+            assert (repo / where).is_dir(), f"{name}: {attr} {where} is not in the repository"
+    if cfg.scenario != "sequential":
+        assert all((repo / cfg.experts / t).is_dir() for t in cfg.tasks)
