@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import DATA, REPO, float64_state, reference_group
+
 from recall_ray.config import ConfigError
 from recall_ray.studies.common import pooled_over_evals
 from recall_ray.studies.oneshot import ScenarioConfig, preflight, run_scenario, variants
