@@ -115,6 +115,12 @@ def test_each_candidate_is_paired_with_the_first_on_the_same_samples(tmp_path):
         return SimpleNamespace(table=pd.DataFrame({"variant": ["with_base", "without_base"], "model": ["recall"] * 2,
                                                    "mean": [mean, mean]}))
 
+    # an evaluation left in the directory by an earlier run (another variant) is not a candidate's
+    stale = run_dir / "older_variant" / "eval"
+    stale.mkdir(parents=True)
+    (stale / "predictions.jsonl").write_text("\n".join(json.dumps(
+        {"model": "recall", "task": "sst2", "sample_id": str(i), "references": ["positive"], "prediction": "negative"})
+        for i in range(50)) + "\n")
     table, chosen = run_selection(cfg, fake_run, load_scenario)
     assert chosen == {"recall.similarity.temperature": 0.5}
 
@@ -129,6 +135,7 @@ def test_each_candidate_is_paired_with_the_first_on_the_same_samples(tmp_path):
         rows = table[table["candidate"] == f"recall.similarity.temperature={t}"]
         assert len(rows) == 2  # one per variant, both carrying the pooled comparison
         for row in rows.itertuples():
+            assert row.paired_n == 40  # this run's variants only: the stale evaluation is not read
             assert (row.only_this, row.only_first) == (only_this, only_first)
             assert row.p_vs_first == pytest.approx(sign_p(only_this, only_first))
     assert table.iloc[:2]["only_this"].isna().all()  # the first candidate has nothing to be paired with

@@ -21,8 +21,8 @@ directory, so what it shares with an earlier one (representations, unchanged mer
 scores of unchanged models) is reused, not recomputed.
 
 Beside each candidate's score, one-shot scenarios (single, multi) get it paired against the
-first candidate on the same samples (`only_this`, `only_first`, `p_vs_first`: how many each
-alone got right, and the sign test), which says whether a lead is more than noise.
+first candidate on the same samples (`paired_n` samples; `only_this`, `only_first`,
+`p_vs_first`: how many each alone got right, and the sign test), which says whether a lead is more than noise.
 
 Writes <run_dir>/selection.csv and selection.md (every candidate's scores) and
 selected.yaml (the chosen overrides, to copy into the scenario configs).
@@ -107,16 +107,19 @@ def best_index(scores: list[float]) -> int:
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
-def candidate_predictions(run_dir: str | Path, methods: list[str]) -> pd.DataFrame | None:
-    """The predictions of `methods` in every evaluation a one-shot scenario just wrote in
-    `run_dir` (<variant>/eval/predictions.jsonl), or None when there is none. Each sample id
-    is prefixed with its evaluation and method, so that the rows of every variant and method
-    pair up with the same rows of another candidate and nothing else."""
+def candidate_predictions(run_dir: str | Path, variants: list[str], methods: list[str]) -> pd.DataFrame | None:
+    """The predictions of `methods` in the evaluations a one-shot scenario just wrote in
+    `run_dir` (<variant>/eval/predictions.jsonl, for the variants it ran: a variant left
+    from an earlier run of the directory is not this candidate's), or None when there is
+    none. Each sample id is prefixed with its variant and method, so that the rows of every
+    variant and method pair up with the same rows of another candidate and nothing else."""
     import json
 
     parts = []
-    for f in sorted(Path(run_dir).rglob("eval/predictions.jsonl")):
-        where = f.parent.parent.relative_to(run_dir).as_posix()
+    for where in variants:
+        f = Path(run_dir, where, "eval", "predictions.jsonl")
+        if not f.is_file():
+            continue
         rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if r.get("model") in methods]
         for r in rows:
@@ -127,8 +130,8 @@ def candidate_predictions(run_dir: str | Path, methods: list[str]) -> pd.DataFra
 
 def paired_with_first(predictions: list[pd.DataFrame | None]) -> list[dict[str, Any]]:
     """Each candidate against the first one listed (the setting before selection), over all
-    the samples both were scored on: how many this one alone got right, how many the first
-    alone, and the sign test's p-value. Empty for the first candidate, and for any candidate
+    the samples both were scored on: how many samples were paired, how many this one alone
+    got right, how many the first alone, and the sign test's p-value. Empty for the first candidate, and for any candidate
     (or a first one) without predictions."""
     from ..core.analysis import paired_comparison
 
@@ -142,7 +145,8 @@ def paired_with_first(predictions: list[pd.DataFrame | None]) -> list[dict[str, 
         cmp = paired_comparison(both, "this", "first")
         row = cmp[cmp["task"] == "all"] if (cmp["task"] == "all").any() else cmp
         r = row.iloc[0]
-        out.append({"only_this": int(r["only_a"]), "only_first": int(r["only_b"]), "p_vs_first": float(r["p_value"])})
+        out.append({"paired_n": int(r["n"]), "only_this": int(r["only_a"]), "only_first": int(r["only_b"]),
+                    "p_vs_first": float(r["p_value"])})
     return out
 
 
@@ -172,7 +176,9 @@ def run_selection(cfg: SelectionConfig, run_scenario, load_scenario) -> tuple[pd
                 table = final_step_rows(table)
                 predictions.append(None)  # its score is the last step's: no pairing over every step's samples
             else:
-                predictions.append(candidate_predictions(sc.run_dir, param.methods))
+                from .oneshot import variants
+
+                predictions.append(candidate_predictions(sc.run_dir, [v.name for v in variants(sc)], param.methods))
             scores.append(candidate_score(table, param.methods))
             label = ", ".join(assignments(values))
             for r in table[table["model"].isin(param.methods)].to_dict(orient="records"):
@@ -188,7 +194,7 @@ def run_selection(cfg: SelectionConfig, run_scenario, load_scenario) -> tuple[pd
                 r["chosen"] = r["candidate"] == ", ".join(assignments(param.values[best]))
     table = pd.DataFrame(rows)
     front = ["parameter", "candidate", "chosen", *[c for c in _SCORE_COLUMNS if c in table],
-             *[c for c in ("only_this", "only_first", "p_vs_first") if c in table]]
+             *[c for c in ("paired_n", "only_this", "only_first", "p_vs_first") if c in table]]
     return table[front + [c for c in table.columns if c not in front]], chosen
 
 
@@ -196,7 +202,7 @@ def write_selection(root, table: pd.DataFrame, chosen: dict[str, Any], source: s
     from ..report import markdown_table
 
     table = table.copy()
-    for c in ("only_this", "only_first"):  # counts, blank for the first candidate
+    for c in ("paired_n", "only_this", "only_first"):  # counts, blank for the first candidate
         if c in table:
             table[c] = table[c].astype("Int64")
     if "p_vs_first" in table:  # a p-value needs its significant digits, not two decimals
