@@ -295,10 +295,11 @@ def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedMo
     <run_dir>/<prefix>/eval/; returns the long scores.
 
     `model_keys[label]` is whatever decides that model's contents (a fingerprint, the key
-    of the merge stage that wrote it). Each model's scores are cached under
-    <run_dir>/eval_cache/ by that key and the prompts it is asked, whatever its label: a
-    model scored once (the base in both variants of a scenario, an unchanged merge when a
-    sibling method's setting changes) is never generated for again in this run directory."""
+    of the merge stage that wrote it). Each model's scores on each task are cached under
+    <run_dir>/eval_cache/ by that key and the prompts of that task, whatever its label: a
+    model scored once on a task (the base in both variants of a scenario, an unchanged merge
+    when a sibling method's setting changes, the same model in a longer task list) is never
+    generated for again on that task in this run directory."""
     import io
 
     from .manifest import stable_hash
@@ -313,41 +314,58 @@ def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedMo
     def mine(m: ResolvedModel) -> list[EvalItem]:
         return [i for i in items if i.task in tasks and (only is None or m.label not in only or i.task in only[m.label])]
 
-    cache = {m.label: "eval_cache/" + stable_hash([
-        model_keys[m.label], split, dtype,
-        [(i.task, i.sample_id, i.prompt, i.refs, max_new_tokens(i.task), i.kinds, i.options) for i in mine(m)],
-        {"generation": GENERATION_PROTOCOL, "loglik": LOGLIK_PROTOCOL, "normalization": normalization},
-    ])[:32] for m in models}
-    key = [split, max_samples, [(m.label, cache[m.label]) for m in models]]
+    def entry(m: ResolvedModel, task: str) -> str:
+        """The cache entry of one model on one task: its content key and exactly what it is asked."""
+        return "eval_cache/" + stable_hash([
+            model_keys[m.label], split, dtype,
+            [(i.task, i.sample_id, i.prompt, i.refs, max_new_tokens(i.task), i.kinds, i.options)
+             for i in mine(m) if i.task == task],
+            {"generation": GENERATION_PROTOCOL, "loglik": LOGLIK_PROTOCOL, "normalization": normalization},
+        ])[:32]
+
+    # each model's tasks in the order they are asked, and the entry of each
+    asked = {m.label: list(dict.fromkeys(i.task for i in mine(m))) for m in models}
+    cache = {m.label: {t: entry(m, t) for t in asked[m.label]} for m in models}
+    key = [split, max_samples, [(m.label, [cache[m.label][t] for t in asked[m.label]]) for m in models]]
 
     def run() -> dict:
-        todo = [m for m in models if mine(m) and not run_dir.exists(f"{cache[m.label]}.scores.csv")]
+        todo = {m.label: [t for t in asked[m.label] if not run_dir.exists(f"{cache[m.label][t]}.scores.csv")]
+                for m in models}
+        todo = {label: ts for label, ts in todo.items() if ts}
         seconds = {}
         if todo:
-            log.info("evaluate: generating for %s (%d of %d models cached)", [m.label for m in todo],
-                     len(models) - len(todo), len(models))
+            log.info("evaluate: generating for %s (the other models and tasks cached)",
+                     {label: ts for label, ts in todo.items()})
 
             def save(label: str, scores: pd.DataFrame, preds: pd.DataFrame) -> None:
                 # as soon as the model is done, so that a stage stopped midway resumes from the
                 # models it had finished; predictions first: an entry is complete once its scores exist
-                run_dir.write_text(f"{cache[label]}.predictions.jsonl",
-                                   preds.to_json(orient="records", lines=True, force_ascii=False))
-                run_dir.write_text(f"{cache[label]}.scores.csv", scores.to_csv(index=False))
+                for t in todo[label]:
+                    run_dir.write_text(f"{cache[label][t]}.predictions.jsonl",
+                                       preds[preds["task"] == t].to_json(orient="records", lines=True,
+                                                                         force_ascii=False))
+                    run_dir.write_text(f"{cache[label][t]}.scores.csv",
+                                       scores[scores["task"] == t].to_csv(index=False))
 
-            r = evaluate_models(todo, tasks, data_dir, split, max_samples, batch_size, num_actors, dtype, items, only,
-                                on_model=save, normalization=normalization)
+            r = evaluate_models([m for m in models if m.label in todo], tasks, data_dir, split, max_samples,
+                                batch_size, num_actors, dtype, items, todo, on_model=save,
+                                normalization=normalization)
             seconds = r.seconds
-        parts = [(m.label, run_dir.read_bytes(f"{cache[m.label]}.scores.csv"),
-                  run_dir.read_bytes(f"{cache[m.label]}.predictions.jsonl")) for m in models if mine(m)]
-        scores = pd.concat([pd.read_csv(io.BytesIO(s)).assign(model=label) for label, s, _ in parts], ignore_index=True)
-        preds = pd.concat([pd.read_json(io.BytesIO(p), lines=True, dtype=False).assign(model=label)
-                           for label, _, p in parts if p.strip()], ignore_index=True)
+
+        def read(label: str, suffix: str) -> list[bytes]:
+            return [run_dir.read_bytes(f"{cache[label][t]}.{suffix}") for t in asked[label]]
+
+        scores = pd.concat([pd.read_csv(io.BytesIO(b)).assign(model=m.label)
+                            for m in models for b in read(m.label, "scores.csv")], ignore_index=True)
+        preds = pd.concat([pd.read_json(io.BytesIO(b), lines=True, dtype=False).assign(model=m.label)
+                           for m in models for b in read(m.label, "predictions.jsonl") if b.strip()],
+                          ignore_index=True)
         result = EvalResult(scores, preds, seconds)
         meta = {"split": split, "max_samples": max_samples, "protocol": protocol, "normalization": normalization,
                 "templates": template_set}
         for fname, text in result_files(result, meta).items():
             run_dir.write_text(f"{rel}/{fname}", text)
-        return {"seconds": seconds, "generated": [m.label for m in todo]}
+        return {"seconds": seconds, "generated": list(todo), "generated_tasks": todo}
 
     manifest.run(f"{prefix}/evaluate" if prefix else "evaluate", key, [run_dir.uri(f"{rel}/scores.csv")], run)
     return pd.read_csv(io.BytesIO(run_dir.read_bytes(f"{rel}/scores.csv")))

@@ -169,6 +169,18 @@ def test_evaluation_cache_is_keyed_by_model_content_not_label(tiny_run, tiny_dir
     evaluation_stage(manifest, root, "other", [new], ["sst2"], ev.data_dir, ev.split, 2, ev.batch_size, 1,
                      {"renamed": "another-key"})
     assert manifest.data["stages"]["other/evaluate"]["result"]["generated"] == ["renamed"]
+    # a longer task list: only the task not scored before is generated, and the result is what
+    # scoring both afresh (under a third key) gives
+    longer = evaluation_stage(manifest, root, "longer", [new], ["sst2", "medmcqa"], ev.data_dir, ev.split, 2,
+                              ev.batch_size, 1, {"renamed": "another-key"})
+    assert manifest.data["stages"]["longer/evaluate"]["result"]["generated_tasks"] == {"renamed": ["medmcqa"]}
+    fresh = evaluation_stage(manifest, root, "fresh", [new], ["sst2", "medmcqa"], ev.data_dir, ev.split, 2,
+                             ev.batch_size, 1, {"renamed": "third-key"})
+    assert manifest.data["stages"]["fresh/evaluate"]["result"]["generated_tasks"] == {"renamed": ["sst2", "medmcqa"]}
+    assert longer.equals(fresh) and list(dict.fromkeys(longer["task"])) == ["sst2", "medmcqa"]
+    for where in ("longer", "fresh"):
+        preds = pd.read_json(Path(cfg.run_dir) / where / "eval" / "predictions.jsonl", lines=True)
+        assert preds.groupby("task").size().to_dict() == {"sst2": 2, "medmcqa": 2}
 
 
 def test_cli_scores_a_model_and_writes_its_files(tmp_path, tiny_dir, ray_session, capsys):
