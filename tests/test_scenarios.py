@@ -191,6 +191,35 @@ def test_publish_copies_tables_plots_and_every_stage_time(multi, tmp_path):
         publish(tmp_path / "empty", tmp_path / "pub2")
 
 
+def test_publish_leaves_out_what_other_runs_left_in_a_shared_directory(multi, tmp_path):
+    """A run directory shared with other runs (a selection's candidates, the same scenario
+    with more variants) holds their variants' evaluations, weights, plots and stages as a
+    cache. Publishing the last run gives that run's alone: here a copy of the directory gets
+    a with_base variant that the recorded run (include_base: [false]) did not have."""
+    import json
+    import shutil
+
+    from recall_ray.studies.common import publish
+
+    cfg, _ = multi
+    run = tmp_path / "run"
+    shutil.copytree(cfg.run_dir, run, symlinks=True)
+    shutil.copytree(run / "without_base", run / "with_base", symlinks=True)  # another run's variant
+    for f in list((run / "plots").glob("without_base_*.png")):
+        shutil.copy2(f, run / "plots" / f.name.replace("without_base", "with_base"))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["stages"]["with_base/evaluate"] = {**manifest["stages"]["without_base/evaluate"]}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    names = publish(run, tmp_path / "pub")
+    assert not [n for n in names if "with_base" in n.replace("without_base", "")], names
+    assert "weights/without_base.csv" in names and "plots/without_base_weights.png" in names
+    paired = pd.read_csv(tmp_path / "pub" / "paired.csv")
+    assert set(paired["eval"]) == {"without_base"}
+    assert set(pd.read_csv(tmp_path / "pub" / "weights_summary.csv")["merge"]) == {"without_base"}
+    stages = pd.read_csv(tmp_path / "pub" / "stage_times.csv")["stage"]
+    assert not stages.str.startswith("with_base/").any() and stages.str.startswith("without_base/").any()
+
+
 def test_pooled_over_evals_sums_disjoint_variants_only():
     from recall_ray.analysis import sign_test
 

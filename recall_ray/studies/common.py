@@ -140,18 +140,46 @@ def evaluate_stage(to_score: list, tasks: list[str], ev: StudyEval, data_dir: st
                             normalization=ev.normalization, template_set=ev.templates)
 
 
-def stage_times(run_dir: str | Path) -> pd.DataFrame:
+def stage_times(run_dir: str | Path, parts: set[str] | None = None) -> pd.DataFrame:
     """Seconds of every finished stage of a local run directory (its manifest and the nested
     RECALL runs' manifests), as recorded by the run that computed it: what the scenario
-    costs from scratch, however many resumes it took."""
+    costs from scratch, however many resumes it took. `parts` (run_parts): only the stages
+    of these variants or steps, and those of no variant."""
     rows = []
     root = Path(run_dir)
     for mf in sorted(root.rglob("manifest.json")):
         where = mf.parent.relative_to(root).as_posix()
         for name, st in json.loads(mf.read_text()).get("stages", {}).items():
-            if st.get("status") == "done":
-                rows.append({"stage": f"{where}/{name}" if where != "." else name, "seconds": st.get("seconds", 0.0)})
+            stage = f"{where}/{name}" if where != "." else name
+            if st.get("status") == "done" and (parts is None or "/" not in stage or in_parts(stage, parts)):
+                rows.append({"stage": stage, "seconds": st.get("seconds", 0.0)})
     return pd.DataFrame(rows, columns=["stage", "seconds"])
+
+
+def run_parts(run_dir: str | Path) -> set[str] | None:
+    """The variants (one-shot scenarios) or steps (sequential: step<n>) of the run whose
+    config the directory's manifest records, i.e. the run that wrote its table. A run
+    directory shared by several runs (a selection's candidates, a study with fewer variants)
+    keeps the others' subdirectories as a cache; what is published must be this run's alone.
+    None when the manifest records no scenario."""
+    mf = Path(run_dir) / "manifest.json"
+    config = json.loads(mf.read_text()).get("config", {}) if mf.is_file() else {}
+    if config.get("scenario") == "sequential":
+        return {f"step{i}" for i in range(1, len(config["tasks"]) + 1)}
+    if config.get("scenario") in ("single", "multi"):
+        from .oneshot import ScenarioConfig, variants
+
+        return {v.name for v in variants(ScenarioConfig.model_validate(config))}
+    return None
+
+
+def in_parts(name: str, parts: set[str] | None) -> bool:
+    """Whether a path ("with_base/eval", "step2/recall") or a flat name ("with_base_weights",
+    "step2_recall") belongs to one of the run's parts."""
+    if parts is None:
+        return True
+    head = name.split("/", 1)[0]
+    return any(head == p or head.startswith(p + "_") for p in parts)
 
 
 PUBLISHED = ("table.md", "table.csv", "scores.csv", "stage_times.csv")
@@ -170,11 +198,13 @@ def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
     src = Path(run_dir)
     if not (src / "table.csv").is_file():
         raise FileNotFoundError(f"{run_dir} holds no finished scenario (no table.csv): run it first")
-    stage_times(src).to_csv(src / "stage_times.csv", index=False, float_format="%.1f")
+    parts = run_parts(src)  # this run's variants or steps: a shared directory holds others' too
+    stage_times(src, parts).to_csv(src / "stage_times.csv", index=False, float_format="%.1f")
     names = [n for n in PUBLISHED if (src / n).is_file()]
     plots = sorted((src / "plots").glob("*.png")) if (src / "plots").is_dir() else []
-    weights = recall_weights(src)
-    paired = paired_against(src)
+    plots = [f for f in plots if not f.stem.endswith(VARIANT_PLOTS) or in_parts(f.stem.rsplit("_", 1)[0], parts)]
+    weights = {name: f for name, f in recall_weights(src).items() if in_parts(name, parts)}
+    paired = paired_against(src, parts=parts)
     with staged(str(dest), overwrite=True) as tmp:
         for n in names:
             shutil.copy2(src / n, Path(tmp) / n)
@@ -198,24 +228,27 @@ def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
     return names + [f"plots/{f.name}" for f in plots] + extra + (["paired.csv"] if paired is not None else [])
 
 
-def paired_against(run_dir: Path, model: str = "recall") -> pd.DataFrame | None:
+def paired_against(run_dir: Path, model: str = "recall", parts: set[str] | None = None) -> pd.DataFrame | None:
     """`analysis.paired_comparison` of `model` against every other model scored beside it,
     in every evaluation of the run (<where>/eval/predictions.jsonl; column `eval` names
-    where), or None when no evaluation scored `model`."""
+    where; `parts`: only these variants' or steps'), or None when no evaluation scored
+    `model`."""
     from ..analysis import paired_comparison
 
-    parts = []
+    found = []
     for f in sorted(run_dir.rglob("eval/predictions.jsonl")):
+        where = f.parent.parent.relative_to(run_dir).as_posix()
+        if not in_parts(where, parts):
+            continue
         preds = pd.DataFrame([json.loads(line) for line in f.read_text().splitlines() if line.strip()])
         if model not in set(preds["model"]):
             continue
-        where = f.parent.parent.relative_to(run_dir).as_posix()
         for other in dict.fromkeys(preds["model"]):
             if other != model:
-                parts.append(paired_comparison(preds, model, other).assign(eval=where))
-    if not parts:
+                found.append(paired_comparison(preds, model, other).assign(eval=where))
+    if not found:
         return None
-    out = pd.concat(parts, ignore_index=True)
+    out = pd.concat(found, ignore_index=True)
     out = out[["eval", *[c for c in out.columns if c != "eval"]]]
     return pd.concat([out, pooled_over_evals(out)], ignore_index=True)
 
@@ -250,6 +283,9 @@ def recall_weights(run_dir: Path) -> dict[str, Path]:
             where = f.parent.parent.relative_to(run_dir).as_posix()
             found["recall" if where == "." else where.replace("/", "_")] = f
     return found
+
+
+VARIANT_PLOTS = ("_weights", "_similarity", "_adjacent")  # variant_plots' names: <variant>_<kind>.png
 
 
 def variant_plots(root: RunDir, name: str, recall_dir: Path) -> None:
