@@ -167,10 +167,16 @@ def run_parts(run_dir: str | Path) -> set[str] | None:
     if config.get("scenario") == "sequential":
         return {f"step{i}" for i in range(1, len(config["tasks"]) + 1)}
     if config.get("scenario") in ("single", "multi"):
-        from .oneshot import ScenarioConfig, variants
-
-        return {v.name for v in variants(ScenarioConfig.model_validate(config))}
+        return set(variant_names(config["scenario"], config["tasks"], config.get("include_base", [])))
     return None
+
+
+def variant_names(scenario: str, tasks: list[str], include_base: list[bool]) -> list[str]:
+    """A one-shot scenario's variants: single, one per task (its expert with the base);
+    multi, one per include_base value."""
+    if scenario == "single":
+        return list(tasks)
+    return ["with_base" if b else "without_base" for b in include_base]
 
 
 def in_parts(name: str, parts: set[str] | None) -> bool:

@@ -35,7 +35,7 @@ from ..manifest import Manifest
 from ..models import resolve_model, resolve_path
 from ..storage import RunDir
 from .common import (StudyEval, StudyResult, check_inputs, eval_hits, evaluate_stage, interval_markdown,
-                     interval_table, merge_all, recall_run_config, variant_plots)
+                     interval_table, merge_all, recall_run_config, variant_names, variant_plots)
 
 
 class ScenarioConfig(Section):
@@ -80,11 +80,12 @@ class Variant:
 
 
 def variants(cfg: ScenarioConfig) -> list[Variant]:
+    names = variant_names(cfg.scenario, cfg.tasks, cfg.include_base)  # publish finds a run's by them
     if cfg.scenario == "single":
-        return [Variant(t, (), t, True, tuple(cfg.tasks) if full_table(cfg) else (t,)) for t in cfg.tasks]
+        return [Variant(name, (), t, True, tuple(cfg.tasks) if full_table(cfg) else (t,))
+                for name, t in zip(names, cfg.tasks)]
     *old, new = cfg.tasks
-    return [Variant("with_base" if b else "without_base", tuple(old), new, b, tuple(cfg.tasks))
-            for b in cfg.include_base]
+    return [Variant(name, tuple(old), new, b, tuple(cfg.tasks)) for name, b in zip(names, cfg.include_base)]
 
 
 def expert_path(cfg: ScenarioConfig, task: str) -> str:
