@@ -22,7 +22,8 @@ scores of unchanged models) is reused, not recomputed.
 
 Beside each candidate's score, one-shot scenarios (single, multi) get it paired against the
 first candidate on the same samples (`paired_n` samples; `only_this`, `only_first`,
-`p_vs_first`: how many each alone got right, and the sign test), which says whether a lead is more than noise.
+`p_vs_first`: how many each alone got right, and the sign test), which says whether a
+lead is more than noise.
 
 Writes <run_dir>/selection.csv and selection.md (every candidate's scores) and
 selected.yaml (the chosen overrides, to copy into the scenario configs).
@@ -131,8 +132,8 @@ def candidate_predictions(run_dir: str | Path, variants: list[str], methods: lis
 def paired_with_first(predictions: list[pd.DataFrame | None]) -> list[dict[str, Any]]:
     """Each candidate against the first one listed (the setting before selection), over all
     the samples both were scored on: how many samples were paired, how many this one alone
-    got right, how many the first alone, and the sign test's p-value. Empty for the first candidate, and for any candidate
-    (or a first one) without predictions."""
+    got right, how many the first alone, and the sign test's p-value. Empty for the first
+    candidate, and for any candidate (or a first one) without predictions."""
     from ..core.analysis import paired_comparison
 
     first = predictions[0] if predictions else None
@@ -176,9 +177,10 @@ def run_selection(cfg: SelectionConfig, run_scenario, load_scenario) -> tuple[pd
                 table = final_step_rows(table)
                 predictions.append(None)  # its score is the last step's: no pairing over every step's samples
             else:
-                from .oneshot import variants
+                from .common import variant_names
 
-                predictions.append(candidate_predictions(sc.run_dir, [v.name for v in variants(sc)], param.methods))
+                predictions.append(candidate_predictions(
+                    sc.run_dir, variant_names(sc.scenario, sc.tasks, sc.include_base), param.methods))
             scores.append(candidate_score(table, param.methods))
             label = ", ".join(assignments(values))
             for r in table[table["model"].isin(param.methods)].to_dict(orient="records"):
