@@ -149,6 +149,8 @@ def test_each_candidate_is_paired_with_the_first_on_the_same_samples(tmp_path):
     written = pd.read_csv(tmp_path / "out" / "selection.csv", dtype=str, keep_default_na=False)
     assert written["only_this"].tolist() == ["", "", "16", "16", "8", "8"]
     assert written["p_vs_first"].tolist()[2] == f"{sign_p(16, 0):.3g}"  # 3.05e-05, not 0.00
+    md = (tmp_path / "out" / "selection.md").read_text()
+    assert "NA" not in md and "nan" not in md  # the first candidate's cells are blank
 
 
 ONE_SHOT_SELECTIONS = sorted(p.name for p in (REPO / "configs" / "selection").glob("*.yaml")

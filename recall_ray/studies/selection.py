@@ -206,7 +206,7 @@ def write_selection(root, table: pd.DataFrame, chosen: dict[str, Any], source: s
     table = table.copy()
     for c in ("paired_n", "only_this", "only_first"):  # counts, blank for the first candidate
         if c in table:
-            table[c] = table[c].astype("Int64")
+            table[c] = table[c].map(lambda n: "" if pd.isna(n) else str(int(n)))
     if "p_vs_first" in table:  # a p-value needs its significant digits, not two decimals
         table["p_vs_first"] = table["p_vs_first"].map(lambda p: "" if pd.isna(p) else f"{p:.3g}")
     root.write_text("selection.csv", table.to_csv(index=False, float_format="%.2f"))
