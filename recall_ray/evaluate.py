@@ -334,8 +334,7 @@ def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedMo
         todo = {label: ts for label, ts in todo.items() if ts}
         seconds = {}
         if todo:
-            log.info("evaluate: generating for %s (the other models and tasks cached)",
-                     {label: ts for label, ts in todo.items()})
+            log.info("evaluate: generating for %s (the other models and tasks cached)", todo)
 
             def save(label: str, scores: pd.DataFrame, preds: pd.DataFrame) -> None:
                 # as soon as the model is done, so that a stage stopped midway resumes from the

@@ -151,7 +151,7 @@ def stage_times(run_dir: str | Path, parts: set[str] | None = None) -> pd.DataFr
         where = mf.parent.relative_to(root).as_posix()
         for name, st in json.loads(mf.read_text()).get("stages", {}).items():
             stage = f"{where}/{name}" if where != "." else name
-            if st.get("status") == "done" and (parts is None or "/" not in stage or in_parts(stage, parts)):
+            if st.get("status") == "done" and ("/" not in stage or in_parts(stage, parts)):
                 rows.append({"stage": stage, "seconds": st.get("seconds", 0.0)})
     return pd.DataFrame(rows, columns=["stage", "seconds"])
 
@@ -246,7 +246,7 @@ def paired_against(run_dir: Path, model: str = "recall", parts: set[str] | None 
         where = f.parent.parent.relative_to(run_dir).as_posix()
         if not in_parts(where, parts):
             continue
-        preds = pd.DataFrame([json.loads(line) for line in f.read_text().splitlines() if line.strip()])
+        preds = read_predictions(f)
         if model not in set(preds["model"]):
             continue
         for other in dict.fromkeys(preds["model"]):
@@ -313,12 +313,18 @@ def variant_plots(root: RunDir, name: str, recall_dir: Path) -> None:
 
 # ---------------------------------------------------------------- tables with intervals
 
+def read_predictions(path: Path) -> pd.DataFrame:
+    """An evaluation's predictions.jsonl as written (model, task, sample_id, prediction,
+    references, ...), each field as JSON has it: no dtype guessing on ids or answers."""
+    return pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+
+
 def eval_hits(predictions: Path) -> pd.DataFrame:
     """Per sample, whether the model scored on the task's primary metric (core.metrics
     .sample_hits), from an evaluation's predictions.jsonl: model, task, sample_id, hit."""
     from ..core.metrics import sample_hits
 
-    preds = pd.DataFrame([json.loads(line) for line in predictions.read_text().splitlines() if line.strip()])
+    preds = read_predictions(predictions)
     parts = []
     for (model, task), sub in preds.groupby(["model", "task"], sort=False):
         guesses = [p if isinstance(p, str) else None for p in sub["prediction"]]  # NaN: pandas' None

@@ -114,19 +114,18 @@ def candidate_predictions(run_dir: str | Path, variants: list[str], methods: lis
     from an earlier run of the directory is not this candidate's), or None when there is
     none. Each sample id is prefixed with its variant and method, so that the rows of every
     variant and method pair up with the same rows of another candidate and nothing else."""
-    import json
+    from .common import read_predictions
 
     parts = []
     for where in variants:
         f = Path(run_dir, where, "eval", "predictions.jsonl")
         if not f.is_file():
             continue
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if r.get("model") in methods]
-        for r in rows:
-            r["sample_id"] = f"{where}/{r['model']}/{r['sample_id']}"
-        parts.extend(rows)
-    return pd.DataFrame(parts) if parts else None
+        preds = read_predictions(f)
+        preds = preds[preds["model"].isin(methods)]
+        parts.append(preds.assign(sample_id=where + "/" + preds["model"] + "/" + preds["sample_id"].astype(str)))
+    parts = [p for p in parts if not p.empty]
+    return pd.concat(parts, ignore_index=True) if parts else None
 
 
 def paired_with_first(predictions: list[pd.DataFrame | None]) -> list[dict[str, Any]]:
