@@ -240,6 +240,31 @@ def test_pooled_over_evals_sums_disjoint_variants_only():
     assert pooled_over_evals(multi).empty  # the same samples in both variants: no pooling
 
 
+def test_pooled_over_evals_gives_table_1_all_unseen_and_own_cells():
+    """Table 1's grid: each variant (named after its fine-tuned task) scored on every task;
+    the pooled counts are the plain sums over the chosen cells."""
+    from recall_ray.analysis import sign_test
+
+    cells = {("sst2", "sst2"): (5, 1, 4, 0), ("sst2", "race"): (2, 3, 1, 4),
+             ("race", "sst2"): (6, 0, 2, 2), ("race", "race"): (1, 2, 0, 7)}
+    rows = []
+    for (ev, task), (both, oa, ob, neither) in cells.items():
+        n = both + oa + ob + neither
+        rows.append({"eval": ev, "a": "recall", "b": f"expert:{ev}", "task": task, "n": n, "both": both, "only_a": oa,
+                     "only_b": ob, "neither": neither, "score_a": 0.0, "score_b": 0.0, "p_value": 1.0})
+    got = pooled_over_evals(pd.DataFrame(rows)).set_index("task")
+    assert list(got.index) == ["all", "unseen", "own"] and set(got["b"]) == {"expert"} and set(got["eval"]) == {"all"}
+    want = {"all": list(cells), "unseen": [("sst2", "race"), ("race", "sst2")], "own": [("sst2", "sst2"), ("race", "race")]}
+    for scope, keys in want.items():
+        both, oa, ob, neither = (sum(cells[k][i] for k in keys) for i in range(4))
+        n = both + oa + ob + neither
+        assert tuple(got.loc[scope, ["n", "both", "only_a", "only_b", "neither"]]) == (n, both, oa, ob, neither)
+        assert got.loc[scope, "score_a"] == pytest.approx(100.0 * (both + oa) / n)
+        assert got.loc[scope, "p_value"] == sign_test(oa, ob)
+    shared = pd.DataFrame(rows).assign(eval=lambda d: d["eval"].map({"sst2": "v1", "race": "v2"}))
+    assert pooled_over_evals(shared).empty  # shared tasks, but variants not named after them (multi)
+
+
 def _hits(rows):
     out = []
     for variant, model, task, hits in rows:

@@ -260,23 +260,42 @@ def paired_against(run_dir: Path, model: str = "recall", parts: set[str] | None 
 
 
 def pooled_over_evals(paired: pd.DataFrame) -> pd.DataFrame:
-    """Rows `eval` = "all" that pool the per-task rows of several evaluations on disjoint
-    tasks (the single scenario: one variant per task), each `expert:<task>` counted as
-    "expert"; empty when the evaluations share tasks (multi: the same samples twice)."""
-    from ..analysis import sign_test
+    """Rows `eval` = "all" that pool the per-task rows of the single scenario's evaluations
+    (one per fine-tuned task, named after it), each `expert:<task>` counted as "expert":
 
+    - evaluations on disjoint tasks (each merge scored on its own task): one row, task "all";
+    - the paper's Table 1 (every evaluation scores the same tasks, and each is named after
+      one of them): rows task "all" (every cell of the grid), "unseen" (the cells off the
+      fine-tuned task) and "own" (the fine-tuned task's cells). A test sample then counts
+      once per fine-tuned task, each time for a different merge.
+
+    Empty otherwise (multi: two variants scored on the same samples, not to be pooled)."""
     rows = paired[paired["task"] != "all"]
     tasks_of = rows.groupby("eval")["task"].apply(set)
-    if len(tasks_of) < 2 or sum(map(len, tasks_of)) != len(set().union(*tasks_of)):
+    if len(tasks_of) < 2:
         return paired.iloc[0:0]
     rows = rows.assign(b=rows["b"].where(~rows["b"].str.startswith("expert:"), "expert"))
+    if sum(map(len, tasks_of)) == len(set().union(*tasks_of)):
+        return _pooled(rows, {"all": rows}, paired.columns)
+    shared = set.intersection(*tasks_of)
+    if all(ts == shared for ts in tasks_of) and set(tasks_of.index) <= shared:
+        own = rows["task"] == rows["eval"]
+        return _pooled(rows, {"all": rows, "unseen": rows[~own], "own": rows[own]}, paired.columns)
+    return paired.iloc[0:0]
+
+
+def _pooled(rows: pd.DataFrame, scopes: dict[str, pd.DataFrame], columns) -> pd.DataFrame:
+    """One row per (scope, a, b): the scope's paired counts summed, with the sign test."""
+    from ..analysis import sign_test
+
     out = []
-    for (a, b), g in rows.groupby(["a", "b"], sort=False):
-        n, both, oa, ob = (int(g[c].sum()) for c in ("n", "both", "only_a", "only_b"))
-        out.append({"eval": "all", "a": a, "b": b, "task": "all", "n": n, "both": both, "only_a": oa, "only_b": ob,
-                    "neither": n - both - oa - ob, "score_a": 100.0 * (both + oa) / n,
-                    "score_b": 100.0 * (both + ob) / n, "p_value": sign_test(oa, ob)})
-    return pd.DataFrame(out, columns=paired.columns)
+    for task, scope in scopes.items():
+        for (a, b), g in scope.groupby(["a", "b"], sort=False):
+            n, both, oa, ob = (int(g[c].sum()) for c in ("n", "both", "only_a", "only_b"))
+            out.append({"eval": "all", "a": a, "b": b, "task": task, "n": n, "both": both, "only_a": oa,
+                        "only_b": ob, "neither": n - both - oa - ob, "score_a": 100.0 * (both + oa) / n,
+                        "score_b": 100.0 * (both + ob) / n, "p_value": sign_test(oa, ob)})
+    return pd.DataFrame(out, columns=columns)
 
 
 def recall_weights(run_dir: Path) -> dict[str, Path]:
