@@ -299,7 +299,8 @@ def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedMo
     <run_dir>/eval_cache/ by that key and the prompts of that task, whatever its label: a
     model scored once on a task (the base in both variants of a scenario, an unchanged merge
     when a sibling method's setting changes, the same model in a longer task list) is never
-    generated for again on that task in this run directory."""
+    generated for again on that task in this run directory, and two labels of one model in
+    the same call are scored once."""
     import io
 
     from .manifest import stable_hash
@@ -329,9 +330,15 @@ def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedMo
     key = [split, max_samples, [(m.label, [cache[m.label][t] for t in asked[m.label]]) for m in models]]
 
     def run() -> dict:
-        todo = {m.label: [t for t in asked[m.label] if not run_dir.exists(f"{cache[m.label][t]}.scores.csv")]
-                for m in models}
-        todo = {label: ts for label, ts in todo.items() if ts}
+        # an entry asked of two labels (the same model under two names: SeqFT's and EWC's first
+        # step, the base in a list twice) is scored once, under the first; the others read it
+        claimed: set[str] = set()
+        todo = {}
+        for m in models:
+            for t in asked[m.label]:
+                if cache[m.label][t] not in claimed and not run_dir.exists(f"{cache[m.label][t]}.scores.csv"):
+                    todo.setdefault(m.label, []).append(t)
+                claimed.add(cache[m.label][t])
         seconds = {}
         if todo:
             log.info("evaluate: generating for %s (the other models and tasks cached)", todo)

@@ -178,6 +178,15 @@ def test_evaluation_cache_is_keyed_by_model_content_not_label(tiny_run, tiny_dir
                              ev.batch_size, 1, {"renamed": "third-key"})
     assert manifest.data["stages"]["fresh/evaluate"]["result"]["generated_tasks"] == {"renamed": ["sst2", "medmcqa"]}
     assert longer.equals(fresh) and list(dict.fromkeys(longer["task"])) == ["sst2", "medmcqa"]
+    # one model under two labels in one call (SeqFT's and EWC's first step): scored once, under
+    # the first label, and the second reads the same scores
+    twin = resolve_model("twin", str(tiny_experts[1]), str(tiny_dir))
+    both = evaluation_stage(manifest, root, "twins", [new, twin], ["sst2"], ev.data_dir, ev.split, 2,
+                            ev.batch_size, 1, {"renamed": "fourth-key", "twin": "fourth-key"})
+    assert manifest.data["stages"]["twins/evaluate"]["result"]["generated_tasks"] == {"renamed": ["sst2"]}
+    by = {label: g.drop(columns="model").reset_index(drop=True) for label, g in both.groupby("model")}
+    assert set(by) == {"renamed", "twin"} and by["renamed"].equals(by["twin"])
+    assert by["renamed"].equals(fresh[fresh["task"] == "sst2"].drop(columns="model").reset_index(drop=True))
     for where in ("longer", "fresh"):
         preds = pd.read_json(Path(cfg.run_dir) / where / "eval" / "predictions.jsonl", lines=True)
         assert preds.groupby("task").size().to_dict() == {"sst2": 2, "medmcqa": 2}
