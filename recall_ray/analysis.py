@@ -19,6 +19,7 @@ from .core.analysis import (  # noqa: F401  (the numbers, re-exported for notebo
     adjacent_layer_similarity,
     forgetting_table,
     paired_comparison,
+    paired_counts,
     sign_test,
     weight_summary,
 )

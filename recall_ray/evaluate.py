@@ -335,10 +335,10 @@ def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedMo
         claimed: set[str] = set()
         todo = {}
         for m in models:
-            for t in asked[m.label]:
-                if cache[m.label][t] not in claimed and not run_dir.exists(f"{cache[m.label][t]}.scores.csv"):
+            for t, entry_of_t in cache[m.label].items():
+                if entry_of_t not in claimed and not run_dir.exists(f"{entry_of_t}.scores.csv"):
                     todo.setdefault(m.label, []).append(t)
-                claimed.add(cache[m.label][t])
+                claimed.add(entry_of_t)
         seconds = {}
         if todo:
             log.info("evaluate: generating for %s (the other models and tasks cached)", todo)

@@ -75,6 +75,16 @@ def weight_summary(weights: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def paired_counts(both: int, only_a: int, only_b: int, neither: int) -> dict:
+    """A paired comparison's row from its four counts: n, the counts, each side's score
+    (percent right) and the sign test on the discordant samples."""
+    both, only_a, only_b, neither = int(both), int(only_a), int(only_b), int(neither)
+    n = both + only_a + only_b + neither
+    return {"n": n, "both": both, "only_a": only_a, "only_b": only_b, "neither": neither,
+            "score_a": 100.0 * (both + only_a) / n, "score_b": 100.0 * (both + only_b) / n,
+            "p_value": sign_test(only_a, only_b)}
+
+
 def sign_test(only_a: int, only_b: int) -> float:
     """Two-sided exact sign test (McNemar's exact test) of the discordant pairs: the
     probability, if both models were equally good, of a split at least this uneven."""
@@ -121,12 +131,7 @@ def paired_comparison(predictions: pd.DataFrame, a: str, b: str) -> pd.DataFrame
         raise ValueError(f"models {a!r} and {b!r} share no scored sample")
     if len(rows) > 1:
         rows.append(("all", pooled))
-    out = []
-    for task, (both, only_a, only_b, neither) in rows:
-        n = int(both + only_a + only_b + neither)
-        out.append({"task": task, "n": n, "both": int(both), "only_a": int(only_a), "only_b": int(only_b),
-                    "neither": int(neither), "score_a": 100.0 * (both + only_a) / n,
-                    "score_b": 100.0 * (both + only_b) / n, "p_value": sign_test(int(only_a), int(only_b))})
+    out = [{"task": task, **paired_counts(*counts)} for task, counts in rows]
     return pd.DataFrame(out).assign(a=a, b=b)[["a", "b", "task", "n", "both", "only_a", "only_b", "neither",
                                                  "score_a", "score_b", "p_value"]]
 

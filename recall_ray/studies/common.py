@@ -286,15 +286,13 @@ def pooled_over_evals(paired: pd.DataFrame) -> pd.DataFrame:
 
 def _pooled(rows: pd.DataFrame, scopes: dict[str, pd.DataFrame], columns) -> pd.DataFrame:
     """One row per (scope, a, b): the scope's paired counts summed, with the sign test."""
-    from ..analysis import sign_test
+    from ..analysis import paired_counts
 
     out = []
     for task, scope in scopes.items():
         for (a, b), g in scope.groupby(["a", "b"], sort=False):
-            n, both, oa, ob = (int(g[c].sum()) for c in ("n", "both", "only_a", "only_b"))
-            out.append({"eval": "all", "a": a, "b": b, "task": task, "n": n, "both": both, "only_a": oa,
-                        "only_b": ob, "neither": n - both - oa - ob, "score_a": 100.0 * (both + oa) / n,
-                        "score_b": 100.0 * (both + ob) / n, "p_value": sign_test(oa, ob)})
+            counts = [int(g[c].sum()) for c in ("both", "only_a", "only_b", "neither")]
+            out.append({"eval": "all", "a": a, "b": b, "task": task, **paired_counts(*counts)})
     return pd.DataFrame(out, columns=columns)
 
 
