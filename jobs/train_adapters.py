@@ -11,6 +11,11 @@ regenerated without training. Existing adapters are kept unless --force.
 
 Config keys: base, out, split, finetune (FinetuneConfig fields shared by every task),
 tasks ({task: {FinetuneConfig overrides}}).
+
+A budget ladder: with `finetune.snapshot_every: N`, every N-th step's adapter is kept in
+runs/ladders/<config name>/<task>/step-NNNNNNN/ (a loadable adapter with its recall_ray.json),
+and a later run of the same config with more `steps` (and --force) goes on from the newest
+snapshot instead of starting over (recall_ray.cluster.finetune.finetune_lora).
 """
 
 from __future__ import annotations
@@ -70,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     shutil.rmtree(out)
                 t0 = time.perf_counter()
-                finetune_lora(str(base), records, cfg, str(out), str(REPO / "runs" / "adapter_training"), task=task)
+                ladder = REPO / "runs" / "ladders" / Path(args.config).stem / task if cfg.snapshot_every else None
+                finetune_lora(str(base), records, cfg, str(out), str(REPO / "runs" / "adapter_training"), task=task,
+                              snapshot_dir=str(ladder) if ladder else None)
                 print(f"{task}: adapter in {out} ({time.perf_counter() - t0:.0f}s, {len(records)} records)", flush=True)
 
     return guarded("train_adapters", args.verbose, run)[0]

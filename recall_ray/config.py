@@ -87,10 +87,17 @@ class FinetuneConfig(Section):
     # up to `max_failures` times from the last checkpoint; the adapter is the same bit for bit.
     checkpoint_every: int = Field(0, ge=0)
     max_failures: int = Field(0, ge=0)
+    # Snapshots (with `finetune_lora(..., snapshot_dir=...)`): every `snapshot_every` steps and
+    # at the last one, the adapter and the full training state are written to the snapshot
+    # directory. A later run with more `steps` and the same directory goes on from the newest
+    # snapshot, so a budget ladder (1, 2, 3 epochs) is trained once, in resumable pieces: the
+    # learning rate is constant and the batch order's prefix does not depend on `steps`, so
+    # the snapshot at step k is the adapter of a k-step run, bit for bit.
+    snapshot_every: int = Field(0, ge=0)
 
     # Settings of how the training runs, not of what it learns: left out of the fine-tune
     # stages' keys, so that adding one keeps finished (and exported) adapters reusable.
-    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "max_failures"})
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "max_failures", "snapshot_every"})
 
     def key(self) -> dict:
         return self.model_dump(exclude=set(self.OPERATIONAL))

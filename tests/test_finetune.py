@@ -244,3 +244,68 @@ def test_a_worker_killed_mid_training_resumes_from_its_checkpoint(two_runs, tiny
         (Path(plain) / "adapter_model.safetensors").read_bytes()
     assert json.loads((Path(out) / META_FILE).read_text()) == json.loads((Path(plain) / META_FILE).read_text())
     assert sorted(p.name for p in Path(out).iterdir()) == sorted(p.name for p in Path(plain).iterdir())
+
+
+def test_a_longer_run_goes_on_from_the_ladders_snapshot(two_runs, tiny_dir, sst2_records, tmp_path):
+    """A 2-step run snapshots every step; a 3-step run given the same snapshot directory
+    trains step 3 alone (step 1 is trapped to fail) and ends with the undisturbed 3-step
+    run's adapter, bit for bit. Each snapshot holds a loadable adapter of its step."""
+    from conftest import FAULTS
+    from recall_ray.cluster.finetune import snapshot_path, snapshot_steps
+
+    _, (plain, _), _ = two_runs
+    snaps = tmp_path / "snaps"
+    finetune_lora(str(tiny_dir), sst2_records, small_finetune_cfg(steps=2, snapshot_every=1), str(tmp_path / "two"),
+                  str(tmp_path / "ray"), task="sst2", snapshot_dir=str(snaps))
+    assert snapshot_steps(str(snaps)) == [1, 2]
+    assert (Path(snapshot_path(str(snaps), 2)) / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "two" / "adapter_model.safetensors").read_bytes()
+    (FAULTS / "finetune-step-1").write_text("ENOSPC")  # a run that started over would fail at step 1
+    try:
+        out = finetune_lora(str(tiny_dir), sst2_records, small_finetune_cfg(snapshot_every=1), str(tmp_path / "three"),
+                            str(tmp_path / "ray"), task="sst2", snapshot_dir=str(snaps))
+    finally:
+        (FAULTS / "finetune-step-1").unlink(missing_ok=True)
+    assert snapshot_steps(str(snaps)) == [1, 2, 3]
+    assert [json.loads((Path(snapshot_path(str(snaps), k)) / META_FILE).read_text())["steps"] for k in (1, 2, 3)] \
+        == [1, 2, 3]
+    assert (Path(out) / "adapter_model.safetensors").read_bytes() == \
+        (Path(plain) / "adapter_model.safetensors").read_bytes()
+    assert [p.name for p in snaps.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_a_snapshot_directory_of_another_training_is_refused(ray_session, tiny_dir, sst2_records, tmp_path):
+    from recall_ray.cluster.finetune import LADDER_FILE
+
+    snaps = tmp_path / "snaps"
+    snaps.mkdir()
+    (snaps / LADDER_FILE).write_text(json.dumps({"key": "another"}))
+    with pytest.raises(ValueError, match="belongs to another training"):
+        finetune_lora(str(tiny_dir), sst2_records, small_finetune_cfg(), str(tmp_path / "a"), str(tmp_path / "ray"),
+                      task="sst2", snapshot_dir=str(snaps))
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(ValueError, match="snapshot_every needs a snapshot directory"):
+        finetune_lora(str(tiny_dir), sst2_records, small_finetune_cfg(snapshot_every=2), str(tmp_path / "a"),
+                      str(tmp_path / "ray"), task="sst2")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "adapters").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_committed_adapter_config_is_valid(path):
+    """Each task's settings validate, its split exists, and a ladder's rungs fall on whole
+    epochs of its split (ceil(records / batch) steps)."""
+    import math
+
+    import yaml
+
+    from recall_ray.config import FinetuneConfig
+    from recall_ray.splits import load_split
+
+    spec = yaml.safe_load(path.read_text())
+    assert set(spec) <= {"base", "out", "split", "finetune", "tasks"}
+    for task, over in spec["tasks"].items():
+        cfg = FinetuneConfig(**{**spec.get("finetune", {}), **(over or {})})
+        records = load_split(DATA, task, spec.get("split", "train"), max_samples=cfg.max_samples)
+        if cfg.snapshot_every:
+            assert cfg.snapshot_every == math.ceil(len(records) / cfg.batch_size), task
+            assert cfg.steps % cfg.snapshot_every == 0, task

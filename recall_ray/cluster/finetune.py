@@ -119,23 +119,76 @@ RESUME_FILE = "resume_state.pt"
 RESUME_DIR = "resume-step-"  # + the step, zero-padded: the newest sorts last
 
 
+def _training_state(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                    loss: float) -> dict:
+    """Everything a resumed run needs to go on as if it had never stopped: the trainable
+    (LoRA) weights, the optimizer's state, the random generators' state (dropout), the step."""
+    return {"step": step, "loss": loss, "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "params": {n: p.detach().cpu().clone() for n, p in peft_model.named_parameters() if p.requires_grad},
+            "optimizer": optimizer.state_dict()}
+
+
+def _restore(state: dict, peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
+    """Put a `_training_state` back; returns (the first step to run, the last loss)."""
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for n, t in state["params"].items():
+            params[n].copy_(t.to(params[n].device))
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"]) + 1, float(state["loss"])
+
+
 def _checkpoint(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, loss: float,
                 rank: int) -> None:
-    """Report a checkpoint to resume from: the trainable (LoRA) weights, the optimizer's
-    state, the random generators' state (dropout) and the step, in a folder named after the
+    """Report a checkpoint to resume from (`_training_state`), in a folder named after the
     step. Every rank reports (a barrier); rank 0 carries the files (DDP keeps the ranks'
     weights equal). The files are in the run's storage when `report` returns."""
     import ray.train
 
-    state = {"step": step, "loss": loss, "rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-             "params": {n: p.detach().cpu().clone() for n, p in peft_model.named_parameters() if p.requires_grad},
-             "optimizer": optimizer.state_dict()}
+    state = _training_state(peft_model, optimizer, step, loss)
     with tempfile.TemporaryDirectory(prefix="rr_resume_") as tmp:
         if rank == 0:
             torch.save(state, os.path.join(tmp, RESUME_FILE))
         ray.train.report({"step": step, "loss": loss}, checkpoint_dir_name=f"{RESUME_DIR}{step:07d}",
                          checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
+SNAPSHOT_DIR = "step-"  # + the step, zero-padded (7 digits): the newest sorts last
+SNAPSHOT_META = "snapshot.json"
+
+
+def snapshot_steps(snapshot_dir: str) -> list[int]:
+    """The steps of the complete snapshots in `snapshot_dir`, ascending (a snapshot is renamed
+    into place only when written whole, so every `step-*` folder is complete)."""
+    if not os.path.isdir(snapshot_dir):
+        return []
+    return sorted(int(e[len(SNAPSHOT_DIR):]) for e in os.listdir(snapshot_dir)
+                  if e.startswith(SNAPSHOT_DIR) and e[len(SNAPSHOT_DIR):].isdigit())
+
+
+def snapshot_path(snapshot_dir: str, step: int) -> str:
+    return os.path.join(snapshot_dir, f"{SNAPSHOT_DIR}{step:07d}")
+
+
+def _snapshot(model: torch.nn.Module, peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              step: int, loss: float, snapshot_dir: str) -> None:
+    """Rank 0 writes the adapter at this step and the training state into
+    `snapshot_dir/step-NNNNNNN/`, built under a temporary name and renamed in when whole."""
+    os.makedirs(snapshot_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{SNAPSHOT_DIR}{step:07d}.tmp-", dir=snapshot_dir)
+    try:
+        _save_adapter(model, tmp, use_deepspeed=False, rank=0)
+        torch.save(_training_state(peft_model, optimizer, step, loss), os.path.join(tmp, RESUME_FILE))
+        with open(os.path.join(tmp, SNAPSHOT_META), "w") as fh:
+            json.dump({"step": step, "loss": loss}, fh)
+        os.replace(tmp, snapshot_path(snapshot_dir, step))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _resume_states() -> list:
@@ -157,9 +210,12 @@ def _resume_states() -> list:
     return sorted(found, key=lambda c: c.path.rstrip("/").rsplit("/", 1)[-1], reverse=True)
 
 
-def _resume(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> tuple[int, float]:
-    """(the first step to run, the last loss) after restoring the latest checkpoint of this
-    run when the worker was restarted; (1, nan) for a fresh start."""
+def _resume(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
+            snapshot_dir: str | None, steps: int) -> tuple[int, float]:
+    """(the first step to run, the last loss) after restoring the latest state of this
+    training: a checkpoint of this run when the worker was restarted, or the newest snapshot
+    of at most `steps` in `snapshot_dir` (an earlier, shorter run of the same ladder),
+    whichever is further on; (1, nan) for a fresh start."""
     for ckpt in _resume_states():
         try:
             with ckpt.as_directory() as d:
@@ -167,18 +223,18 @@ def _resume(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank:
         except (OSError, RuntimeError, EOFError) as e:  # cut short by the failure: the one before
             logger.warning("checkpoint %s unreadable (%s); trying an older one", ckpt.path, e)
             continue
-        params = dict(peft_model.named_parameters())
-        with torch.no_grad():
-            for n, t in state["params"].items():
-                params[n].copy_(t.to(params[n].device))
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        if rank == 0:
-            logger.info("resumed from the checkpoint of step %d", state["step"])
-        return int(state["step"]) + 1, float(state["loss"])
-    return 1, float("nan")
+        break
+    else:
+        state = None
+    done = [s for s in snapshot_steps(snapshot_dir) if s <= steps] if snapshot_dir else []
+    if done and (state is None or done[-1] > state["step"]):
+        state = torch.load(os.path.join(snapshot_path(snapshot_dir, done[-1]), RESUME_FILE),
+                           map_location="cpu", weights_only=False)  # ours
+    if state is None:
+        return 1, float("nan")
+    if rank == 0:
+        logger.info("resumed from the state of step %d", state["step"])
+    return _restore(state, peft_model, optimizer)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -219,7 +275,9 @@ def train_loop_per_worker(config: dict) -> None:
     model.train()
     # Dropout masks differ per rank but are reproducible for a given seed.
     torch.manual_seed(cfg.seed + rank)
-    first_step, loss_value = _resume(peft_model, optimizer, rank)  # a restarted worker goes on from its checkpoint
+    snapshot_dir = config.get("snapshot_dir")
+    # A restarted worker goes on from its checkpoint; a longer run of a ladder, from its snapshot.
+    first_step, loss_value = _resume(peft_model, optimizer, rank, snapshot_dir, cfg.steps)
 
     log_every = max(1, min(10, cfg.steps // 5))
     penalty_value = float("nan")
@@ -250,6 +308,8 @@ def train_loop_per_worker(config: dict) -> None:
         fault_point(f"finetune-step-{step}")  # tests: a worker that dies after a step, before its checkpoint
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
             _checkpoint(peft_model, optimizer, step, loss_value, rank)
+        if snapshot_dir and rank == 0 and (step == cfg.steps or cfg.snapshot_every and step % cfg.snapshot_every == 0):
+            _snapshot(model, peft_model, optimizer, step, loss_value, snapshot_dir)
 
     final = torch.tensor([loss_value], dtype=torch.float64, device=device)
     if world > 1:  # report the mean last-step loss over ranks
@@ -308,8 +368,13 @@ def _validate_ewc(base_dir: str, cfg: FinetuneConfig, ewc_fisher: str | None, ew
 
 
 def validate_inputs(base_dir: str, records: Sequence[dict], cfg: FinetuneConfig, out_dir: str,
-              ewc_fisher: str | None = None, ewc_lambda: float = 0.0) -> None:
+              ewc_fisher: str | None = None, ewc_lambda: float = 0.0, snapshot_dir: str | None = None) -> None:
     """Cheap checks before any Ray work, each naming the fix."""
+    if cfg.snapshot_every and snapshot_dir is None:
+        raise ValueError("finetune.snapshot_every needs a snapshot directory (finetune_lora(snapshot_dir=...),"
+                         " jobs/train_adapters.py sets one)")
+    if snapshot_dir is not None and cfg.deepspeed is not None:
+        raise ValueError("snapshots are not supported with DeepSpeed (its ZeRO-3 state is sharded): unset one of them")
     if not (Path(base_dir) / "config.json").is_file():
         raise ValueError(f"base model {base_dir} has no config.json: pass a Hugging Face model directory")
     if not records:
@@ -350,9 +415,39 @@ def _is_uri(path: str) -> bool:
     return "://" in path
 
 
+def ladder_key(fingerprint: str, records: Sequence[dict], cfg: FinetuneConfig, ewc_fisher: str | None,
+               ewc_lambda: float) -> str:
+    """What the snapshots of one training ladder share: everything that decides the adapter
+    but the number of steps. A snapshot directory made under another key is refused."""
+    from ..manifest import stable_hash
+
+    return stable_hash({"base": fingerprint, "records": [[r["prompt"], r["target"]] for r in records],
+                        "finetune": {k: v for k, v in cfg.key().items() if k != "steps"},
+                        "ewc": [ewc_fisher, float(ewc_lambda)]})
+
+
+LADDER_FILE = "ladder.json"
+
+
+def _claim_snapshot_dir(snapshot_dir: str, key: str) -> None:
+    """Record the ladder's key in a new snapshot directory, or check an existing one's."""
+    path = os.path.join(snapshot_dir, LADDER_FILE)
+    if os.path.isfile(path):
+        with open(path) as fh:
+            found = json.load(fh).get("key")
+        if found != key:
+            raise ValueError(f"snapshot directory {snapshot_dir} belongs to another training (other base, data or"
+                             " settings than these): remove it or choose another")
+        return
+    os.makedirs(snapshot_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as fh:
+        json.dump({"key": key}, fh)
+    os.replace(path + ".tmp", path)
+
+
 def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_dir: str, storage_dir: str,
                   *, task: str = "task", run_name: str | None = None, ewc_fisher: str | None = None,
-                  ewc_lambda: float = 0.0) -> str:
+                  ewc_lambda: float = 0.0, snapshot_dir: str | None = None) -> str:
     """Fine-tune a LoRA adapter of `base_dir` on `records` ({"prompt", "target"} dicts, e.g.
     from `load_task_records`; the first `cfg.max_samples` are used) and write it to `out_dir`.
 
@@ -373,6 +468,13 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     (on a cluster: a path every node sees). `final_loss` stays the task loss; recall_ray.json
     records the lambda, the Fisher and the last step's penalty. `ewc_lambda` 0 adds an exact
     zero (the same adapter as no Fisher). Not supported with DeepSpeed.
+
+    Snapshots: with `snapshot_dir` (a path every worker can read), rank 0 writes the adapter
+    and the training state there every `cfg.snapshot_every` steps and at the last step
+    (`step-NNNNNNN/`), and the run starts from the newest snapshot of at most `cfg.steps`
+    steps found there: a run to 450 steps after one to 225 trains only steps 226-450, and
+    ends with the same adapter as one run of 450 steps. The directory records the training's
+    key (`ladder_key`): a directory of another training is refused.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -382,9 +484,12 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     base_dir = os.path.abspath(base_dir)  # workers may not share the driver's cwd
     out_dir = os.path.abspath(out_dir)
     ewc_fisher = os.path.abspath(ewc_fisher) if ewc_fisher is not None else None
-    validate_inputs(base_dir, records, cfg, out_dir, ewc_fisher, ewc_lambda)
+    snapshot_dir = os.path.abspath(snapshot_dir) if snapshot_dir is not None else None
+    validate_inputs(base_dir, records, cfg, out_dir, ewc_fisher, ewc_lambda, snapshot_dir)
     records = [{"prompt": r["prompt"], "target": r["target"]} for r in records[:cfg.max_samples]]
     fingerprint = content_fingerprint(base_dir)  # fails early on a directory without weights
+    if snapshot_dir is not None:
+        _claim_snapshot_dir(snapshot_dir, ladder_key(fingerprint, records, cfg, ewc_fisher, ewc_lambda))
 
     threads = worker_cpus(cfg, ray.cluster_resources().get("CPU", 1.0))
     run_name = run_name or f"finetune-{task}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -392,7 +497,8 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "base_dir": base_dir, "records": records,
-                           "ewc_fisher": ewc_fisher, "ewc_lambda": float(ewc_lambda), "threads": threads},
+                           "ewc_fisher": ewc_fisher, "ewc_lambda": float(ewc_lambda), "threads": threads,
+                           "snapshot_dir": snapshot_dir},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": threads}
@@ -417,6 +523,15 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     if ewc_fisher is not None:
         meta["ewc"] = {"fisher": ewc_fisher, "lambda": float(ewc_lambda),
                        "final_penalty": float(result.metrics["final_ewc_penalty"])}
+    if snapshot_dir is not None:  # each snapshot is an adapter too: label it as one
+        for step in snapshot_steps(snapshot_dir):
+            label = os.path.join(snapshot_path(snapshot_dir, step), META_FILE)
+            if not os.path.isfile(label):
+                with open(os.path.join(snapshot_path(snapshot_dir, step), SNAPSHOT_META)) as fh:
+                    loss = json.load(fh)["loss"]
+                with open(label + ".tmp", "w") as fh:
+                    json.dump({**meta, "steps": step, "final_loss": loss}, fh, indent=2)
+                os.replace(label + ".tmp", label)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     # Build the output next to its final place (same filesystem) and rename it in only when
