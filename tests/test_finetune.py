@@ -292,8 +292,8 @@ def test_a_snapshot_directory_of_another_training_is_refused(ray_session, tiny_d
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "adapters").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_committed_adapter_config_is_valid(path):
-    """Each task's settings validate, its split exists, and a ladder's rungs fall on whole
-    epochs of its split (ceil(records / batch) steps)."""
+    """Each task's settings validate, its split exists, and a ladder's snapshots fall on every
+    whole epoch of its split (ceil(records / batch) steps), which its steps end on."""
     import math
 
     import yaml
@@ -307,5 +307,5 @@ def test_every_committed_adapter_config_is_valid(path):
         cfg = FinetuneConfig(**{**spec.get("finetune", {}), **(over or {})})
         records = load_split(DATA, task, spec.get("split", "train"), max_samples=cfg.max_samples)
         if cfg.snapshot_every:
-            assert cfg.snapshot_every == math.ceil(len(records) / cfg.batch_size), task
-            assert cfg.steps % cfg.snapshot_every == 0, task
+            epoch = math.ceil(len(records) / cfg.batch_size)
+            assert epoch % cfg.snapshot_every == 0 and cfg.steps % epoch == 0, task
