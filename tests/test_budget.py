@@ -36,3 +36,16 @@ def test_no_rung_meeting_the_rule_takes_the_largest_and_says_so():
     assert choose_rung([a, b]) == (b, False)
     with pytest.raises(ValueError, match="no rungs"):
         choose_rung([])
+
+
+def test_paired_counts_of_hits_and_of_log_likelihoods():
+    from recall_ray.core.budget import paired_counts_of
+
+    hits_e = np.array([True, True, False, False, True])
+    hits_b = np.array([False, True, True, False, False])
+    assert paired_counts_of(hits_e, hits_b) == (2, 1)  # samples 0 and 4; sample 2
+    lp_e = np.array([-1.0, -2.0, -3.0, -0.5])
+    lp_b = np.array([-1.5, -2.0, -2.0, -0.7])
+    assert paired_counts_of(lp_e, lp_b) == (2, 1)  # ties count for neither
+    with pytest.raises(ValueError, match="one length"):
+        paired_counts_of(lp_e, lp_b[:3])

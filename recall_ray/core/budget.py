@@ -60,3 +60,17 @@ def choose_rung(rungs: list[Rung], alpha: float = ALPHA) -> tuple[Rung, bool]:
         if rung.accepted(alpha):
             return rung, True
     return ordered[-1], False
+
+
+def paired_counts_of(expert, base) -> tuple[int, int]:
+    """(samples where the expert is ahead, samples where the base is): hits (bool) or any
+    per-sample score where higher is better (IWSLT's reference log-likelihood), paired by
+    position; equal values are ties and count for neither."""
+    import numpy as np
+
+    a, b = np.asarray(expert), np.asarray(base)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired per-sample values must be two vectors of one length, got {a.shape} and {b.shape}")
+    if a.dtype == bool:
+        a, b = a.astype(np.int8), b.astype(np.int8)
+    return int((a > b).sum()), int((a < b).sum())
