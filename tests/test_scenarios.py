@@ -384,7 +384,28 @@ def test_bad_scenario_configs_are_refused(tmp_path, experts_dir, tiny_dir):
         preflight(load_scenario(write({**good, "tasks": ["sst2", "nope"]})))
     with pytest.raises(ConfigError, match="recall.max_samples=5000 exceeds"):
         preflight(load_scenario(write({**good, "recall": {"max_samples": 5000}})))
+    with pytest.raises(ConfigError, match="recall_variants name 'Bad-Name'"):
+        load_scenario(write({**good, "recall_variants": {"Bad-Name": {"similarity": {"preset": "validated"}}}}))
+    with pytest.raises(ConfigError, match="recall_variants.l2.only names \\['sst2'\\], not variants"):
+        load_scenario(write({**good, "recall_variants": {"l2": {"similarity": {"preset": "validated"}, "only": ["sst2"]}}}))
+    with pytest.raises(ConfigError, match="task_max_length must be > 8"):
+        load_scenario(write({**good, "recall": {"task_max_length": {"race": 4}}}))
     assert not (tmp_path / "r").exists()
+
+
+def test_the_committed_tables_use_the_jobs_default_similarity():
+    """Every scenario's RECALL row is the job's default similarity (jobs/merge.py: the
+    paper's literal setting); the passage tasks are represented at their fine-tune length."""
+    from recall_ray.config import SimilarityConfig
+
+    default = SimilarityConfig().key()
+    for name in ("single", "multi", "sequential", "sequential_paper"):
+        cfg = load_scenario(str(REPO / "configs" / "scenarios" / f"{name}.yaml"))
+        assert cfg.recall.similarity.key() == default, name
+        assert cfg.recall.max_length_for("race") == cfg.recall.max_length_for("squad_v2") == 256, name
+    multi = load_scenario(str(REPO / "configs" / "scenarios" / "multi.yaml"))
+    assert set(multi.recall_variants) == {"validated", "shift", "relative_distance"}
+    assert "dare_average_with_base" in multi.methods and "dare_average" in multi.methods
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "scenarios").glob("*.yaml")))
