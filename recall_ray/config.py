@@ -251,6 +251,21 @@ class RecallSettings(RecallSections):
 
     max_samples: int = Field(200, gt=0)  # new-task train samples represented and clustered
     max_length: int = Field(128, gt=8)
+    # per new task, the tokens represented when not max_length: the fine-tune's length for the
+    # tasks whose prompts carry a passage (e.g. {squad_v2: 256, race: 256}), so that the
+    # typical samples are the text the expert was trained on
+    task_max_length: dict[str, int] = {}
+
+    @field_validator("task_max_length")
+    @classmethod
+    def _lengths(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {t: n for t, n in v.items() if n <= 8}
+        if bad:
+            raise ValueError(f"every task_max_length must be > 8 tokens, got {bad}")
+        return v
+
+    def max_length_for(self, task: str) -> int:
+        return self.task_max_length.get(task, self.max_length)
 
 
 class RunConfig(RecallSections):
@@ -275,6 +290,12 @@ class RunConfig(RecallSections):
         labels = [m.label for m in self.experts]
         if len(set(labels)) != len(labels):
             raise ValueError(f"experts have duplicate names {labels}: give each a distinct `name`")
+        if not self.include_base:
+            from .core.merge_methods import METHODS
+
+            bad = [m for m in self.evaluate.baselines if METHODS[m].needs_base]
+            if bad:
+                raise ValueError(f"evaluate.baselines {bad} average the base in: set include_base: true or drop them")
         return self
 
     @property

@@ -158,6 +158,13 @@ def finite_check(models: list[ResolvedModel], fingerprints: dict[str, str], run_
 
 # -------------------------------------------------------------------------- the stages
 
+# What the representations are of, in the stages' keys: prompt + target tokenised apart and cut
+# by the fine-tune's rule (core.sft.represented_ids). Representations cut the old way (the
+# joined text cut from the right, which kept a long record's passage and lost its question)
+# are recomputed, not reused.
+REPRESENTED = "prompt+target, keep_end"
+
+
 @dataclass
 class Run:
     """What the stages of one job share: the plan, where they write, what they produced."""
@@ -194,7 +201,7 @@ class Run:
 
     def reps_opts(self) -> list:
         r = self.cfg.representations
-        return [self.cfg.task.max_length, r.exclude_first_token, r.dtype]
+        return [self.cfg.task.max_length, r.exclude_first_token, r.dtype, REPRESENTED]
 
 
 @dataclass(frozen=True)
@@ -471,8 +478,9 @@ def run_pipeline(cfg: RunConfig, plan: Plan | None = None) -> PipelineResult:
     })
     if cfg.merge.check_finite:  # done before the run directory existed: recorded now
         manifest.record("finite_check", *finite)
-    run.items = [{"sample_idx": i, "sample_id": r["sample_id"], "text": r["prompt"] + r["target"]}
-                 for i, r in enumerate(plan.records)]
+    # prompt and target apart: the representation stage cuts them as the fine-tune does (core.sft.keep_end)
+    run.items = [{"sample_idx": i, "sample_id": r["sample_id"], "text": r["prompt"] + r["target"],
+                  "prompt": r["prompt"], "target": r["target"]} for i, r in enumerate(plan.records)]
 
     for stage in STAGES:
         if not stage.when(run):

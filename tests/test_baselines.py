@@ -58,3 +58,28 @@ def test_bad_requests():
         build_method("recall", G, K, True, CFG)
     with pytest.raises(ValueError, match="one loss per model"):
         build_method("lm_cocktail", G, K, True, CFG, losses=[1.0])
+
+
+def test_dare_average_with_the_base_among_the_averaged_models():
+    """The paper's DARE+Avg with the base: the base is one of the K averaged models (its task
+    vector is 0), so the merge is base + sum_q DARE(delta_q) / K, in float64 from the DARE
+    masks; ours without it (dare_average) divides by the K - 1 experts instead."""
+    import torch
+
+    from test_merge_methods import recover_dare_mask
+
+    g = torch.Generator().manual_seed(7)
+    shape = (6, 5)
+    tensors = [torch.randn(*shape, generator=g) for _ in range(K)]
+    with_base = build_method("dare_average_with_base", G, K, True, CFG)
+    assert (with_base.kind, with_base.density, with_base.lam, with_base.normalize, with_base.seed) == (
+        "dare_linear", pytest.approx(0.2), 1.0, False, 5)
+    got = with_base.merge_tensor(lambda q: tensors[q], 1, "blk.1").to(torch.float64).numpy()
+    t = [x.to(torch.float64).numpy() for x in tensors]
+    keep = {q: recover_dare_mask("blk.1", q, 5, 1 - CFG.dare_drop, shape) for q in range(1, K)}
+    want = t[0] + sum(keep[q] * (t[q] - t[0]) / (1 - CFG.dare_drop) for q in range(1, K)) / K
+    assert np.allclose(got, want, atol=1e-5)
+    without = build_method("dare_average", G, K, True, CFG).merge_tensor(lambda q: tensors[q], 1, "blk.1")
+    assert np.allclose(got - t[0], (without.to(torch.float64).numpy() - t[0]) * (K - 1) / K, atol=1e-5)
+    with pytest.raises(ValueError, match="averages the base .* include_base true"):
+        build_method("dare_average_with_base", G, K, False, CFG)

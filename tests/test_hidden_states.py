@@ -72,3 +72,51 @@ def test_one_extractor_for_several_models_equals_one_per_model(tiny_dir, tiny_ex
     # the two models differ, so a swapped model index would fail above
     assert not np.array_equal(np.asarray(many.column(layer_column(2)).to_pylist()[:3]),
                               np.asarray(many.column(layer_column(2)).to_pylist()[3:]))
+
+
+def test_long_record_is_represented_as_the_fine_tune_cuts_it(tiny_dir):
+    """A RACE record far longer than max_length: the represented ids are its prompt's end and
+    its target (the fine-tune's rule: the article's start is cut, the question, options and
+    answer stay), and the extractor pools exactly those tokens (float64 reference)."""
+    from recall_ray.core.sft import build_example, represented_batch
+    from recall_ray.core.templates import load_task_records
+
+    from conftest import DATA
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    rec = load_task_records(str(DATA / "race" / "train.jsonl"), "race", 1)[0]
+    p_ids = tok(rec["prompt"])["input_ids"]
+    t_ids = tok(rec["target"], add_special_tokens=False)["input_ids"]
+    end = rec["prompt"][rec["prompt"].index("### Question:"):]  # question, options, response cue
+    L = len(tok(end)["input_ids"]) + len(t_ids) + 8  # room for them and a little of the article
+    assert len(p_ids) > 2 * L  # the article overflows
+    enc = represented_batch(tok, [rec["prompt"]], [rec["target"]], L)
+    ids = enc["input_ids"][0].tolist()
+    assert len(ids) == L and enc["attention_mask"].sum() == L
+    # ends with the target, after the prompt's last tokens: the options and the response cue
+    assert ids[-len(t_ids):] == t_ids
+    assert ids[:-len(t_ids)] == p_ids[-(L - len(t_ids)):]
+    text = tok.decode(ids)
+    assert text.endswith(end + rec["target"])  # the whole question, options and target
+    assert not text.startswith(rec["prompt"][:40])  # the article's start is what went
+    # the fine-tune's example is the same tokens, with its EOS and one prompt token less
+    train_ids, _ = build_example(p_ids, t_ids, tok.eos_token_id, L)
+    assert train_ids[:-1] == ids[1:] and train_ids[-1] == tok.eos_token_id
+
+    model = resolve_model("m", str(tiny_dir), str(tiny_dir))
+    ext = RepresentationExtractor(model, max_length=L, exclude_first_token=False, dtype="float32")
+    short = load_task_records(str(DATA / "sst2" / "train.jsonl"), "sst2", 1)[0]
+    table = ext({"prompt": np.array([rec["prompt"], short["prompt"]], dtype=object),
+                 "target": np.array([rec["target"], short["target"]], dtype=object),
+                 "text": np.array([rec["prompt"] + rec["target"], short["prompt"] + short["target"]], dtype=object),
+                 "sample_idx": np.arange(2), "sample_id": np.array(["long", "short"], dtype=object)})
+    lm = load_causal_lm(model)
+    short_ids = tok(short["prompt"])["input_ids"] + tok(short["target"], add_special_tokens=False)["input_ids"]
+    assert len(short_ids) < L  # a record that fits is represented whole
+    for j, want in enumerate([ids, short_ids]):
+        with torch.no_grad():
+            hs = lm(input_ids=torch.tensor([want]), output_hidden_states=True).hidden_states
+        for i, h in enumerate(hs):
+            expect = h[0].to(torch.float64).numpy().mean(axis=0)
+            got = np.asarray(table.column(layer_column(i))[j].as_py())
+            np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)

@@ -46,7 +46,7 @@ def _cfg(tmp: Path, experts_dir: Path, tiny_dir: Path, **extra) -> ScenarioConfi
 @pytest.fixture(scope="module")
 def multi(tmp_path_factory, experts_dir, tiny_dir, ray_session):
     tmp = tmp_path_factory.mktemp("multi")
-    cfg = _cfg(tmp, experts_dir, tiny_dir)
+    cfg = _cfg(tmp, experts_dir, tiny_dir, recall_variants={"l2": {"similarity": {"preset": "validated"}}})
     return cfg, run_scenario(cfg)
 
 
@@ -62,6 +62,9 @@ def test_multi_table_has_every_variant_and_model(multi):
               "without_base/recall/weights.csv", "without_base/eval/predictions.jsonl",
               "without_base/merged/ties/mergekit.yaml", "without_base/recall/merged/mergekit.yaml"):
         assert (run / f).exists(), f
+    # DARE+Avg with the base among the averaged models has no meaning without the base: no row
+    assert ("without_base", "dare_average_with_base") not in rows
+    assert not (run / "without_base" / "merged" / "dare_average_with_base").exists()
     # experts are scored on their own task only
     s = result.scores
     assert set(s.loc[s["model"] == "expert:sst2", "task"]) == {"sst2"}
@@ -98,6 +101,30 @@ def test_merged_tensors_match_float64_reference(multi, tiny_dir, tiny_experts, v
         st = float64_state(run / "merged" / method)
         assert set(st) == set(base)
         assert any(not np.array_equal(st[n], base[n]) for n in st), method
+
+
+def test_recall_variant_rows_are_recall_with_their_own_similarity(multi, tiny_dir, tiny_experts):
+    """A recall_variants entry is a second RECALL merge with its similarity (here the
+    validated preset, L2 and T 0.02): rows recall_l2 and recall_l2_layer_constant, each
+    merged tensor the float64 sum of its own weights.csv, scored beside recall."""
+    cfg, result = multi
+    run = Path(cfg.run_dir) / "without_base"
+    rows = set(zip(result.table["variant"], result.table["model"]))
+    assert {("without_base", "recall_l2"), ("without_base", "recall_l2_layer_constant")} <= rows
+    main = pd.read_csv(run / "recall" / "weights.csv")
+    w = pd.read_csv(run / "recall_l2" / "recall" / "weights.csv")
+    manifest = yaml.safe_load((run / "recall_l2" / "recall" / "manifest.json").read_text())
+    assert manifest["config"]["similarity"]["normalize"] == "l2" and manifest["config"]["similarity"]["temperature"] == 0.02
+    assert not np.allclose(w["weight"], main["weight"])  # another similarity, other weights
+    models = {"sst2": float64_state(tiny_experts[0]), "ag_news": float64_state(tiny_experts[1])}
+    const = w.groupby("model")["weight"].mean()
+    for name, t in float64_state(run / "recall_l2" / "recall" / "merged").items():
+        rows_g = w[w["layer"] == reference_group(name, 2)]
+        assert np.allclose(t, sum(r.weight * models[r.model][name] for r in rows_g.itertuples()), atol=1e-6), name
+    for name, t in float64_state(run / "recall_l2" / "merged" / "recall_layer_constant").items():
+        assert np.allclose(t, sum(const[m] * models[m][name] for m in models), atol=1e-6), name
+    assert set(result.scores.loc[result.scores["model"] == "recall_l2", "task"]) == {"sst2", "ag_news"}
+    assert (Path(cfg.run_dir) / "plots" / "without_base_recall_l2_weights.png").exists()
 
 
 def test_lm_cocktail_weights_come_from_independent_losses(multi, tiny_dir, tiny_experts):
@@ -357,7 +384,28 @@ def test_bad_scenario_configs_are_refused(tmp_path, experts_dir, tiny_dir):
         preflight(load_scenario(write({**good, "tasks": ["sst2", "nope"]})))
     with pytest.raises(ConfigError, match="recall.max_samples=5000 exceeds"):
         preflight(load_scenario(write({**good, "recall": {"max_samples": 5000}})))
+    with pytest.raises(ConfigError, match="recall_variants name 'Bad-Name'"):
+        load_scenario(write({**good, "recall_variants": {"Bad-Name": {"similarity": {"preset": "validated"}}}}))
+    with pytest.raises(ConfigError, match="recall_variants.l2.only names \\['sst2'\\], not variants"):
+        load_scenario(write({**good, "recall_variants": {"l2": {"similarity": {"preset": "validated"}, "only": ["sst2"]}}}))
+    with pytest.raises(ConfigError, match="task_max_length must be > 8"):
+        load_scenario(write({**good, "recall": {"task_max_length": {"race": 4}}}))
     assert not (tmp_path / "r").exists()
+
+
+def test_the_committed_tables_use_the_jobs_default_similarity():
+    """Every scenario's RECALL row is the job's default similarity (jobs/merge.py: the
+    paper's literal setting); the passage tasks are represented at their fine-tune length."""
+    from recall_ray.config import SimilarityConfig
+
+    default = SimilarityConfig().key()
+    for name in ("single", "multi", "sequential", "sequential_paper"):
+        cfg = load_scenario(str(REPO / "configs" / "scenarios" / f"{name}.yaml"))
+        assert cfg.recall.similarity.key() == default, name
+        assert cfg.recall.max_length_for("race") == cfg.recall.max_length_for("squad_v2") == 256, name
+    multi = load_scenario(str(REPO / "configs" / "scenarios" / "multi.yaml"))
+    assert set(multi.recall_variants) == {"validated", "shift", "relative_distance"}
+    assert "dare_average_with_base" in multi.methods and "dare_average" in multi.methods
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "scenarios").glob("*.yaml")))

@@ -153,8 +153,9 @@ def test_each_candidate_is_paired_with_the_first_on_the_same_samples(tmp_path):
     assert "NA" not in md and "nan" not in md  # the first candidate's cells are blank
 
 
-ONE_SHOT_SELECTIONS = sorted(p.name for p in (REPO / "configs" / "selection").glob("*.yaml")
-                             if yaml.safe_load(p.read_text())["scenario"] != "configs/scenarios/sequential.yaml")
+ONE_SHOT_SELECTIONS = sorted(
+    p.name for p in (REPO / "configs" / "selection").glob("*.yaml")
+    if yaml.safe_load((REPO / yaml.safe_load(p.read_text())["scenario"]).read_text())["scenario"] != "sequential")
 
 
 @pytest.mark.parametrize("name", ONE_SHOT_SELECTIONS)
@@ -208,9 +209,9 @@ def test_final_step_rows_of_a_sequential_table():
 
 
 def test_the_committed_ewc_selection_runs_sequential_candidates(tmp_path):
-    """configs/selection/ewc.yaml: every candidate a valid 2-task sequential config on the
-    validation split (no `methods` override: a sequential config has none), and the
-    selection scores EWC's last step (with a runner that records its configs)."""
+    """configs/selection/ewc.yaml: every candidate a valid sequential config of the paper's
+    five tasks on the validation split (no `methods` override: a sequential config has
+    none), and the selection scores EWC's last step (with a runner that records its configs)."""
     cfg = load_selection(str(REPO / "configs" / "selection" / "ewc.yaml"))
     cfg = cfg.model_copy(update={"scenario": str(REPO / cfg.scenario), "run_dir": str(tmp_path / "sel")})
     seen = []
@@ -224,8 +225,24 @@ def test_the_committed_ewc_selection_runs_sequential_candidates(tmp_path):
 
     table, chosen = run_selection(cfg, fake_run, load_scenario)
     assert chosen == {"ewc.lam": 100.0}
-    assert [s.ewc.lam for s in seen] == [1.0, 100.0, 10000.0]
+    assert [s.ewc.lam for s in seen] == [0.0, 1.0, 10.0, 100.0, 1000.0, 10000.0]
     for s in seen:
-        assert s.scenario == "sequential" and s.tasks == ["sst2", "medmcqa"] and s.chains == []
-        assert s.seqft and s.ewc.enabled and s.evaluate.split == "validation" and s.evaluate.max_samples == 20
-    assert table["model"].tolist() == ["ewc"] * 3 and table["chosen"].tolist() == [False, True, False]
+        assert s.scenario == "sequential" and s.tasks == ["sst2", "squad_v2", "medmcqa", "iwslt2017_en_fr", "race"]
+        assert s.chains == [] and s.seqft and s.ewc.enabled and s.evaluate.split == "validation"
+        assert s.evaluate.max_samples == 50
+    assert table["model"].tolist() == ["ewc"] * 6 and table["chosen"].tolist() == [False] * 3 + [True] + [False] * 2
+
+
+def test_ewc_penalty_share_reaches_the_selection_table(tmp_path):
+    """A sequential candidate's ewc_penalty.csv (written by the study) becomes the EWC row's
+    penalty share columns: the mean and the largest share over the penalised steps."""
+    from recall_ray.studies.selection import ewc_penalty_columns
+    from recall_ray.studies.sequential import ewc_penalty_table
+
+    metas = [(2, "medmcqa", {"final_loss": 0.9, "ewc": {"lambda": 10.0, "final_penalty": 0.1}}),
+             (3, "race", {"final_loss": 0.5, "ewc": {"lambda": 10.0, "final_penalty": 0.5}})]
+    t = ewc_penalty_table(metas)
+    assert t["penalty_share"].tolist() == pytest.approx([0.1 / 1.0, 0.5 / 1.0])
+    t.to_csv(tmp_path / "ewc_penalty.csv", index=False)
+    assert ewc_penalty_columns(tmp_path) == pytest.approx({"ewc_penalty_share": 0.3, "ewc_penalty_share_max": 0.5})
+    assert ewc_penalty_columns(tmp_path / "none") == {}

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from conftest import DATA, float64_state, reference_group
 from recall_ray.config import ConfigError
-from recall_ray.studies.sequential import (SequentialConfig, export_adapters, find_prebuilt, preflight, run_sequential,
-                                  sequence_table, start_keys)
+from recall_ray.studies.sequential import (SequentialConfig, export_adapters, find_prebuilt, kept_delta, preflight,
+                                           run_sequential, sequence_table, start_keys)
 
 
 def _fold(state: dict[str, np.ndarray], adapter: Path) -> dict[str, np.ndarray]:
@@ -41,6 +41,7 @@ def seq(tmp_path_factory, tiny_dir, ray_session):
     cfg = SequentialConfig.model_validate({
         "scenario": "sequential", "run_dir": str(tmp_path_factory.mktemp("seq") / "run"), "base": str(tiny_dir),
         "data_dir": str(DATA), "tasks": ["sst2", "ag_news"], "chains": ["recall"], "seqft": True,
+        "merge_with": ["previous", "previous_and_base"],
         "ewc": {"enabled": True, "lam": 1000.0, "fisher_samples": 3},
         "finetune": {"steps": 2, "batch_size": 4, "max_samples": 8, "max_length": 48, "learning_rate": 0.05},
         "recall": {"max_samples": 12, "max_length": 48, "typical": {"k": 2}, "similarity": {"sigma": "median"},
@@ -55,10 +56,11 @@ def test_scores_cover_the_tasks_seen_so_far(seq):
     s = result.scores
     assert set(s.loc[s["step"] == 1, "task"]) == {"sst2"}
     assert set(s.loc[s["step"] == 2, "task"]) == {"sst2", "ag_news"}
-    assert set(s["method"]) == {"recall", "seqft", "ewc"}
+    assert set(s["method"]) == {"recall", "recall_with_base", "seqft", "ewc"}
     assert list(s.loc[s["step"] == 2, "trained"].unique()) == ["ag_news"]
     run = Path(cfg.run_dir)
-    for f in ("scores.csv", "table.md", "plots/forgetting.png", "plots/step2_recall_weights.png"):
+    for f in ("scores.csv", "table.md", "plots/forgetting.png", "plots/step2_recall_weights.png",
+              "plots/step2_recall_with_base_weights.png", "kept_delta.csv", "kept_delta_summary.csv"):
         assert (run / f).exists(), f
 
 
@@ -75,7 +77,37 @@ def test_seqft_is_the_chain_of_exact_folds(seq, tiny_dir):
     assert any(not np.allclose(got2[n], got1[n]) for n in got1)  # step 2 learned something
 
 
-def test_recall_chain_merges_base_previous_and_new(seq, tiny_dir):
+def _merged_reference(weights: pd.DataFrame, models: dict[str, dict[str, np.ndarray]], merged: Path, atol: float,
+                      groups: int = 2) -> None:
+    """Every merged tensor equals sum_q w[g, q] * theta_q over the models of weights.csv, in float64."""
+    got = float64_state(merged)
+    assert got
+    for name, t in got.items():
+        rows = weights[weights["layer"] == reference_group(name, groups)]
+        assert np.isclose(rows["weight"].sum(), 1.0)
+        assert np.allclose(t, sum(r.weight * models[r.model][name] for r in rows.itertuples()), atol=atol), name
+
+
+def test_recall_chain_merges_previous_and_new_only(seq, tiny_dir):
+    """The paper's protocol (merge_with: previous): step 1 merges base and E_1 (shared by both
+    chains), step 2 merges M_1 and E_2 alone: no weight row for the base, and the merged
+    tensors are w_prev * M_1 + w_new * E_2 (float64 reference from weights.csv)."""
+    cfg, _ = seq
+    run = Path(cfg.run_dir)
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    # one step-1 merge and one step-2 fine-tune serve both chains (the same M_1 to start from)
+    assert not (run / "step1" / "recall_with_base").exists()
+    assert "step2/finetune_recall_with_base" not in stages and "step2/finetune_recall" in stages
+    m1 = float64_state(run / "step1" / "recall" / "recall" / "merged")
+    e2 = _fold(m1, run / "step2" / "finetune" / "recall" / "adapter")
+    w2 = pd.read_csv(run / "step2" / "recall" / "recall" / "weights.csv")
+    assert set(w2["model"]) == {"previous", "ag_news"}  # the base is the reference, not a merged model
+    _merged_reference(w2, {"previous": m1, "ag_news": e2}, run / "step2" / "recall" / "recall" / "merged", 1e-5)
+    with_base = pd.read_csv(run / "step2" / "recall_with_base" / "recall" / "weights.csv")
+    assert not with_base[with_base["model"] != "base"]["weight"].equals(w2["weight"])  # two different merges
+
+
+def test_recall_with_base_chain_merges_base_previous_and_new(seq, tiny_dir):
     cfg, _ = seq
     run = Path(cfg.run_dir)
     base = float64_state(tiny_dir)
@@ -94,12 +126,48 @@ def test_recall_chain_merges_base_previous_and_new(seq, tiny_dir):
     assert json.loads((adapter2 / "recall_ray.json").read_text())["base_fingerprint"] == \
         content_fingerprint(str(run / "step1" / "recall" / "recall" / "merged"))
     e2 = _fold(m1, adapter2)
-    w2 = pd.read_csv(run / "step2" / "recall" / "recall" / "weights.csv")
+    w2 = pd.read_csv(run / "step2" / "recall_with_base" / "recall" / "weights.csv")
     assert set(w2["model"]) == {"base", "previous", "ag_news"}
-    col2 = {"base": base, "previous": m1, "ag_news": e2}
-    for name, t in float64_state(run / "step2" / "recall" / "recall" / "merged").items():
-        rows = w2[w2["layer"] == reference_group(name, 2)]
-        assert np.allclose(t, sum(r.weight * col2[r.model][name] for r in rows.itertuples()), atol=1e-5), name
+    _merged_reference(w2, {"base": base, "previous": m1, "ag_news": e2},
+                      run / "step2" / "recall_with_base" / "recall" / "merged", 1e-5)
+
+
+def test_kept_delta_by_hand():
+    """Three steps of one layer group: task 1 learned at 0.6 of its delta; step 2 weighs the
+    base 0.2 (so every earlier delta keeps 0.8) and the new task 0.5; step 3 does not weigh
+    the base (the paper's two-model merge: nothing earlier decays) and gives the new task 0.4.
+    Unnormalised rows count as their normalised share."""
+    w = lambda rows: pd.DataFrame([{"layer": 0, "model": m, "weight": x} for m, x in rows])
+    steps = [("a", w([("base", 0.4), ("a", 0.6)])),
+             ("b", w([("base", 0.2), ("previous", 0.3), ("b", 0.5)])),
+             ("c", w([("previous", 1.2), ("c", 0.8)]))]  # normalised: 0.6, 0.4
+    got = kept_delta(steps).set_index(["task", "after_step"])["kept"]
+    want = {("a", 1): 0.6, ("a", 2): 0.6 * 0.8, ("b", 2): 0.5, ("a", 3): 0.6 * 0.8, ("b", 3): 0.5, ("c", 3): 0.4}
+    assert len(got) == len(want)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-12), k
+    with pytest.raises(ValueError, match="no row for its task 'x'"):
+        kept_delta([("x", w([("base", 0.5), ("a", 0.5)]))])
+
+
+def test_kept_delta_file_is_the_chains_weights(seq):
+    """kept_delta.csv recomputed here from each chain's published weights: the two-model
+    chain keeps task 1's step-1 share after step 2, the three-model chain (1 - w_base) of it."""
+    cfg, _ = seq
+    run = Path(cfg.run_dir)
+    kept = pd.read_csv(run / "kept_delta.csv")
+    w1 = pd.read_csv(run / "step1" / "recall" / "recall" / "weights.csv").set_index(["layer", "model"])["weight"]
+    for chain in ("recall", "recall_with_base"):
+        w2 = pd.read_csv(run / "step2" / chain / "recall" / "weights.csv").set_index(["layer", "model"])["weight"]
+        rows = kept[(kept["chain"] == chain) & (kept["task"] == "sst2") & (kept["after_step"] == 2)]
+        assert len(rows) == 3  # the tiny model's layer groups
+        for r in rows.itertuples():
+            decay = 1.0 - (w2[(r.layer, "base")] if chain == "recall_with_base" else 0.0)
+            assert r.kept == pytest.approx(w1[(r.layer, "sst2")] * decay, abs=1e-6)
+        new = kept[(kept["chain"] == chain) & (kept["task"] == "ag_news")]
+        assert np.allclose(new["kept"], [w2[(g, "ag_news")] for g in new["layer"]], atol=1e-6)
+    summary = pd.read_csv(run / "kept_delta_summary.csv")
+    assert set(summary["chain"]) == {"recall", "recall_with_base"} and len(summary) == 6
 
 
 def _fisher_reference(model_dir: Path, task: str, n: int) -> dict[str, torch.Tensor]:
@@ -249,6 +317,12 @@ def test_sequence_table_in_the_papers_table_7_form():
 def test_bad_sequential_configs():
     with pytest.raises(ValueError, match="without repeats"):
         SequentialConfig.model_validate({"scenario": "sequential", "run_dir": "r", "tasks": ["sst2", "sst2"]})
+    with pytest.raises(ValueError, match="merge_with must list"):
+        SequentialConfig.model_validate({"scenario": "sequential", "run_dir": "r", "tasks": ["sst2"],
+                                         "merge_with": ["previous", "previous"]})
+    one = SequentialConfig.model_validate({"scenario": "sequential", "run_dir": "r", "tasks": ["sst2"],
+                                           "merge_with": "previous_and_base"})
+    assert one.chain_lines() == [("recall_with_base", "recall", True)]
     with pytest.raises(ValueError, match="unknown chains"):
         SequentialConfig.model_validate({"scenario": "sequential", "run_dir": "r", "tasks": ["sst2"], "chains": ["x"]})
     with pytest.raises(ValueError, match="nothing to run"):

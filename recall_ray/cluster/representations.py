@@ -12,6 +12,7 @@ import pyarrow as pa
 import torch
 
 from ..core.pooling import mean_pool
+from ..core.sft import represented_batch
 from ..models import LoadedModelSlot, ResolvedModel
 from ..reps_parquet import reps_table
 from ..storage import RunDir
@@ -31,7 +32,12 @@ def hidden_states_of(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 
 class RepresentationExtractor:
-    """Ray Data callable class: batches of text in, a reps table out, for one model or several.
+    """Ray Data callable class: batches of records in, a reps table out, for one model or several.
+
+    A batch with `prompt` and `target` columns (a task's records, the pipeline's case) is
+    tokenised as the fine-tune tokenises it and cut by its rule (core.sft.represented_batch:
+    the passage's start goes, the question, options and target stay); a batch with only
+    `text` is tokenised whole and cut at `max_length` from the right.
 
     With several models each row names its model (`model`, an index into `models`) and rows
     come sorted by model, so an actor loads each model once and keeps one loaded at a time:
@@ -51,20 +57,26 @@ class RepresentationExtractor:
         if not self.many:
             self.slot.get(0)
 
-    def _reps(self, texts: list[str], index: int = 0) -> np.ndarray:
+    def _reps(self, batch: dict[str, np.ndarray], sel: np.ndarray, index: int = 0) -> np.ndarray:
         tok, lm = self.slot.get(index)
-        enc = tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        if "prompt" in batch and "target" in batch:
+            enc = represented_batch(tok, [str(x) for x in batch["prompt"][sel]], [str(x) for x in batch["target"][sel]],
+                                    self.max_length)
+        else:
+            enc = tok([str(x) for x in batch["text"][sel]], padding=True, truncation=True, max_length=self.max_length,
+                      return_tensors="pt")
         with torch.inference_mode():
             hs = hidden_states_of(lm, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
             return mean_pool([h.cpu() for h in hs], enc["attention_mask"], self.exclude_first_token)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         if not self.many:
-            return reps_table(batch["sample_idx"], batch["sample_id"], self._reps(list(batch["text"])))
+            return reps_table(batch["sample_idx"], batch["sample_id"],
+                              self._reps(batch, np.arange(len(batch["sample_idx"]))))
         tables = []
         for index in dict.fromkeys(int(m) for m in batch["model"]):  # usually one model per batch
             sel = np.flatnonzero(batch["model"] == index)
-            reps = self._reps([str(x) for x in batch["text"][sel]], index)
+            reps = self._reps(batch, sel, index)
             t = reps_table(batch["sample_idx"][sel], batch["sample_id"][sel], reps)
             tables.append(t.append_column("model", pa.array(np.full(len(sel), index, dtype=np.int32))))
         return pa.concat_tables(tables)
@@ -111,7 +123,7 @@ class RepresentationWriter(RepresentationExtractor):
 def extract(models: list[ResolvedModel], items: list[dict], run_dir: RunDir, rels: list[str], *, max_length: int,
             exclude_first_token: bool, dtype: str, batch_size: int, num_actors: int | str,
             stage: str = "representations") -> None:
-    """Run `items` (sample_idx, sample_id, text) through each of `models` with one Ray Data
+    """Run `items` (sample_idx, sample_id, and prompt + target or text) through each of `models` with one Ray Data
     actor pool and write each model's per-layer representations to Parquet at its `rels[i]`
     (staged, then moved). Several models share the pool: rows sorted by model, one model
     loaded per actor at a time, each model's files under its own staging folder, each moved

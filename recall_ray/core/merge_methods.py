@@ -345,15 +345,16 @@ class NamedMethod:
     build: Callable[[MethodInputs], MergeMethod]
     needs: tuple[str, ...]  # of "recall_weights", "losses": computed by the caller first
     summary: str
+    needs_base: bool = False  # only defined for a merge with the base among its models (include_base)
 
 
 METHODS: dict[str, NamedMethod] = {}
 
 
-def method(name: str, summary: str, needs: tuple[str, ...] = ()) -> Callable:
+def method(name: str, summary: str, needs: tuple[str, ...] = (), needs_base: bool = False) -> Callable:
     """Register a named merge: a function of MethodInputs returning its MergeMethod."""
     def register(build: Callable[[MethodInputs], MergeMethod]) -> Callable[[MethodInputs], MergeMethod]:
-        METHODS[name] = NamedMethod(name, build, needs, summary)
+        METHODS[name] = NamedMethod(name, build, needs, summary, needs_base)
         return build
     return register
 
@@ -392,6 +393,15 @@ def _dare_average(x: MethodInputs) -> MergeMethod:
                        density=1 - x.settings.dare_drop, normalize=True, seed=x.settings.seed)
 
 
+@method("dare_average_with_base", "DARE on the average of all K models, the base one of them (its task vector is 0):"
+        " base + sum of the experts' DARE'd task vectors / K, as the paper's DARE+Avg with the base", needs_base=True)
+def _dare_average_with_base(x: MethodInputs) -> MergeMethod:
+    # dare_average divides by the K - 1 experts; counting the base among the averaged models
+    # divides by K instead: each expert's weight 1/K, no renormalisation (column 0 is ignored)
+    return MergeMethod("dare_average_with_base", "dare_linear", np.full((x.num_groups, x.num_models), 1.0 / x.num_models),
+                       density=1 - x.settings.dare_drop, normalize=False, seed=x.settings.seed)
+
+
 @method("dare_task_arithmetic", "DARE on task arithmetic (* lam)")
 def _dare_task_arithmetic(x: MethodInputs) -> MergeMethod:
     return MergeMethod("dare_task_arithmetic", "dare_linear", task_vector_weights(x.num_groups, x.num_models),
@@ -420,4 +430,6 @@ def build_method(name: str, num_groups: int, num_models: int, include_base: bool
         raise ValueError(f"{name} needs the [{G}, {K}] RECALL weights, got {np.shape(recall_weights)}")
     if "losses" in needs and (losses is None or len(losses) != K):
         raise ValueError(f"{name} needs one loss per model ({K}), got {losses}")
+    if METHODS[name].needs_base and not include_base:
+        raise ValueError(f"{name} averages the base with the other models: use it with include_base true")
     return METHODS[name].build(MethodInputs(G, K, include_base, settings, recall_weights, losses))

@@ -23,16 +23,47 @@ def build_example(prompt_ids: Sequence[int], target_ids: Sequence[int], eos_id: 
     what the target depends on most. At least one prompt token is kept, since a causal LM never
     predicts position 0; if the target alone does not fit, its tail (then the EOS) is cut.
     """
+    prompt, answer = keep_end(prompt_ids, list(target_ids) + [eos_id], max_length)
+    input_ids = prompt + answer
+    labels = [IGNORE_INDEX] * len(prompt) + answer
+    return input_ids, labels
+
+
+def keep_end(prompt_ids: Sequence[int], answer_ids: Sequence[int], max_length: int) -> tuple[list[int], list[int]]:
+    """(prompt, answer) cut to at most `max_length` tokens together, as a fine-tune example is:
+    the answer is kept whole and the *start* of the prompt goes (a passage's beginning, never
+    the question, options or response cue at its end); at least one prompt token stays, and an
+    answer that alone does not fit loses its tail. Shared by the fine-tune (build_example) and
+    the representation stage (represented_ids), so that RECALL represents the text the
+    experts were trained on."""
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     if not prompt_ids:
         raise ValueError("empty prompt: a causal LM needs at least one token before the target")
-    answer = list(target_ids) + [eos_id]
-    answer = answer[: max_length - 1]
+    answer = list(answer_ids)[: max_length - 1]
     prompt = list(prompt_ids)[-(max_length - len(answer)):]
-    input_ids = prompt + answer
-    labels = [IGNORE_INDEX] * len(prompt) + answer
-    return input_ids, labels
+    return prompt, answer
+
+
+def represented_ids(prompt_ids: Sequence[int], target_ids: Sequence[int], max_length: int) -> list[int]:
+    """The token ids RECALL represents for a (prompt, target) record: prompt + target cut by
+    keep_end (the fine-tune's rule), without the EOS the fine-tune appends. A record that fits
+    is prompt + target unchanged."""
+    prompt, answer = keep_end(prompt_ids, target_ids, max_length)
+    return prompt + answer
+
+
+def represented_batch(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
+                      max_length: int) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask (right-padded) of represented_ids for each record, the
+    prompt tokenised with the tokenizer's special tokens and the target without, as
+    tokenize_records does for the fine-tune."""
+    p_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    t_ids = tokenizer(list(targets), add_special_tokens=False)["input_ids"]
+    rows = [represented_ids(p, t, max_length) for p, t in zip(p_ids, t_ids)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = collate([(r, r) for r in rows], pad)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -76,7 +76,7 @@ def recall_run_config(r: RecallSettings, ray: RayConfig, run_dir: str, base: str
         "new_model": new_model,
         "include_base": include_base,
         "task": {"name": task, "data": str(split_file(data_dir, task, "train")), "template": task,
-                 "max_samples": r.max_samples, "max_length": r.max_length},
+                 "max_samples": r.max_samples, "max_length": r.max_length_for(task)},
         "typical": r.typical, "similarity": r.similarity, "representations": r.representations, "merge": r.merge,
         "ray": ray,
     })
@@ -188,7 +188,8 @@ def in_parts(name: str, parts: set[str] | None) -> bool:
     return any(head == p or head.startswith(p + "_") for p in parts)
 
 
-PUBLISHED = ("table.md", "table.csv", "scores.csv", "stage_times.csv")
+PUBLISHED = ("table.md", "table.csv", "scores.csv", "stage_times.csv", "kept_delta.csv", "kept_delta_summary.csv",
+             "ewc_penalty.csv")
 
 
 def publish(run_dir: str | Path, dest: str | Path) -> list[str]:

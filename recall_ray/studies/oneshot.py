@@ -23,19 +23,30 @@ settings). Layout of `run_dir`:
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Literal
 
 import pandas as pd
 from pydantic import model_validator
 
-from ..config import BaselineConfig, ConfigError, RayConfig, RecallSettings, RunConfig, Section
+from ..config import BaselineConfig, ConfigError, RayConfig, RecallSettings, RunConfig, Section, SimilarityConfig
 from ..core.merge_methods import METHODS
 from ..manifest import Manifest
 from ..models import resolve_model, resolve_path
 from ..storage import RunDir
 from .common import (StudyEval, StudyResult, check_inputs, eval_hits, evaluate_stage, interval_markdown,
                      interval_table, merge_all, recall_run_config, variant_names, variant_plots)
+
+
+class RecallVariant(Section):
+    """A RECALL row beside the main one: the same merge with another similarity (e.g. the
+    `validated` preset, or a per-layer kernel), labelled recall_<name>, with its own
+    layer-constant control recall_<name>_layer_constant when the scenario's methods hold
+    recall_layer_constant."""
+
+    similarity: SimilarityConfig
+    only: list[str] = []  # the scenario's variants (with_base, without_base; single: tasks) it runs in; empty: all
 
 
 class ScenarioConfig(Section):
@@ -49,6 +60,8 @@ class ScenarioConfig(Section):
     methods: list[str] = list(METHODS)
     baselines: BaselineConfig = BaselineConfig()
     recall: RecallSettings = RecallSettings()
+    # named RECALL rows with other similarities, beside `recall` (which uses recall.similarity)
+    recall_variants: dict[str, RecallVariant] = {}
     evaluate: StudyEval = StudyEval()
     ray: RayConfig = RayConfig()
 
@@ -57,6 +70,14 @@ class ScenarioConfig(Section):
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
+        for name, rv in self.recall_variants.items():
+            if not re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)*", name) or f"recall_{name}" in METHODS:
+                raise ValueError(f"recall_variants name {name!r} must be lower-case words joined by _ and not make"
+                                 f" a method's name (recall_{name})")
+            names = variant_names(self.scenario, self.tasks, self.include_base)
+            stray = sorted(set(rv.only) - set(names))
+            if stray:
+                raise ValueError(f"recall_variants.{name}.only names {stray}, not variants of this scenario {names}")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be a non-empty list without repeats, got {self.tasks}")
         if self.scenario == "multi" and len(self.tasks) < 2:
@@ -92,12 +113,25 @@ def expert_path(cfg: ScenarioConfig, task: str) -> str:
     return str(Path(cfg.experts) / task)
 
 
-def recall_config(cfg: ScenarioConfig, v: Variant) -> RunConfig:
-    """The RECALL merge of one variant."""
+def recall_config(cfg: ScenarioConfig, v: Variant, row: str | None = None) -> RunConfig:
+    """The RECALL merge of one variant: the main row's, or that of `row`, a name of
+    cfg.recall_variants (its own run directory <variant>/recall_<row>/recall)."""
+    settings, where = cfg.recall, v.name
+    if row is not None:
+        settings = cfg.recall.model_copy(update={"similarity": cfg.recall_variants[row].similarity})
+        where = f"{v.name}/recall_{row}"
     return recall_run_config(
-        cfg.recall, cfg.ray, f"{cfg.run_dir.rstrip('/')}/{v.name}/recall", cfg.base,
+        settings, cfg.ray, f"{cfg.run_dir.rstrip('/')}/{where}/recall", cfg.base,
         [{"name": t, "path": expert_path(cfg, t)} for t in v.experts],
         {"name": v.new_task, "path": expert_path(cfg, v.new_task)}, v.include_base, v.new_task, cfg.data_dir)
+
+
+def recall_rows(cfg: ScenarioConfig, v: Variant) -> list[str]:
+    """The names of cfg.recall_variants that run in variant v: none when the scenario's
+    methods leave RECALL out (a selection scoring a baseline alone)."""
+    if "recall" not in cfg.methods:
+        return []
+    return [name for name, rv in cfg.recall_variants.items() if not rv.only or v.name in rv.only]
 
 
 def preflight(cfg: ScenarioConfig) -> list[Variant]:
@@ -111,6 +145,8 @@ def preflight(cfg: ScenarioConfig) -> list[Variant]:
     vs = variants(cfg)
     for v in vs:
         recall_config(cfg, v)  # validates the derived RECALL config
+        for row in recall_rows(cfg, v):
+            recall_config(cfg, v, row)
     return vs
 
 
@@ -124,7 +160,16 @@ def run_scenario(cfg: ScenarioConfig) -> StudyResult:
     base_path = resolve_path(cfg.base)
     all_scores, all_hits = [], []
     for v in vs:
-        merged = merge_all(recall_config(cfg, v), cfg.methods, cfg.baselines, cfg.data_dir, root, v.name, manifest)
+        methods = [m for m in cfg.methods if v.include_base or not METHODS[m].needs_base]  # e.g. DARE+Avg with base
+        merged = merge_all(recall_config(cfg, v), methods, cfg.baselines, cfg.data_dir, root, v.name, manifest)
+        own = [m for m in ("recall", "recall_layer_constant") if m in cfg.methods]
+        for row in recall_rows(cfg, v):  # RECALL with another similarity: rows recall_<row>[_layer_constant]
+            other = merge_all(recall_config(cfg, v, row), own, cfg.baselines, cfg.data_dir, root,
+                              f"{v.name}/recall_{row}", manifest)
+            for m in own:
+                label = m.replace("recall", f"recall_{row}", 1)
+                merged.outputs[label], merged.keys[label] = other.outputs[m], other.keys[m]
+            variant_plots(root, f"{v.name}_recall_{row}", Path(other.recall_dir))
         # Score: the base, the experts alone (on their own task, or on every task in the
         # paper's full Table 1), every merge.
         models = merged.models

@@ -96,6 +96,17 @@ def final_step_rows(table: pd.DataFrame) -> pd.DataFrame:
     return last.rename(columns={"method": "model", "mean_seen": "mean"}).reset_index(drop=True)
 
 
+def ewc_penalty_columns(run_dir: str | Path) -> dict[str, float]:
+    """The EWC penalty's share of the loss in a sequential run's penalised fine-tunes
+    (its ewc_penalty.csv), as columns of the EWC row: the mean and the largest over the
+    steps. Empty when the run has no EWC line."""
+    f = Path(run_dir, "ewc_penalty.csv")
+    if not f.is_file():
+        return {}
+    share = pd.read_csv(f)["penalty_share"]
+    return {"ewc_penalty_share": float(share.mean()), "ewc_penalty_share_max": float(share.max())} if len(share) else {}
+
+
 def is_sequential(scenario_path: str) -> bool:
     p = Path(scenario_path)
     if not p.is_file():
@@ -174,6 +185,8 @@ def run_selection(cfg: SelectionConfig, run_scenario, load_scenario) -> tuple[pd
             table = run_scenario(sc).table
             if sc.scenario == "sequential":
                 table = final_step_rows(table)
+                for col, v in ewc_penalty_columns(sc.run_dir).items():  # how much EWC's penalty weighed
+                    table.loc[table["model"] == "ewc", col] = v
                 predictions.append(None)  # its score is the last step's: no pairing over every step's samples
             else:
                 from .common import variant_names
@@ -206,8 +219,9 @@ def write_selection(root, table: pd.DataFrame, chosen: dict[str, Any], source: s
     for c in ("paired_n", "only_this", "only_first"):  # counts, blank for the first candidate
         if c in table:
             table[c] = table[c].map(lambda n: "" if pd.isna(n) else str(int(n)))
-    if "p_vs_first" in table:  # a p-value needs its significant digits, not two decimals
-        table["p_vs_first"] = table["p_vs_first"].map(lambda p: "" if pd.isna(p) else f"{p:.3g}")
+    for c in ("p_vs_first", "ewc_penalty_share", "ewc_penalty_share_max"):  # significant digits, not two decimals
+        if c in table:
+            table[c] = table[c].map(lambda p: "" if pd.isna(p) else f"{p:.3g}")
     root.write_text("selection.csv", table.to_csv(index=False, float_format="%.2f"))
     root.write_text("selection.md", markdown_table(table))
     root.write_text("selected.yaml", f"# chosen on the validation split by jobs/select_settings.py --config {source}\n"

@@ -4,10 +4,17 @@ Protocol (one YAML, one run directory; every step resumable):
 
     M_0 = S_0 = base
     for step t = 1..T, task t:
-      chain X (for each merge method X in `chains`, e.g. recall):
+      chain X (for each merge method X in `chains`, e.g. recall, and each protocol of
+      `merge_with`):
         E_t^X = LoRA fine-tune of M_{t-1}^X on task t's train split
-        M_t^X = merge X of (base, M_{t-1}^X, E_t^X), the base at index 0 (the reference);
-                at t = 1 there is no M_0 apart from the base: merge X of (base, E_1)
+        M_t^X = merge X of (M_{t-1}^X, E_t^X)            merge_with: previous (the paper's
+                Section 4.3: "the current model is merged with the previously accumulated
+                one"); the base is only the numerical reference, with no weight (label X)
+              = merge X of (base, M_{t-1}^X, E_t^X)      merge_with: previous_and_base, the
+                base one of the weighted models (label X_with_base)
+                at t = 1 there is no M_0 apart from the base: merge X of (base, E_1), the
+                same merge for both protocols (computed once, as is E_2, which both chains
+                then fine-tune from the same M_1)
                 RECALL's typical samples come from task t's train split only
       SeqFT (when `seqft`):
         S_t   = S_{t-1} with the LoRA fine-tuned on task t folded in (plain sequential
@@ -26,7 +33,10 @@ Protocol (one YAML, one run directory; every step resumable):
 Writes scores.csv (step, trained, method, task, metric, value, n, protocol), table.csv /
 table.md (primary metric per task after each step, the mean over the tasks seen so far and,
 with evaluate.all_tasks, over all tasks; each with its 95% bootstrap interval),
-plots/forgetting.png and, per step, RECALL's weight and similarity plots. Every fine-tune,
+kept_delta.csv / kept_delta_summary.csv (the share of each task's delta each RECALL chain
+keeps after every later step, from its weights: kept_delta), ewc_penalty.csv (the EWC
+penalty's share of the loss at each penalised fine-tune), plots/forgetting.png and, per
+step, RECALL's weight and similarity plots. Every fine-tune,
 fold, Fisher and evaluation is a manifest stage keyed by what decides its output: a rerun
 recomputes nothing that is done. `export_adapters` copies a run's step adapters out (small:
 LoRA only); a later run given them as `adapters:` copies each one whose stage key and
@@ -42,8 +52,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pandas as pd
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..config import BaselineConfig, ConfigError, FinetuneConfig, RayConfig, RecallSettings, RunConfig, Section
 from ..core.merge_methods import METHODS
@@ -76,6 +87,9 @@ class SequentialConfig(Section):
     data_dir: str = "data"
     tasks: list[str]  # in the order they are learned
     chains: list[str] = ["recall"]  # merge methods that each carry their own chain of models
+    # what each chain's step t >= 2 merges: "previous" (M_{t-1}, E_t), the paper's protocol, or
+    # "previous_and_base" (base, M_{t-1}, E_t), the base weighted too; both: two chains side by side
+    merge_with: list[Literal["previous", "previous_and_base"]] = ["previous"]
     seqft: bool = True
     ewc: EwcSettings = EwcSettings()
     finetune: FinetuneConfig = FinetuneConfig(steps=60, batch_size=8, max_length=128, seed=0)
@@ -89,13 +103,23 @@ class SequentialConfig(Section):
     evaluate: StudyEval = StudyEval()
     ray: RayConfig = RayConfig()
 
+    @field_validator("merge_with", mode="before")
+    @classmethod
+    def _one_or_more(cls, v):
+        return [v] if isinstance(v, str) else v
+
     @model_validator(mode="after")
     def _check(self) -> "SequentialConfig":
+        if not self.merge_with or len(set(self.merge_with)) != len(self.merge_with):
+            raise ValueError(f"merge_with must list previous and/or previous_and_base once each, got {self.merge_with}")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be a non-empty sequence without repeats, got {self.tasks}")
         bad = [c for c in self.chains if c not in METHODS]
         if bad:
             raise ValueError(f"unknown chains {bad}: choose merge methods from {', '.join(METHODS)}")
+        with_base = [c for c in self.chains if METHODS[c].needs_base]
+        if with_base and "previous" in self.merge_with:
+            raise ValueError(f"chains {with_base} average the base in: use them with merge_with: previous_and_base")
         if not self.chains and not self.seqft and not self.ewc.enabled:
             raise ValueError("nothing to run: give at least one chain, or set seqft: true or ewc.enabled: true")
         stray = sorted(set(self.task_finetune) - set(self.tasks))
@@ -115,6 +139,12 @@ class SequentialConfig(Section):
     def finetune_for(self, task: str) -> FinetuneConfig:
         return FinetuneConfig(**{**self.finetune.model_dump(), **self.task_finetune.get(task, {})})
 
+    def chain_lines(self) -> list[tuple[str, str, bool]]:
+        """(label, merge method, whether steps >= 2 weigh the base) of every chain: `recall`
+        merges (M_{t-1}, E_t), `recall_with_base` (base, M_{t-1}, E_t)."""
+        return [(c if m == "previous" else f"{c}_with_base", c, m == "previous_and_base")
+                for c in self.chains for m in self.merge_with]
+
 
 def preflight(cfg: SequentialConfig) -> None:
     check_inputs(cfg.tasks, cfg.run_dir, cfg.base, cfg.data_dir, cfg.recall.max_samples, cfg.evaluate)
@@ -124,14 +154,68 @@ def preflight(cfg: SequentialConfig) -> None:
                           " the key to train every step")
 
 
-def _merge_config(cfg: SequentialConfig, step: int, task: str, chain: str, previous: str | None, adapter: str,
-                  start: str) -> RunConfig:
-    """Step `step`'s merge of chain `chain`: base, the previous merge (none at step 1) and
-    the adapter fine-tuned from it."""
+def _merge_config(cfg: SequentialConfig, step: int, task: str, label: str, previous: str | None, adapter: str,
+                  start: str, with_base: bool) -> RunConfig:
+    """Step `step`'s merge of chain `label`: the previous merge and the adapter fine-tuned
+    from it, the base weighted beside them when `with_base`; at step 1 (no previous merge)
+    the base and the adapter."""
     return recall_run_config(
-        cfg.recall, cfg.ray, f"{cfg.run_dir.rstrip('/')}/step{step}/{chain}/recall", cfg.base,
+        cfg.recall, cfg.ray, f"{cfg.run_dir.rstrip('/')}/step{step}/{label}/recall", cfg.base,
         [{"name": "previous", "path": previous}] if previous else [],
-        {"name": task, "path": adapter, "adapter_base": start}, True, task, cfg.data_dir)
+        {"name": task, "path": adapter, "adapter_base": start}, previous is None or with_base, task, cfg.data_dir)
+
+
+def kept_delta(steps: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
+    """The share of each task's delta a merge chain keeps after every later step, per layer
+    group, from the chain's RECALL weights (`steps`: (task, weights table) in order; each
+    table has rows layer, model, weight, with models "base", "previous" and the step's task,
+    as weights.csv).
+
+    E_t is fine-tuned from M_{t-1}, so E_t = M_{t-1} + d_t, and a merge with (normalised)
+    weights w_base + w_prev + w_new = 1 is M_t = base + (w_prev + w_new)(M_{t-1} - base)
+    + w_new d_t. Task s's delta is kept at w_new(s) at its own step and multiplied by
+    w_prev(u) + w_new(u) = 1 - w_base(u) at every later step u: a chain that does not weigh
+    the base (merge_with: previous) keeps it whole after its own step. Rows: task,
+    learned_at, after_step, layer, kept."""
+    rows = []
+    share, learned = {}, {}  # task -> [G] share of its delta in the current model; task -> its step
+    for step, (task, w) in enumerate(steps, start=1):
+        table = w.pivot_table(index="layer", columns="model", values="weight", aggfunc="first").fillna(0.0)
+        total = table.sum(axis=1).to_numpy(dtype=np.float64)
+        if task not in table.columns:
+            raise ValueError(f"step {step}'s weights have no row for its task {task!r}: models {list(table.columns)}")
+        # at step 1 the base is the model fine-tuned from (the "previous" one), not a weight on its own
+        base = table["base"].to_numpy(dtype=np.float64) if step > 1 and "base" in table.columns else 0.0
+        keep = 1.0 - base / total
+        for t in share:
+            share[t] = share[t] * keep
+        share[task], learned[task] = table[task].to_numpy(dtype=np.float64) / total, step
+        for t, kept in share.items():
+            rows += [{"task": t, "learned_at": learned[t], "after_step": step, "layer": int(g), "kept": float(v)}
+                     for g, v in zip(table.index, kept)]
+    return pd.DataFrame(rows, columns=["task", "learned_at", "after_step", "layer", "kept"])
+
+
+def ewc_penalty_table(metas: list[tuple[int, str, dict]]) -> pd.DataFrame:
+    """How much the EWC penalty weighs in each penalised fine-tune: from (step, task, the
+    adapter's recall_ray.json), the last step's task loss, its penalty (lambda included) and
+    the penalty's share of their sum, penalty / (loss + penalty). A share near 0 is a
+    fine-tune the penalty barely moved (it is SeqFT's)."""
+    rows = []
+    for step, task, meta in metas:
+        loss, pen = float(meta["final_loss"]), float(meta["ewc"]["final_penalty"])
+        rows.append({"step": step, "task": task, "lambda": float(meta["ewc"]["lambda"]), "final_loss": loss,
+                     "final_penalty": pen, "penalty_share": pen / (loss + pen)})
+    return pd.DataFrame(rows, columns=["step", "task", "lambda", "final_loss", "final_penalty", "penalty_share"])
+
+
+def kept_delta_summary(kept: pd.DataFrame) -> pd.DataFrame:
+    """kept_delta over the transformer blocks (every layer group but the embeddings, group
+    0, which a q/v LoRA leaves unchanged): mean, min and max per (chain, task, after_step)."""
+    keys = [c for c in ("chain", "task", "learned_at", "after_step") if c in kept.columns]
+    blocks = kept[kept["layer"] > 0]
+    out = blocks.groupby(keys, sort=False)["kept"].agg(["mean", "min", "max"]).reset_index()
+    return out.rename(columns={"mean": "blocks_mean", "min": "blocks_min", "max": "blocks_max"})
 
 
 def start_keys(base_path: str, labels: list[str]) -> dict[str, str]:
@@ -224,7 +308,10 @@ def run_sequential(cfg: SequentialConfig):
     manifest = Manifest(root, cfg.model_dump(mode="json"))
     base_path = resolve_path(cfg.base)
     folded = (["seqft"] if cfg.seqft else []) + (["ewc"] if cfg.ewc.enabled else [])  # lines that fold their adapter
-    current = {label: base_path for label in [*cfg.chains, *folded]}  # M_{t-1} per chain, S_{t-1}, S^ewc_{t-1}
+    lines = cfg.chain_lines()
+    current = {label: base_path for label in [*(c[0] for c in lines), *folded]}  # M_{t-1} per chain, S_{t-1}, S^ewc_{t-1}
+    chain_weights: dict[str, list[tuple[str, pd.DataFrame]]] = {label: [] for label, *_ in lines}
+    ewc_meta: list[tuple[int, str, dict]] = []  # (step, task, recall_ray.json) of every penalised fine-tune
     current_key = start_keys(base_path, list(current))  # what decided its contents
     fisher_path: str | None = None  # the EWC line's accumulated Fisher of tasks 1..t-1
     fisher_key: str | None = None  # the key of the stage that wrote it
@@ -269,14 +356,23 @@ def run_sequential(cfg: SequentialConfig):
 
                 done[job] = (out, manifest.run(stage, key_parts, [out], finetune).key)
             adapter_of[label], adapter_key[label] = done[job]
+        if penalty.get("ewc") is not None:
+            ewc_meta.append((step, task, json.loads(Path(adapter_of["ewc"], "recall_ray.json").read_text())))
         nxt, nxt_key = {}, {}
-        for chain in cfg.chains:
-            start = current[chain]
-            rc = _merge_config(cfg, step, task, chain, None if step == 1 else start, adapter_of[chain], start)
-            merged = merge_all(rc, [chain], cfg.baselines, cfg.data_dir, root, f"step{step}/{chain}", manifest)
-            nxt[chain], nxt_key[chain] = merged.outputs[chain], merged.keys[chain]
-            if merged.recall_dir is not None:
-                variant_plots(root, f"step{step}_{chain}", Path(merged.recall_dir))
+        merges: dict[tuple, tuple[str, str, str | None]] = {}  # one merge per distinct input: step 1's is shared
+        for label, method, with_base in lines:
+            start = current[label]
+            previous = None if step == 1 else start
+            job = (method, start, adapter_of[label], previous is None or with_base)
+            if job not in merges:
+                rc = _merge_config(cfg, step, task, label, previous, adapter_of[label], start, with_base)
+                merged = merge_all(rc, [method], cfg.baselines, cfg.data_dir, root, f"step{step}/{label}", manifest)
+                merges[job] = (merged.outputs[method], merged.keys[method], merged.recall_dir)
+                if merged.recall_dir is not None:
+                    variant_plots(root, f"step{step}_{label}", Path(merged.recall_dir))
+            nxt[label], nxt_key[label], recall_dir = merges[job]
+            if recall_dir is not None:
+                chain_weights[label].append((task, pd.read_csv(Path(recall_dir, "weights.csv"))))
         folds: dict[tuple[str, str], tuple[str, str]] = {}  # (start, adapter) -> (model, stage key)
         for label in folded:  # SeqFT and EWC: S_t = S_{t-1} with the adapter folded in
             start, adapter = current[label], adapter_of[label]
@@ -324,6 +420,15 @@ def run_sequential(cfg: SequentialConfig):
     root.write_text("scores.csv", scores.to_csv(index=False, float_format="%.4f"))
     root.write_text("table.csv", table.to_csv(index=False, float_format="%.2f"))
     root.write_text("table.md", interval_markdown(table, ["step", "method"]))
+    if ewc_meta:
+        root.write_text("ewc_penalty.csv", ewc_penalty_table(ewc_meta).to_csv(index=False, float_format="%.6g"))
+    else:  # not one left by an earlier run of the directory
+        Path(cfg.run_dir, "ewc_penalty.csv").unlink(missing_ok=True)
+    kept = [kept_delta(w).assign(chain=label) for label, w in chain_weights.items() if w]
+    if kept:
+        kept = pd.concat(kept, ignore_index=True)[["chain", "task", "learned_at", "after_step", "layer", "kept"]]
+        root.write_text("kept_delta.csv", kept.to_csv(index=False, float_format="%.6f"))
+        root.write_text("kept_delta_summary.csv", kept_delta_summary(kept).to_csv(index=False, float_format="%.4f"))
     from ..analysis import figure_png, plot_forgetting
 
     root.write_bytes("plots/forgetting.png",
