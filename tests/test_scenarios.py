@@ -182,7 +182,12 @@ def test_publish_copies_tables_plots_and_every_stage_time(multi, tmp_path):
     # the summary, recomputed plainly from the per-layer weights
     w = pd.read_csv(src_weights)
     summary = pd.read_csv(out / "weights_summary.csv")
-    assert set(summary["merge"]) == {"without_base"} and list(summary["model"]) == list(dict.fromkeys(w["model"]))
+    # the named RECALL row (recall_variants) publishes its weights beside the main row's
+    assert set(summary["merge"]) == {"without_base", "without_base_recall_l2"}
+    assert (out / "weights" / "without_base_recall_l2.csv").read_bytes() == (
+        Path(cfg.run_dir) / "without_base" / "recall_l2" / "recall" / "weights.csv").read_bytes()
+    summary = summary[summary["merge"] == "without_base"]
+    assert list(summary["model"]) == list(dict.fromkeys(w["model"]))
     for _, row in summary.iterrows():
         mine = w[w["model"] == row["model"]]
         vals = np.array(mine["weight"], dtype=np.float64)
@@ -205,9 +210,10 @@ def test_publish_copies_tables_plots_and_every_stage_time(multi, tmp_path):
         assert row["score_b"] == pytest.approx(table.loc[("without_base", row["b"]), row["task"]], abs=0.01)
     times = pd.read_csv(out / "stage_times.csv")
     top = json.loads((Path(cfg.run_dir) / "manifest.json").read_text())["stages"]
-    nested = json.loads((Path(cfg.run_dir) / "without_base" / "recall" / "manifest.json").read_text())["stages"]
-    want = {**{k: v["seconds"] for k, v in top.items()},
-            **{f"without_base/recall/{k}": v["seconds"] for k, v in nested.items()}}
+    want = {k: v["seconds"] for k, v in top.items()}
+    for where in ("without_base/recall", "without_base/recall_l2/recall"):  # each RECALL run's own stages
+        nested = json.loads((Path(cfg.run_dir) / where / "manifest.json").read_text())["stages"]
+        want.update({f"{where}/{k}": v["seconds"] for k, v in nested.items()})
     got = dict(zip(times["stage"], times["seconds"]))
     assert set(got) == set(want)
     # written with one decimal: off by at most half a tenth, plus float64's error on that
@@ -242,7 +248,8 @@ def test_publish_leaves_out_what_other_runs_left_in_a_shared_directory(multi, tm
     assert "weights/without_base.csv" in names and "plots/without_base_weights.png" in names
     paired = pd.read_csv(tmp_path / "pub" / "paired.csv")
     assert set(paired["eval"]) == {"without_base"}
-    assert set(pd.read_csv(tmp_path / "pub" / "weights_summary.csv")["merge"]) == {"without_base"}
+    assert set(pd.read_csv(tmp_path / "pub" / "weights_summary.csv")["merge"]) == {"without_base",
+                                                                                   "without_base_recall_l2"}
     stages = pd.read_csv(tmp_path / "pub" / "stage_times.csv")["stage"]
     assert not stages.str.startswith("with_base/").any() and stages.str.startswith("without_base/").any()
 
