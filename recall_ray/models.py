@@ -183,6 +183,21 @@ class WeightsRead:
         return not (self.weights_nonfinite or self.adapter_nonfinite)
 
 
+# IEEE-754 floats hold NaN or Inf exactly where every exponent bit is set: testing the bits
+# as integers is exact and several times faster on CPU than torch.isfinite (8x for bf16)
+_EXPONENT_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+                  torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
+
+
+def has_nonfinite(t: torch.Tensor) -> bool:
+    """Whether a floating tensor holds NaN or +-Inf (torch.isfinite's answer)."""
+    bits = _EXPONENT_BITS.get(t.dtype)
+    if bits is None or t.numel() == 0:
+        return bool(t.numel()) and not bool(torch.isfinite(t).all())
+    as_int, mask = bits
+    return bool(((t.reshape(-1).view(as_int) & mask) == mask).any())
+
+
 def _read_checked(reader: LazyTensorReader, infos: dict[str, TensorInfo], names, check: bool, bad: list[str],
                   read: WeightsRead, prefix: str = "") -> dict[str, torch.Tensor]:
     """{name: tensor} of `names`, each read once; with `check`, the floating ones holding
@@ -192,7 +207,7 @@ def _read_checked(reader: LazyTensorReader, infos: dict[str, TensorInfo], names,
         t = reader.get(name)
         if check and infos[name].is_float:
             t0 = time.perf_counter()
-            if not torch.isfinite(t).all():
+            if has_nonfinite(t):
                 bad.append(prefix + name)
             read.check_seconds += time.perf_counter() - t0
         out[name] = t

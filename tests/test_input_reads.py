@@ -39,6 +39,27 @@ def _poison(model_dir: Path, file: str, name: str, value: float) -> None:
     save_file(sd, f, metadata={"format": "pt"})
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_has_nonfinite_agrees_with_numpy(dtype):
+    """The exponent-bit test against numpy's isfinite (on exact float64 copies), for values at
+    the edges: the largest finite value, subnormals, -0, and each of NaN, +Inf and -Inf alone."""
+    import numpy as np
+
+    from recall_ray.models import has_nonfinite
+
+    info = torch.finfo(dtype)
+    edge = torch.tensor([0.0, -0.0, 1.0, -2.5, info.max, -info.max, info.tiny, info.tiny / 4], dtype=dtype)
+    assert not has_nonfinite(edge) and np.isfinite(edge.double().numpy()).all()
+    g = torch.Generator().manual_seed(0)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = (torch.randn(1000, generator=g) * 100).to(dtype)
+        t[int(torch.randint(0, 1000, (1,), generator=g))] = bad
+        assert has_nonfinite(t) == (not np.isfinite(t.double().numpy()).all()) == True  # noqa: E712
+        strided = t.reshape(10, 100)[:, ::2]
+        assert has_nonfinite(strided) == (not np.isfinite(strided.double().numpy()).all())
+    assert not has_nonfinite(torch.empty(0, dtype=dtype))
+
+
 def _same_params(a, b) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
