@@ -140,7 +140,8 @@ def test_each_input_read_twice_with_full_experts(tiny_run, tiny_dir, tiny_expert
     sizes = {"base": tensor_bytes(tiny_dir), "e0": tensor_bytes(tiny_experts[0]),
              "new": tensor_bytes(tiny_experts[1])}
     assert stages["reps_new"]["result"]["bytes_read"] == sizes["new"]
-    pool = next(s["result"] for k, s in stages.items() if k.startswith("reps_") and "pool_models" in (s["result"] or {}))
+    pool = next(s["result"] for k, s in stages.items()
+                if k.startswith("reps_") and "pool_models" in (s["result"] or {}))
     assert pool["bytes_read"] == {"base": sizes["base"], "e0": sizes["e0"]}
     assert sum(s["bytes_read"] for s in stages["merge"]["result"]["shards"]) == sum(sizes.values())
     finite = stages["finite_check"]
