@@ -9,16 +9,22 @@ SmolLM2-135M-Instruct) and for LoRA experts of it.
 
 Each N runs in a fresh process (its driver's peak memory is its own) and saves
 benchmarks/results/scale/<kind>-<N>.json: every stage's seconds, the merge actors' and the
-driver's peak RSS, the bytes each stage read (the merge's measured by its readers; the
-representation stages' from what they load: a model's files per model load, or an
-adapter's tensors and the base's target tensors per swap), where the merge ran. --report
-fits each stage's seconds to a + b * N (the per-expert marginal cost b) and writes
-scale.md, scale.json and plots.
+driver's peak RSS, the tensor bytes each stage read, where the merge ran. The representation
+stages' and the merge's bytes are measured by their readers (the manifest's records); the
+NaN/Inf check reads nothing of its own (its tests run inside the representation loads, and
+`finite_check` is their summed seconds); preflight's fingerprints read two samples of at most
+4 KiB per tensor (recall_ray.safetensors_io.files_fingerprint), counted from the headers. The
+total is also given as a multiple of the inputs' tensor bytes (the base and every expert
+once); safetensors headers, read by every process that opens a model, are left out. --report
+fits each stage's seconds to a + b * N (the per-expert marginal cost b) and writes scale.md,
+scale.json and plots. The full-expert runs from before issue 21 (a separate NaN/Inf scan, one
+more read of every input) are kept in before-issue-21/ and left out of the report.
 
 Targets (issue 11): merge actor peak memory flat in N (within 10% from 2 to 48); driver peak
 under 1 GB at N = 48; cost linear in N; with LoRA experts the merge stage at 48 at most 1.5x
 the merge stage at 2, and switching to the next LoRA expert in a representation actor under
-0.5 s (measured here on the same adapters: `swap_seconds`).
+0.5 s (measured here on the same adapters: `swap_seconds`). Issue 21: with full experts, the
+bytes read at N = 48 at most 2.0x the inputs' size.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results" / "scale"
 MODELS = Path(os.environ.get("RECALL_RAY_BENCH_MODELS", Path(tempfile.gettempdir()) / "recall_ray_scale_models"))
 STAGES = ("finite_check", "reps_new", "typical", "reps_others", "weights", "merge")
+BYTE_STAGES = ("preflight", "finite_check", "reps_new", "reps_others", "merge")  # finite_check: runs before issue 21
 
 
 # ------------------------------------------------------------------------- the experts
@@ -125,9 +132,12 @@ def run_one(kind: str, n: int, out: Path) -> dict:
 
     experts = [MODELS / f"{kind}-{i:03d}" for i in range(n)]  # made by the parent process
     base = MODELS / "base-bf16"
+    load_start = os.getloadavg()  # the machine's load: its seconds are comparable only at the same load
     t0 = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="rr_scale_", dir="/tmp")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": tmp,
+    # no dashboard: on a busy machine its start-up can time the cluster's start out, and
+    # nothing here uses it
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": tmp, "include_dashboard": False,
                                                            "object_store_memory": 200 * 1024**2})
     for _ in range(2):
         cluster.add_node(num_cpus=1, object_store_memory=200 * 1024**2)
@@ -164,25 +174,30 @@ def run_one(kind: str, n: int, out: Path) -> dict:
     merge = stages["merge"]["result"]
     seconds = {name: st.get("seconds", 0.0) for name, st in stages.items()}
     reps_others = sum(v for k, v in seconds.items() if k.startswith("reps_") and k != "reps_new")
-    size = lambda d: sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))  # noqa: E731
-    base_bytes = size(base)
-    expert_bytes = [size(d) for d in experts]
-    if kind == "full":  # every model loaded once by the pool (one actor)
-        reps_bytes = {"reps_new": expert_bytes[-1], "reps_others": base_bytes + sum(expert_bytes[:-1])}
-    else:  # the base loaded once; each adapter swapped in: its tensors, its targets' base tensors
-        targets = _target_bytes(base, experts[0])
-        reps_bytes = {"reps_new": base_bytes + expert_bytes[-1],
-                      "reps_others": base_bytes + sum(e + 2 * targets for e in expert_bytes[:-1])}
+    base_bytes = _tensor_bytes(base)
+    expert_bytes = [_tensor_bytes(d) for d in experts]
+    pool_bytes = [st["result"]["bytes_read"] for k, st in stages.items()
+                  if k.startswith("reps_") and "pool_models" in (st.get("result") or {})]
+    bytes_read = {
+        "preflight": _preflight_bytes(kind, base, experts),
+        "reps_new": stages["reps_new"]["result"]["bytes_read"],  # measured by the actors' readers
+        "reps_others": sum(sum(b.values()) for b in pool_bytes),
+        "merge": sum(s["bytes_read"] for s in merge["shards"]),
+    }
+    inputs = base_bytes + sum(expert_bytes)
     return {
         "kind": kind, "n": n, "cluster_start_s": t_ready,
+        "load_average_1min": {"start": load_start[0], "end": os.getloadavg()[0]},
         "stage_seconds": {**{k: seconds.get(k, 0.0) for k in STAGES if k != "reps_others"},
                           "reps_others": reps_others},
         "merge_actor_peak_rss_mb": max(s["peak_rss_mb"] for s in merge["shards"]),
         "merge_actor_peak_anon_mb": max(s["peak_anon_mb"] for s in merge["shards"]),
         "merge_nodes": sorted({s["node_id"] for s in merge["shards"]}),
         "driver_peak_rss_mb": driver_peak,
-        "bytes_read": {"finite_check": base_bytes + (sum(expert_bytes)),
-                       **reps_bytes, "merge": sum(s["bytes_read"] for s in merge["shards"])},
+        "finite_check_in_loads": True,  # finite_check's seconds: the tests inside the representation loads
+        "bytes_read": bytes_read,
+        "inputs_bytes": inputs,
+        "read_multiple": {**{k: v / inputs for k, v in bytes_read.items()}, "total": sum(bytes_read.values()) / inputs},
         "model_bytes": {"base": base_bytes, "expert": expert_bytes[0]},
         "typical_count": result.typical_count,
         "pools": pools,
@@ -200,12 +215,34 @@ def _tokens(model_dir: Path, task_texts: list[str], typical_texts: list[str], ma
     return {"reps_new": count(task_texts), "typical_per_model": count(typical_texts)}
 
 
-def _target_bytes(base: Path, adapter: Path) -> int:
-    from recall_ray.models import read_adapter
-    from recall_ray.safetensors_io import list_weight_files, tensor_infos
+def _tensor_bytes(model_dir: Path) -> int:
+    """The tensor data of a model's (or an adapter's) safetensors files."""
+    from recall_ray.safetensors_io import tensor_infos
 
-    infos = tensor_infos(list_weight_files(base))
-    return sum(infos[t].nbytes for t in read_adapter(adapter).targets)
+    return sum(i.nbytes for i in tensor_infos(sorted(Path(model_dir).glob("*.safetensors"))).values())
+
+
+def _preflight_bytes(kind: str, base: Path, experts: list[Path]) -> int:
+    """Tensor bytes preflight reads (recall_ray.validate.check_models): each model's
+    fingerprint; an adapter's covers its base's files too, and its base's content
+    fingerprint (core.lora's base check, once per base) reads each tensor's first row."""
+    if kind == "full":
+        return sum(_fingerprint_bytes(d) for d in [base, *experts])
+    from recall_ray.safetensors_io import tensor_infos
+
+    first_rows = sum(i.nbytes // i.shape[0] if i.shape and i.shape[0] else i.nbytes
+                     for i in tensor_infos(sorted(base.glob("*.safetensors"))).values())
+    return _fingerprint_bytes(base) * (1 + len(experts)) + sum(_fingerprint_bytes(d) for d in experts) + first_rows
+
+
+def _fingerprint_bytes(model_dir: Path) -> int:
+    """What preflight's fingerprint of a model reads of its tensor data: the first and the
+    last FINGERPRINT_SAMPLE_BYTES of each tensor, once for a tensor that small."""
+    from recall_ray.safetensors_io import FINGERPRINT_SAMPLE_BYTES, tensor_infos
+
+    infos = tensor_infos(sorted(Path(model_dir).glob("*.safetensors"))).values()
+    return sum(min(FINGERPRINT_SAMPLE_BYTES, i.nbytes) * (2 if i.nbytes > FINGERPRINT_SAMPLE_BYTES else 1)
+               for i in infos)
 
 
 def swap_seconds(base: Path, adapters: list[Path]) -> float:
@@ -250,6 +287,16 @@ def report() -> int:
             lines.append(f"| {r['n']} | " + " | ".join(f"{r['stage_seconds'][s]:.1f}" for s in STAGES)
                          + f" | {r['merge_actor_peak_rss_mb']:.0f} | {r['driver_peak_rss_mb']:.0f}"
                          f" | {r['bytes_read']['merge'] / 1e9:.2f} |")
+        if any(r.get("finite_check_in_loads") for r in rs):
+            lines += ["", "finite_check: the NaN/Inf tests inside the representation loads (seconds summed over"
+                      " the actors, part of reps_new and reps_others), not a stage of its own"]
+        lines += ["", "bytes read, as a multiple of the inputs' tensor bytes (the base and every expert once):", "",
+                  "| N | inputs GB | " + " | ".join(BYTE_STAGES) + " | total |", "|" + "---:|" * (len(BYTE_STAGES) + 3)]
+        for r in rs:
+            inputs, got = _inputs_bytes(r), r["bytes_read"]
+            lines.append(f"| {r['n']} | {inputs / 1e9:.2f} | "
+                         + " | ".join(f"{got[s] / inputs:.3f}" if s in got else "-" for s in BYTE_STAGES)
+                         + f" | {sum(got.values()) / inputs:.3f} |")
         fits = {}
         for s in STAGES:
             y = np.array([r["stage_seconds"][s] for r in rs])
@@ -275,6 +322,11 @@ def report() -> int:
     _plots(runs)
     print("\n".join(lines))
     return 0
+
+
+def _inputs_bytes(r: dict) -> int:
+    """The base's and every expert's bytes (a run before issue 21 has only the model sizes)."""
+    return r.get("inputs_bytes") or r["model_bytes"]["base"] + r["n"] * r["model_bytes"]["expert"]
 
 
 def _plots(runs: list[dict]) -> None:

@@ -1,6 +1,6 @@
 """The RECALL job: its checks, then its stages, declared as data in the order they run.
 
-    preflight (no Ray, nothing written) -> finite check (Ray tasks, nothing written)
+    preflight (no Ray, nothing written)
       -> finetune?  -> reps_new -> typical -> reps_<model>... -> weights -> merge
       -> baseline_<name>... -> evaluate                       (the last two when asked for)
 
@@ -8,7 +8,9 @@ Each stage's core is a pure function (recall_ray.core) run by a thin Ray shell
 (recall_ray.cluster); this module decides what runs where and records every stage in the
 run's manifest with a key (a hash of what decides its output), so that a rerun resumes and a
 changed setting recomputes only the stages downstream of it. Nothing is written to the run
-directory until every input has passed its checks.
+directory until every input has passed the checks that read no weights (preflight). The one
+check that reads every weight, for NaN/Inf, is done by the representation stages' loads, which
+read every input anyway (FiniteCheck; docs/design.md, "Bad input").
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from .core.templates import load_task_records
 from .core.typical import TooFewSamplesError, union_in_order
 from .manifest import Manifest, StageRun, recorded_stages, stable_hash
 from .models import ModelTensors, ResolvedModel, resolve_model, resolve_path
-from .storage import RunDir, check_writable, refuse_existing_output
-from .validate import ModelMismatchError, ModelSet, check_models, raise_if_nonfinite
+from .storage import RunDir, check_writable, filesystem, output_exists, refuse_existing_output
+from .validate import ModelMismatchError, ModelSet, check_models
 
 log = logging.getLogger("recall_ray.pipeline")
 
@@ -137,23 +139,47 @@ def _is_own_output(cfg: RunConfig) -> bool:
     return stage.get("status") == "done" and (stage.get("result") or {}).get("output") == cfg.output_dir
 
 
-def finite_check(models: list[ResolvedModel], fingerprints: dict[str, str], run_dir: str) -> tuple[list, float, bool]:
-    """The NaN/Inf scan, the one input check that reads every weight (Ray tasks): skipped
-    when this run directory already recorded it for the same weights. Writes nothing, so a
-    bad weight leaves no run directory behind. Returns the stage's key parts, its seconds
-    and whether an earlier scan was reused (for Manifest.record)."""
-    import time
+class FiniteCheck:
+    """The NaN/Inf check of every input's weights, folded into the representation stages:
+    their actors test each tensor as they read it for the model's forwards
+    (models.load_causal_lm_read), so the inputs are not read once more for it. This counts
+    the weight sets tested (a full model's weights, an adapter's own tensors) for the job's
+    progress line and the manifest's `finite_check` record. A model whose representations an
+    earlier run computed (its stage skipped, same key) was tested then: the stage keys say
+    whether it was (Run.reps_opts)."""
 
-    from .cluster.tasks import nonfinite_by_model
+    def __init__(self, models: list[ResolvedModel]):
+        from .progress import Progress
 
-    key = [fingerprints]
-    recorded = recorded_stages(run_dir).get("finite_check", {})
-    if recorded.get("status") == "done" and recorded.get("key") == stable_hash(key):
-        log.info("finite check: the same weights were scanned before in %s", run_dir)
-        return key, 0.0, True
-    t0 = time.perf_counter()
-    raise_if_nonfinite(nonfinite_by_model(models))
-    return key, time.perf_counter() - t0, False
+        self.owner = {m.weights_dir: m.label for m in models if m.kind == "hf"}
+        self.sets_of = {m.label: self._sets(m) for m in models}
+        self.total = set().union(*self.sets_of.values())
+        self.tested: set[str] = set()
+        self.before: set[str] = set()
+        self.seconds = 0.0  # of the tests themselves, summed over the actors
+        self.progress = Progress("finite check (NaN/Inf)", len(self.total), "weight sets")
+
+    def _sets(self, m: ResolvedModel) -> set[str]:
+        """A full model's weights; an adapter's own tensors, and its base's when no full model
+        of the job holds them (as a scan of each distinct weight set would count them)."""
+        if m.kind == "hf":
+            return {m.weights_dir}
+        return {m.path} | ({m.weights_dir} if m.weights_dir not in self.owner else set())
+
+    def checked(self, weight_set: str) -> None:
+        if weight_set in self.total and weight_set not in self.tested | self.before:
+            self.tested.add(weight_set)
+            self.progress.update()
+
+    def tested_before(self) -> None:
+        """Every weight set not tested now: its representations were reused from an earlier run
+        (no progress line when none was tested now)."""
+        rest = sorted(self.total - self.tested - self.before)
+        self.before.update(rest)
+        if not self.tested:
+            log.info("finite check: the same weights were tested by an earlier run's representation stages")
+        elif rest:
+            self.progress.update(len(rest))
 
 
 # -------------------------------------------------------------------------- the stages
@@ -180,6 +206,7 @@ class Run:
     typical_idx: list[int] = field(default_factory=list)
     table: pd.DataFrame | None = None  # the weights table
     pending_reps: list[ResolvedModel] | None = None  # models whose reps one shared pool computes
+    finite: FiniteCheck | None = None  # the NaN/Inf check (merge.check_finite), done by the reps stages
 
     @property
     def cfg(self) -> RunConfig:
@@ -201,7 +228,10 @@ class Run:
 
     def reps_opts(self) -> list:
         r = self.cfg.representations
-        return [self.cfg.task.max_length, r.exclude_first_token, r.dtype, REPRESENTED]
+        # representations computed without the NaN/Inf check are not reused by a run that asks
+        # for it (the check is done by their loads)
+        return [self.cfg.task.max_length, r.exclude_first_token, r.dtype, REPRESENTED] + (
+            [] if self.cfg.merge.check_finite else ["weights not checked for NaN/Inf"])
 
 
 @dataclass(frozen=True)
@@ -236,8 +266,9 @@ def _finetune_dir(run: Run) -> str:
     return str(Path(run.cfg.run_dir, "finetune", "adapter").resolve())
 
 
-def _reps_new(run: Run, _: str | None) -> None:
-    _extract([run.new], run.items, run, [run.reps_rel(run.new.label)], "reps_new")
+def _reps_new(run: Run, _: str | None) -> dict:
+    report = _extract([run.new], run.items, run, [run.reps_rel(run.new.label)], "reps_new")
+    return {"bytes_read": report.bytes_read[0]}
 
 
 def _typical(run: Run, _: str | None) -> dict:
@@ -270,10 +301,12 @@ def _reps_other(run: Run, label: str | None) -> dict:
         pending = [m for m in run.models if m.label in _others(run) and not run.manifest.done(
             f"reps_{m.label}", stable_hash(_reps_other_key(run, m.label)))]
         typical_items = [run.items[i] for i in run.typical_idx]
-        _extract(pending, typical_items, run, [run.reps_rel(m.label) for m in pending],
-                 f"reps of {_names(m.label for m in pending)}")
+        report = _extract(pending, typical_items, run, [run.reps_rel(m.label) for m in pending],
+                          f"reps of {_names(m.label for m in pending)}")
         run.pending_reps = pending
-        return {"pool_models": [m.label for m in pending]}
+        # tensor bytes each model's loads read (all of the pool's actors)
+        return {"pool_models": [m.label for m in pending],
+                "bytes_read": {m.label: n for m, n in zip(pending, report.bytes_read)}}
     return {"pool_of": run.pending_reps[0].label}
 
 
@@ -436,7 +469,13 @@ def run_stage(run: Run, stage: Stage, item: str | None = None) -> StageRun:
 
 def _after(run: Run, stage: Stage) -> None:
     """What a stage's result means for the next ones."""
-    if stage.name == "typical":
+    if stage.name == "reps_{item}" and run.finite is not None:  # every model's weights were read: checked
+        fc = run.finite
+        fc.tested_before()
+        run.manifest.record("finite_check", [run.modelset.fingerprints], fc.seconds, not fc.tested,
+                            {"done_by": "the representation stages' loads", "weight_sets": len(fc.total),
+                             "tested_now": len(fc.tested), "tested_before": len(fc.before)})
+    elif stage.name == "typical":
         run.typical_idx = run.runs["typical"].result["sample_idx"]
         log.info("typical samples: %d distinct over %d layers (k=%d)", len(run.typical_idx), run.num_groups,
                  run.cfg.typical.k)
@@ -453,8 +492,20 @@ def run_pipeline(cfg: RunConfig, plan: Plan | None = None) -> PipelineResult:
     """Run (or resume) the whole job. Ray must already be up (cluster.runtime.ray_runtime).
     `plan`: this config's `preflight`, when the caller already made it (before Ray)."""
     plan = plan if plan is not None else preflight(cfg)
-    if plan.modelset is not None and cfg.merge.check_finite:  # before anything is written
-        finite = finite_check(plan.modelset.models, plan.modelset.fingerprints, cfg.run_dir)
+    created = not output_exists(cfg.run_dir)
+    try:
+        return _run(cfg, plan)
+    except CheckpointError:
+        # an input refused by the stages' reads (NaN/Inf in a weight, a tensor cut short)
+        # leaves no run directory behind, as preflight's refusals do, unless the directory
+        # was there before or holds a fine-tuned adapter (which a rerun reuses)
+        if created and not recorded_stages(cfg.run_dir).get("finetune"):
+            fs, path = filesystem(cfg.run_dir)
+            fs.delete_dir(path)
+        raise
+
+
+def _run(cfg: RunConfig, plan: Plan) -> PipelineResult:
     run_dir = RunDir(cfg.run_dir)
     manifest = Manifest(run_dir, cfg.model_dump(mode="json"))
     run = Run(plan, run_dir, manifest)
@@ -467,8 +518,8 @@ def run_pipeline(cfg: RunConfig, plan: Plan | None = None) -> PipelineResult:
         new = resolve_model(name, _finetune_dir(run), plan.base.path, cfg.allow_pickle)
     run.models = [plan.base, *plan.experts, new]
     run.modelset = plan.modelset or check_models(run.models, cfg.architecture, cfg.merge.head_group)
-    if plan.modelset is None and cfg.merge.check_finite:  # the fine-tuned adapter too
-        finite = finite_check(run.models, run.modelset.fingerprints, cfg.run_dir)
+    if cfg.merge.check_finite:  # done by the representation stages' loads
+        run.finite = FiniteCheck(run.models)
     manifest.record_inputs({
         "models": {m.label: {"kind": m.kind, "path": m.path, "fingerprint": run.fp(m.label),
                              **({"base_check": run.modelset.base_checks[m.label]}
@@ -476,8 +527,6 @@ def run_pipeline(cfg: RunConfig, plan: Plan | None = None) -> PipelineResult:
                    for m in run.models},
         "task_data": {"path": str(Path(cfg.task.data).resolve()), "sha256": plan.data_hash},
     })
-    if cfg.merge.check_finite:  # done before the run directory existed: recorded now
-        manifest.record("finite_check", *finite)
     # prompt and target apart: the representation stage cuts them as the fine-tune does (core.sft.keep_end)
     run.items = [{"sample_idx": i, "sample_id": r["sample_id"], "text": r["prompt"] + r["target"],
                   "prompt": r["prompt"], "target": r["target"]} for i, r in enumerate(plan.records)]
@@ -496,13 +545,17 @@ def run_pipeline(cfg: RunConfig, plan: Plan | None = None) -> PipelineResult:
                           run.runs["merge"].key, merge.get("peak_rss_mb"), merge.get("peak_anon_mb"), scores)
 
 
-def _extract(models: list[ResolvedModel], items: list[dict], run: Run, rels: list[str], stage: str) -> None:
+def _extract(models: list[ResolvedModel], items: list[dict], run: Run, rels: list[str], stage: str):
     from .cluster.representations import extract
 
-    r = run.cfg.representations
-    extract(models, items, run.run_dir, rels, max_length=run.cfg.task.max_length,
-            exclude_first_token=r.exclude_first_token, dtype=r.dtype, batch_size=r.batch_size,
-            num_actors=r.num_actors, stage=stage)
+    r, fc = run.cfg.representations, run.finite
+    report = extract(models, items, run.run_dir, rels, max_length=run.cfg.task.max_length,
+                     exclude_first_token=r.exclude_first_token, dtype=r.dtype, batch_size=r.batch_size,
+                     num_actors=r.num_actors, stage=stage, check_finite=fc is not None,
+                     on_checked=fc.checked if fc else None, weights_owner=fc.owner if fc else None)
+    if fc is not None:
+        fc.seconds += report.check_seconds
+    return report
 
 
 # --------------------------------------------------------------- any method as a stage
@@ -549,5 +602,5 @@ def _ranges(xs: list[int]) -> str:
     return "[" + ", ".join(out) + "]"
 
 
-__all__ = ["run_pipeline", "preflight", "finite_check", "PipelineError", "PipelineResult", "Plan", "STAGES",
+__all__ = ["run_pipeline", "preflight", "FiniteCheck", "PipelineError", "PipelineResult", "Plan", "STAGES",
            "CheckpointError", "ModelMismatchError", "merge_stage", "weights_matrix"]

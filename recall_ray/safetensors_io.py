@@ -16,7 +16,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Mapping
 
 import torch
 
@@ -308,13 +308,6 @@ def _numel(shape: Iterable[int]) -> int:
     for s in shape:
         n *= int(s)
     return n
-
-
-def iter_nonfinite(reader: LazyTensorReader, infos: dict[str, TensorInfo]) -> Iterator[str]:
-    """Names of floating tensors holding NaN or Inf."""
-    for name, info in infos.items():
-        if info.is_float and not torch.isfinite(reader.get(name)).all():
-            yield name
 
 
 # ------------------------------------------------------------------ EWC Fishers (recall_ray.core.ewc)

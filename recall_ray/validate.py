@@ -1,5 +1,6 @@
 """Checks on the set of input models, run before any work: same architecture, same tensors,
-same tokenizer, adapters that fit their base, every tensor in a layer group, finite weights.
+same tokenizer, adapters that fit their base, every tensor in a layer group; and the error for
+weights with NaN/Inf, which the representation stage's loads find (docs/design.md, "Bad input").
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from .core.architectures import Architecture, Grouping, architecture_for, assign
 from .core.errors import CheckpointError
 from .core.lora import base_check, check_adapter_fits
 from .models import ModelTensors, ResolvedModel, tokenizer_fingerprint
-from .safetensors_io import TensorInfo, content_fingerprint, iter_nonfinite
+from .safetensors_io import TensorInfo, content_fingerprint
 
 # config.json keys that must agree for a tensor-by-tensor merge to make sense.
 SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
@@ -117,17 +118,23 @@ def _check_same_tensors(ref_label: str, ref: dict[str, TensorInfo], label: str, 
             )
 
 
-def nonfinite_tensors(model: ResolvedModel, with_base: bool = True) -> list[str]:
-    """Names of floating tensors with NaN or Inf (adapter deltas included). Reads every weight
-    (an adapter's own tensors only, without `with_base`: its base is scanned on its own)."""
-    t = ModelTensors(model)
-    bad = list(iter_nonfinite(t.reader, t.infos)) if with_base or t.adapter is None else []
-    if t.adapter is not None:
-        bad += [f"{t.adapter.path}:{n}" for n in iter_nonfinite(t.adapter_reader, t.adapter.infos)]
-    return bad
+def nonfinite_by_label(found: list[tuple[ResolvedModel, dict]], weights_owner: dict[str, str]) -> dict[str, list[str]]:
+    """{label: tensors with NaN/Inf} from what loads found ({"weights": names in the full
+    weights, "adapter": "<adapter dir>:<name>"}): a full weights' tensor goes to the full
+    model holding those weights (`weights_owner[weights_dir]`, e.g. the base that an adapter
+    was loaded on), or to the loaded model when no full model of the job holds them."""
+    out: dict[str, list[str]] = {}
+    for model, bad in found:
+        if bad.get("weights"):
+            owner = weights_owner.get(model.weights_dir, model.label)
+            out[owner] = sorted(set(out.get(owner, [])) | set(bad["weights"]))
+        if bad.get("adapter"):
+            out[model.label] = sorted(set(out.get(model.label, [])) | set(bad["adapter"]))
+    return out
 
 
 def raise_if_nonfinite(results: dict[str, list[str]]) -> None:
+    """The refusal of weights with NaN/Inf (the representation stages' loads find them)."""
     for label, bad in results.items():
         if bad:
             raise CheckpointError(

@@ -192,16 +192,18 @@ def test_adapter_with_unfoldable_tensors_is_refused(base_dir, tmp_path):
         read_adapter(adapter_dir)
 
 
-def test_loaded_model_slot_swaps_adapters_on_one_base_exactly(base_dir, tmp_path):
+@pytest.mark.parametrize("check_finite", [False, True])
+def test_loaded_model_slot_swaps_adapters_on_one_base_exactly(base_dir, tmp_path, check_finite):
     """Moving between LoRA adapters of one base (and the base itself) swaps their target
-    parameters in place: after every move the model equals a fresh load, bit for bit."""
+    parameters in place: after every move the model equals a fresh load, bit for bit (also
+    when the slot reads and tests the weights itself, as the representation actors do)."""
     from recall_ray.models import LoadedModelSlot, load_causal_lm
 
     a, _ = make_adapter(base_dir, tmp_path / "a", seed=1)
     b, _ = make_adapter(base_dir, tmp_path / "b", seed=2)
     models = [resolve_model("a", str(a), str(base_dir)), resolve_model("b", str(b), str(base_dir)),
               resolve_model("base", str(base_dir), str(base_dir))]
-    slot = LoadedModelSlot(models, torch.float32, "cpu", padding_side="right")
+    slot = LoadedModelSlot(models, torch.float32, "cpu", padding_side="right", check_finite=check_finite)
     for i in (0, 1, 2, 0, 2, 1):
         _, lm = slot.get(i)
         fresh = load_causal_lm(models[i])

@@ -4,8 +4,10 @@ Parquet in the layout of recall_ray.reps_parquet."""
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +18,7 @@ from ..core.sft import represented_batch
 from ..models import LoadedModelSlot, ResolvedModel
 from ..reps_parquet import reps_table
 from ..storage import RunDir
+from ..validate import nonfinite_by_label, raise_if_nonfinite
 from .faults import fault_point
 from .pools import inference_pool, request_pool
 
@@ -45,13 +48,13 @@ class RepresentationExtractor:
     The output then carries the `model` column (for a partitioned write)."""
 
     def __init__(self, model: ResolvedModel | Sequence[ResolvedModel], max_length: int, exclude_first_token: bool,
-                 dtype: str, num_threads: int | None = None):
+                 dtype: str, num_threads: int | None = None, read_weights: bool = False, check_finite: bool = False):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.many = not isinstance(model, ResolvedModel)
         self.slot = LoadedModelSlot(list(model) if self.many else [model], getattr(torch, dtype), self.device,
-                                    padding_side="right")
+                                    padding_side="right", read_weights=read_weights, check_finite=check_finite)
         self.max_length = max_length
         self.exclude_first_token = exclude_first_token
         if not self.many:
@@ -86,48 +89,94 @@ class RepresentationWriter(RepresentationExtractor):
     """The extractor that writes its own output: each batch's representations go straight
     from the actor to a Parquet file under `out` (per model: `out/model=<q>/`), named after
     the batch's first sample so that a retried batch rewrites the same file, written under a
-    temporary name and moved. Only a row count per file comes back to the driver, which is
-    its progress; no write tasks compete with the actors for the node's cores."""
+    temporary name and moved. Only counts come back to the driver: rows per file (its
+    progress) and, the first time an actor loads a model, what the load read
+    (models.WeightsRead: bytes, and the tensors with NaN/Inf when `check_finite`). A model
+    whose weights are not finite gets no forward pass and no file. No write tasks compete
+    with the actors for the node's cores."""
 
     def __init__(self, out: str, *args, **kwargs):
+        kwargs.setdefault("read_weights", True)
         super().__init__(*args, **kwargs)
         self.out = out.rstrip("/")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import json
+
+        models = batch["model"].astype(np.int64) if self.many else np.zeros(len(batch["sample_idx"]), dtype=np.int64)
+        out: dict[str, list] = {"model": [], "rows": [], "loaded": [], "bytes_read": [], "check_seconds": [],
+                                "weights_read": [], "nonfinite": []}
+        for q in dict.fromkeys(int(m) for m in models):  # usually one model per batch
+            sel = np.flatnonzero(models == q)
+            self.slot.get(q)  # loads (or swaps in) model q: its weights read, and checked, here
+            read = self.slot.take_read(q)
+            bad = "" if read is None or read.finite else json.dumps(
+                {"weights": read.weights_nonfinite, "adapter": read.adapter_nonfinite})
+            if not bad:
+                self._write(q, batch, sel)
+            out["model"].append(q)
+            out["rows"].append(len(sel))
+            out["loaded"].append(read is not None)
+            out["bytes_read"].append(read.bytes_read if read else 0)
+            out["check_seconds"].append(read.check_seconds if read else 0.0)
+            out["weights_read"].append(bool(read and read.weights_read))
+            out["nonfinite"].append(bad)
+        return {"model": np.array(out["model"], dtype=np.int32), "rows": np.array(out["rows"], dtype=np.int64),
+                "loaded": np.array(out["loaded"], dtype=bool),
+                "bytes_read": np.array(out["bytes_read"], dtype=np.int64),
+                "check_seconds": np.array(out["check_seconds"], dtype=np.float64),
+                "weights_read": np.array(out["weights_read"], dtype=bool),
+                "nonfinite": np.array(out["nonfinite"], dtype=object)}
+
+    def _write(self, q: int, batch: dict[str, np.ndarray], sel: np.ndarray) -> None:
         import uuid
 
         import pyarrow.parquet as pq
 
         from ..storage import filesystem
 
-        table = super().__call__(batch)
-        models = table.column("model").to_numpy() if self.many else np.zeros(table.num_rows, dtype=np.int32)
-        written, counts = [], []
-        for q in dict.fromkeys(int(m) for m in models):
-            part = table.filter(pa.array(models == q)) if self.many else table
-            if self.many:
-                part = part.drop_columns(["model"])
-            folder = f"{self.out}/model={q}" if self.many else self.out
-            fs, path = filesystem(folder)
-            fs.create_dir(path, recursive=True)
-            name = f"part-{int(np.min(part.column('sample_idx').to_numpy())):09d}.parquet"
-            fault_point(f"reps-{q}-{name}")  # tests: a representation actor that dies mid-stage
-            tmp = f"{path}/.{name}.{uuid.uuid4().hex[:8]}"
-            pq.write_table(part, tmp, filesystem=fs)
-            fs.move(tmp, f"{path}/{name}")
-            written.append(q)
-            counts.append(part.num_rows)
-        return {"model": np.array(written, dtype=np.int32), "rows": np.array(counts, dtype=np.int64)}
+        part = reps_table(batch["sample_idx"][sel], batch["sample_id"][sel],
+                          self._reps(batch, sel, q))
+        folder = f"{self.out}/model={q}" if self.many else self.out
+        fs, path = filesystem(folder)
+        fs.create_dir(path, recursive=True)
+        name = f"part-{int(np.min(part.column('sample_idx').to_numpy())):09d}.parquet"
+        fault_point(f"reps-{q}-{name}")  # tests: a representation actor that dies mid-stage
+        tmp = f"{path}/.{name}.{uuid.uuid4().hex[:8]}"
+        pq.write_table(part, tmp, filesystem=fs)
+        fs.move(tmp, f"{path}/{name}")
+
+
+@dataclass
+class ExtractReport:
+    """What a representation pool read: tensor bytes per model (every load and swap of it,
+    by every actor), the seconds its NaN/Inf tests took, and the models whose weights the
+    actors tested (`checked`, with what they found)."""
+
+    bytes_read: list[int]
+    check_seconds: float = 0.0
+    checked: dict[int, dict] = field(default_factory=dict)  # model index -> {"weights": [...], "adapter": [...]}
+    tested: set[str] = field(default_factory=set)  # weight sets tested: weights dirs and adapter dirs
 
 
 def extract(models: list[ResolvedModel], items: list[dict], run_dir: RunDir, rels: list[str], *, max_length: int,
             exclude_first_token: bool, dtype: str, batch_size: int, num_actors: int | str,
-            stage: str = "representations") -> None:
+            stage: str = "representations", check_finite: bool = False,
+            on_checked: Callable[[str], None] | None = None,
+            weights_owner: dict[str, str] | None = None) -> ExtractReport:
     """Run `items` (sample_idx, sample_id, and prompt + target or text) through each of `models` with one Ray Data
     actor pool and write each model's per-layer representations to Parquet at its `rels[i]`
     (staged, then moved). Several models share the pool: rows sorted by model, one model
     loaded per actor at a time, each model's files under its own staging folder, each moved
-    into place when the pool is done."""
+    into place when the pool is done.
+
+    With `check_finite` the actors test every tensor they load for NaN/Inf (the job's
+    NaN/Inf check, folded into this read): `on_checked(weight_set)` is called the first time
+    a weight set (a full model's weights directory, or an adapter's directory) is tested. If
+    any model's weights are not finite, nothing is moved into place, the staging is removed
+    once the pool has stopped, and a CheckpointError (validate.raise_if_nonfinite) names the model (a tensor
+    of the full weights under `weights_owner[weights_dir]`, the full model that holds them,
+    when given)."""
     import ray
 
     from ..progress import Progress
@@ -145,7 +194,7 @@ def extract(models: list[ResolvedModel], items: list[dict], run_dir: RunDir, rel
         fn_constructor_args=(run_dir.uri(tmp),),
         fn_constructor_kwargs={"model": models if many else models[0], "max_length": max_length,
                                "exclude_first_token": exclude_first_token, "dtype": dtype,
-                               "num_threads": pool.threads},
+                               "num_threads": pool.threads, "check_finite": check_finite},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=pool.size),
@@ -153,12 +202,40 @@ def extract(models: list[ResolvedModel], items: list[dict], run_dir: RunDir, rel
         num_gpus=pool.num_gpus,
     )
     progress = Progress(stage, len(rows), "samples" if not many else f"samples of {len(models)} models")
+    report = ExtractReport([0] * len(models))
+    # the pool runs to its end even when a model is refused: stopping it early could leave an
+    # actor writing into the staging after it was removed
     for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
         progress.update(int(out["rows"].sum()))
+        for q, loaded, nbytes, secs, read, found_json in zip(out["model"], out["loaded"], out["bytes_read"],
+                                                             out["check_seconds"], out["weights_read"],
+                                                             out["nonfinite"]):
+            q, m = int(q), models[int(q)]
+            report.bytes_read[q] += int(nbytes)
+            report.check_seconds += float(secs)
+            if not (check_finite and loaded):
+                continue
+            found = json.loads(found_json) if found_json else {}
+            entry = report.checked.setdefault(q, {"weights": [], "adapter": []})
+            for k in entry:
+                entry[k] = sorted(set(entry[k]) | set(found.get(k, [])))
+            # the weight sets this load tested: the full weights it read, the adapter's own
+            tested = ([m.weights_dir] if read else []) + ([m.path] if m.kind == "adapter" else [])
+            for ws in tested:
+                if ws not in report.tested:
+                    report.tested.add(ws)
+                    if on_checked is not None:
+                        on_checked(ws)
     progress.close()
+    bad = {q: found for q, found in report.checked.items() if found["weights"] or found["adapter"]}
+    if bad:
+        run_dir.delete(tmp)
+        raise_if_nonfinite(nonfinite_by_label([(models[q], found) for q, found in sorted(bad.items())],
+                                              weights_owner or {}))
     if not many:
         run_dir.replace_dir(tmp, rels[0])
-        return
+        return report
     for q, rel in enumerate(rels):
         run_dir.replace_dir(f"{tmp}/model={q}", rel)
     run_dir.delete(tmp)
+    return report

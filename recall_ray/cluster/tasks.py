@@ -1,5 +1,5 @@
-"""Small Ray tasks around pure functions: KMeans on each layer's column, the NaN/Inf scan of
-every input's weights, and LM-Cocktail's per-model losses."""
+"""Small Ray tasks around pure functions: KMeans on each layer's column and LM-Cocktail's
+per-model losses."""
 
 from __future__ import annotations
 
@@ -30,31 +30,6 @@ def kmeans_all_layers(reps_uri: str, num_layers: int, k: int, seed: int, n_init:
     out = []
     for r in refs:
         out.append(ray.get(r))
-        progress.update()
-    return out
-
-
-def nonfinite_by_model(models: Sequence[ResolvedModel]) -> dict[str, list[str]]:
-    """{label: names of tensors with NaN or Inf}, one Ray task per distinct weight set: a
-    full model's weights once, and each adapter's own tensors (its base, shared by every
-    adapter of it, is scanned once, as a weight set of its own). Reads every weight once."""
-    import ray
-
-    from ..validate import nonfinite_tensors
-
-    scan = ray.remote(num_cpus=0.5)(nonfinite_tensors)
-    full = {m.weights_dir: m for m in models if m.kind == "hf"}
-    refs = {m.label: scan.remote(m) for m in full.values()}
-    for m in models:
-        if m.kind == "adapter":  # its base's weights too when no full model in the list holds them
-            refs[m.label] = scan.remote(m, m.weights_dir not in full)
-            full.setdefault(m.weights_dir, m)
-    from ..progress import Progress
-
-    progress = Progress("finite check (NaN/Inf)", len(refs), "weight sets")
-    out = {}
-    for label, r in refs.items():
-        out[label] = ray.get(r)
         progress.update()
     return out
 
