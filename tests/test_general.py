@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -245,3 +246,35 @@ def test_general_sets_scored_end_to_end_against_numpy(tiny_dir, ray_session):
         hits = sample_hits(task, list(preds["prediction"]), list(preds["references"]))
         assert 100.0 * np.mean(hits) == pytest.approx(want[primary_metric(task)])
         assert set(preds["protocol"]) == {"loglik"}
+
+
+def test_option_intervals_recompute_both_metrics_from_saved_sums():
+    """From a predictions table (option log-prob sums, references) and the data: each
+    metric's hit by the plain rule, and its interval from a plainly written bootstrap."""
+    from recall_ray.analysis import option_hits, option_intervals
+
+    arc, hs = records("arc_easy")[:3], records("hellaswag")[:2]
+    rng = np.random.default_rng(1)
+    rows, want = [], []
+    for task, recs in (("arc_easy", arc), ("hellaswag", hs)):
+        for r in recs:
+            texts = r["choices"]["text"] if task == "arc_easy" else r["endings"]
+            gold = r["choices"]["label"].index(r["answerKey"]) if task == "arc_easy" else r["label"]
+            sums = list(-rng.uniform(1, 30, size=len(texts)))
+            sid = r["id"] if task == "arc_easy" else str(r["idx"])
+            rows.append({"model": "m", "task": task, "sample_id": sid, "option_logprobs": sums,
+                         "references": [str(gold)]})
+            chars = np.array([len(t) for t in texts], dtype=float)
+            want.append((task, sid, int(np.argmax(sums) == gold), int(np.argmax(np.array(sums) / chars) == gold)))
+    hits = option_hits(pd.DataFrame(rows), DATA)
+    got = {(t, s, m): h for t, s, m, h in zip(hits["task"], hits["sample_id"], hits["metric"], hits["hit"])}
+    for task, sid, acc, norm in want:
+        assert got[(task, sid, "acc")] == acc and got[(task, sid, "acc_norm")] == norm
+    table = option_intervals(hits).set_index(["task", "metric"])
+    for task in ("arc_easy", "hellaswag"):
+        x = 100.0 * np.array([w[3] for w in want if w[0] == task], dtype=float)
+        r = np.random.default_rng(0)
+        reps = [x[r.integers(0, len(x), size=len(x))].mean() for _ in range(2000)]
+        lo, hi = np.quantile(reps, [0.025, 0.975])
+        row = table.loc[(task, "acc_norm")]
+        assert (row["value"], row["lo"], row["hi"], row["n"]) == pytest.approx((x.mean(), lo, hi, len(x)))
