@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=str(REPO / "data"))
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-actors", default="auto")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="logical CPUs of the local Ray this job starts (default: every core); each actor runs torch on"
+                   " its share, so 1 gives one thread, far faster than two on a machine whose cores are oversubscribed")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--protocol", default="loglik", choices=["loglik", "generate"],
                    help="closed-label tasks (SST-2, AG News, MedMCQA, RACE): the option the model finds most likely"
@@ -76,11 +79,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.max_samples is not None and args.max_samples <= 0:
             raise ValueError(f"--max-samples must be positive, got {args.max_samples}")
+        if args.num_cpus is not None and args.num_cpus <= 0:
+            raise ValueError(f"--num-cpus must be positive, got {args.num_cpus}")
         models = resolve_models(args.models, args.base)
         items = preflight(models, args.tasks, args.data_dir, args.split, args.max_samples, args.protocol,
                           args.templates)  # every check before Ray starts
         num_actors = args.num_actors if args.num_actors == "auto" else int(args.num_actors)
-        with ray_runtime(RayConfig()):
+        with ray_runtime(RayConfig(num_cpus=args.num_cpus)):
             result = evaluate_models(models, args.tasks, args.data_dir, args.split, args.max_samples,
                                      args.batch_size, num_actors, args.dtype, items=items,
                                      normalization=args.normalization)

@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         from recall_ray.cluster.finetune import finetune_lora, validate_inputs
         from recall_ray.cluster.runtime import ray_runtime
         from recall_ray.config import RayConfig
-        from recall_ray.core.templates import load_task_records
+        from recall_ray.core.templates import check_trainable, load_task_records
 
+        check_trainable(args.template)  # the general-ability sets are never trained on
         cfg = build_finetune_config(args.overrides)
         if os.path.lexists(args.out):
             raise FileExistsError(f"adapter output {args.out} already exists: remove it or choose another --out")

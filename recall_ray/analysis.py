@@ -88,3 +88,38 @@ def figure_png(fig) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def option_hits(predictions: pd.DataFrame, data_dir: str | Path, split: str = "test") -> pd.DataFrame:
+    """Per general-ability record of an evaluation's predictions (predictions.jsonl: model,
+    task, sample_id, option_logprobs as the list of each option's summed log-probability,
+    references), whether each metric's choice (core.metrics.OPTION_RULES: acc, acc_norm) is
+    the correct option: model, task, sample_id, metric, hit. The options' lengths come from
+    the task's records in `data_dir` (the same continuations the evaluation scored)."""
+    from .core.metrics import OPTION_RULES, TASK_METRICS, option_picks
+    from .evaluate import build_items
+
+    general = [t for t in dict.fromkeys(predictions["task"]) if TASK_METRICS[t].by_options]
+    options = {(i.task, i.sample_id): i.options for i in build_items(data_dir, general, split, None)}
+    rows = []
+    for _, p in predictions[predictions["task"].isin(general)].iterrows():
+        key = (p["task"], str(p["sample_id"]))
+        if key not in options:
+            raise ValueError(f"{p['task']} sample {key[1]} is not in the {split} split under {data_dir}")
+        picks = option_picks([[s] for s in p["option_logprobs"]], options[key])
+        rows += [{"model": p["model"], "task": p["task"], "sample_id": key[1], "metric": m,
+                  "hit": int(str(picks[m]) == p["references"][0])} for m in OPTION_RULES]
+    return pd.DataFrame(rows, columns=["model", "task", "sample_id", "metric", "hit"])
+
+
+def option_intervals(hits: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Each (model, task, metric) score of `option_hits` in percent with its 95%
+    percentile-bootstrap interval (core.analysis.intervals, seeded) and n."""
+    from .core.analysis import intervals
+
+    rows = []
+    for (model, task, metric), g in hits.groupby(["model", "task", "metric"], sort=False):
+        value, lo, hi = intervals({task: g["hit"].to_numpy()}, seed=seed)[task]
+        rows.append({"model": model, "task": task, "metric": metric, "value": value, "lo": lo, "hi": hi,
+                     "n": len(g)})
+    return pd.DataFrame(rows)

@@ -21,8 +21,9 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from .core.metrics import TASK_METRICS, MetricError, extract_answer, max_new_tokens, references, score_task
-from .core.templates import TEMPLATES, template_name
+from .core.metrics import (TASK_METRICS, MetricError, extract_answer, max_new_tokens, option_picks, option_scores,
+                           primary_metric, references, score_task)
+from .core.templates import TEMPLATES, continuations, get_template, template_name
 from .models import ResolvedModel, load_tokenizer
 from .report import markdown_table
 from .splits import load_split_with_raw
@@ -80,7 +81,9 @@ def unrepresentable(tokenizer, texts: Sequence[str]) -> list[str]:
 # label to an answer word or letter: SST-2, AG News, MedMCQA, RACE) is answered by the option
 # the model finds most likely (core.loglik), and translation gets the reference's per-token
 # log-likelihood beside its generation; "generate": every task by greedy generation, the
-# answer extracted from the text. Open tasks (SQuAD 2.0, IWSLT) always generate.
+# answer extracted from the text. Open tasks (SQuAD 2.0, IWSLT) always generate, and the
+# general-ability sets (ARC-Easy, PIQA, HellaSwag) are always scored by log-likelihood: each
+# record's own options, ranked two ways (core.metrics.option_scores: acc and acc_norm).
 PROTOCOLS = ("loglik", "generate")
 REFERENCE_TASKS = ("iwslt2017_en_fr",)  # reference log-likelihood: a signal where exact match is 0
 
@@ -95,6 +98,8 @@ def item_kinds(task: str, protocol: str) -> tuple[str, ...]:
     """The rows an item of `task` is asked as (cluster.generation.EvalWorker's kinds)."""
     if protocol not in PROTOCOLS:
         raise EvaluationError(f"unknown evaluation protocol {protocol!r}: use {' or '.join(PROTOCOLS)}")
+    if TASK_METRICS[task].by_options:
+        return ("choice",)
     if protocol == "loglik" and closed_options(task):
         return ("choice",)
     if protocol == "loglik" and task in REFERENCE_TASKS:
@@ -119,20 +124,28 @@ class EvalItem:
 
 
 def build_items(data_dir: str | Path, tasks: Sequence[str], split: str, max_samples: int | None,
-                protocol: str = "loglik", template_set: str = "default") -> list[EvalItem]:
+                protocol: str = "loglik", template_set: str = "default",
+                max_samples_of: dict[str, int | None] | None = None) -> list[EvalItem]:
     """Every (task, sample) to ask, with the prompt of the task's template in `template_set`
     (core.templates.TEMPLATE_SETS), references checked: a split without references (e.g.
-    an unlabelled test set) is an error here, not a score of 0 later."""
+    an unlabelled test set) is an error here, not a score of 0 later. `max_samples_of`
+    overrides `max_samples` for some tasks (the general-ability sets, scored whole). A
+    general-ability item's options are its record's own continuations and its reference
+    the correct one's index."""
     items = []
     for task in tasks:
         kinds, options = item_kinds(task, protocol), tuple(closed_options(task))
         template = template_name(task, template_set)
-        for raw, rec in load_split_with_raw(data_dir, task, split, template, max_samples=max_samples):
+        by_options = TASK_METRICS[task].by_options
+        cap = (max_samples_of or {}).get(task, max_samples)
+        for raw, rec in load_split_with_raw(data_dir, task, split, template, max_samples=cap):
             try:
                 refs = references(task, raw, sample=rec["sample_id"])
             except MetricError as err:
                 raise EvaluationError(f"{task} {split} split, sample {rec['sample_id']}: {err}") from None
-            if "choice" in kinds and not set(refs) <= set(options):
+            if by_options:
+                options = tuple(continuations(get_template(template), raw))
+            elif "choice" in kinds and not set(refs) <= set(options):
                 raise EvaluationError(f"{task} {split} split, sample {rec['sample_id']}: reference {refs} is not one"
                                       f" of the options {list(options)}")
             items.append(EvalItem(task, rec["sample_id"], rec["prompt"], refs, kinds,
@@ -152,7 +165,11 @@ def score_table(model: str, items: Sequence[EvalItem], answers: Sequence) -> pd.
     rows = []
     for task in dict.fromkeys(i.task for i in items):
         idx = [j for j, it in enumerate(items) if it.task == task]
-        scores = score_task(task, [texts[j] for j in idx], [items[j].refs for j in idx])
+        if TASK_METRICS[task].by_options:
+            scores = option_scores(task, [answers[j].option_logprobs for j in idx], [items[j].options for j in idx],
+                                   [items[j].refs for j in idx])
+        else:
+            scores = score_task(task, [texts[j] for j in idx], [items[j].refs for j in idx])
         n = int(scores.pop("n"))
         protocol = items[idx[0]].protocol
         template = items[idx[0]].template or task
@@ -193,15 +210,16 @@ class EvalResult:
 
 
 def preflight(models: Sequence[ResolvedModel], tasks: Sequence[str], data_dir: str | Path, split: str,
-              max_samples: int | None, protocol: str = "loglik", template_set: str = "default") -> list[EvalItem]:
-    """Every check that needs no forward pass; returns the items to ask."""
+              max_samples: int | None, protocol: str = "loglik", template_set: str = "default",
+              max_samples_of: dict[str, int | None] | None = None) -> list[EvalItem]:
+    """Every check that needs no forward pass; returns the items to ask (`build_items`)."""
     if not models:
         raise EvaluationError("no models to evaluate")
     labels = [m.label for m in models]
     if len(set(labels)) != len(labels):
         raise EvaluationError(f"model names must be distinct, got {labels}")
     tasks = check_tasks(tasks)
-    items = build_items(data_dir, tasks, split, max_samples, protocol, template_set)
+    items = build_items(data_dir, tasks, split, max_samples, protocol, template_set, max_samples_of)
     for m in models:
         tok = load_tokenizer(m)
         for task in tasks:
@@ -250,14 +268,26 @@ def evaluate_models(models: Sequence[ResolvedModel], tasks: Sequence[str], data_
 def model_result(label: str, items: Sequence[EvalItem], answers: Sequence) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One model's long scores and its predictions table: every answer (the generation, or
     the option chosen by log-likelihood, with each option's log-probability), its cleaned
-    prediction, the references and, for translation, the reference's log-likelihood."""
-    texts = [a if isinstance(a, str) else a.text for a in answers]
+    prediction, the references and, for translation, the reference's log-likelihood. A
+    general-ability item's prediction is the index of the option its task's primary metric
+    chooses (core.metrics.option_picks), its generation that option's text, and its option
+    log-probabilities a list in the record's order."""
+    texts, predictions = [], []
+    for i, a in zip(items, answers):
+        if TASK_METRICS[i.task].by_options:
+            pick = option_picks(a.option_logprobs, i.options)[primary_metric(i.task)]
+            texts.append(i.options[pick])
+            predictions.append(str(pick))
+        else:
+            texts.append(a if isinstance(a, str) else a.text)
+            predictions.append(extract_answer(i.task, texts[-1]))
     preds = pd.DataFrame({
         "model": label, "task": [i.task for i in items], "sample_id": [i.sample_id for i in items],
         "protocol": [i.protocol for i in items],
-        "generation": texts, "prediction": [extract_answer(i.task, g) for i, g in zip(items, texts)],
+        "generation": texts, "prediction": predictions,
         "references": [i.refs for i in items],
         "option_logprobs": [None if isinstance(a, str) or a.option_logprobs is None
+                            else [sum(lp) for lp in a.option_logprobs] if TASK_METRICS[i.task].by_options
                             else {o: sum(lp) for o, lp in zip(i.options, a.option_logprobs)}
                             for i, a in zip(items, answers)],
         "ref_logprob": [None if isinstance(a, str) or a.ref_logprobs is None else mean_logprob(a.ref_logprobs)
@@ -290,9 +320,11 @@ def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedMo
                      data_dir: str | Path, split: str, max_samples: int | None, batch_size: int,
                      num_actors: int | str, model_keys: dict[str, object], only: dict[str, Sequence[str]] | None = None,
                      items: list[EvalItem] | None = None, dtype: str = "float32", protocol: str = "loglik",
-                     normalization: str = "sum", template_set: str = "default") -> pd.DataFrame:
+                     normalization: str = "sum", template_set: str = "default",
+                     max_samples_of: dict[str, int | None] | None = None) -> pd.DataFrame:
     """Score `models` on `tasks` as a resumable stage of `manifest`, writing
-    <run_dir>/<prefix>/eval/; returns the long scores.
+    <run_dir>/<prefix>/eval/; returns the long scores. `max_samples_of` overrides
+    `max_samples` for some tasks (build_items).
 
     `model_keys[label]` is whatever decides that model's contents (a fingerprint, the key
     of the merge stage that wrote it). Each model's scores on each task are cached under
@@ -306,7 +338,7 @@ def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedMo
     from .manifest import stable_hash
 
     items = items if items is not None else preflight(models[:1], tasks, data_dir, split, max_samples, protocol,
-                                                      template_set)
+                                                      template_set, max_samples_of)
     missing = [m.label for m in models if m.label not in model_keys]
     if missing:
         raise ValueError(f"evaluation_stage: no model key for {missing}")
@@ -368,7 +400,7 @@ def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedMo
                           ignore_index=True)
         result = EvalResult(scores, preds, seconds)
         meta = {"split": split, "max_samples": max_samples, "protocol": protocol, "normalization": normalization,
-                "templates": template_set}
+                "templates": template_set, **({"max_samples_of": max_samples_of} if max_samples_of else {})}
         for fname, text in result_files(result, meta).items():
             run_dir.write_text(f"{rel}/{fname}", text)
         return {"seconds": seconds, "generated": list(todo), "generated_tasks": todo}

@@ -33,7 +33,7 @@ from .config import BaselineConfig, MergeConfig, RunConfig
 from .core.errors import CheckpointError
 from .core.merge_methods import MergeMethod, build_method
 from .core.similarity import layer_weights
-from .core.templates import load_task_records
+from .core.templates import check_trainable, load_task_records
 from .core.typical import TooFewSamplesError, union_in_order
 from .manifest import Manifest, StageRun, recorded_stages, stable_hash
 from .models import ModelTensors, ResolvedModel, resolve_model, resolve_path
@@ -107,6 +107,8 @@ def preflight(cfg: RunConfig) -> Plan:
     if new is None and not cfg.experts and not cfg.include_base:
         raise PipelineError("nothing to merge the new model with: add `experts` or set include_base: true")
 
+    if cfg.finetune.enabled:
+        check_trainable(cfg.task.template)  # a general-ability set is never fine-tuned on
     records = load_task_records(cfg.task.data, cfg.task.template, cfg.task.max_samples)
     if len(records) < cfg.typical.k:
         raise TooFewSamplesError(

@@ -219,6 +219,14 @@ def test_cli_refuses_unknown_task_before_starting_ray(tmp_path, tiny_dir):
     assert not (tmp_path / "e").exists()
 
 
+def test_cli_refuses_a_bad_cpu_count_before_starting_ray(tmp_path, tiny_dir):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--model", f"tiny={tiny_dir}", "--tasks", "piqa",
+         "--num-cpus", "0", "--out", str(tmp_path / "e")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--num-cpus must be positive, got 0" in proc.stderr
+    assert not (tmp_path / "e").exists()
+
+
 def test_each_model_is_reported_once_as_soon_as_complete(tiny_dir, tiny_experts, ray_session):
     """evaluate_models hands each model's scores and predictions to `on_model` once, equal to
     its part of the final result: the evaluation stage saves a model's cache entry then, so

@@ -43,8 +43,10 @@ def first_test_records(task: str, count: int = 1) -> list[dict]:
 def test_every_template_task_is_scored_and_vice_versa():
     from recall_ray.core.templates import TEMPLATE_SETS
 
-    assert set(TASK_METRICS) == set(TASKS)
-    assert set(TEMPLATES) == set(TASKS) | {name for names in TEMPLATE_SETS.values() for name in names.values()}
+    general = {"arc_easy", "piqa", "hellaswag"}  # scored from option log-likelihoods (tests/test_general.py)
+    assert set(TASK_METRICS) == set(TASKS) | general
+    assert {t for t, m in TASK_METRICS.items() if m.by_options} == general
+    assert set(TEMPLATES) == set(TASKS) | general | {name for names in TEMPLATE_SETS.values() for name in names.values()}
     assert all(task in TASKS for names in TEMPLATE_SETS.values() for task in names)
 
 
@@ -53,6 +55,9 @@ def test_primary_metric_is_the_papers_metric():
         "sst2": "accuracy", "ag_news": "accuracy", "medmcqa": "accuracy", "race": "accuracy",
         "squad_v2": "exact_match", "iwslt2017_en_fr": "exact_match",
     }
+    # the general-ability sets as data/README.md reports them: HellaSwag length-normalised
+    assert {t: primary_metric(t) for t in ("arc_easy", "piqa", "hellaswag")} == {
+        "arc_easy": "acc", "piqa": "acc", "hellaswag": "acc_norm"}
 
 
 def test_max_new_tokens_suggestions():
@@ -363,7 +368,7 @@ def test_unknown_task_lists_known_ones():
         lambda: max_new_tokens("sst-2"),
         lambda: extract_answer("sst-2", "x"),
     ):
-        with pytest.raises(MetricError, match=r"unknown task 'sst-2'; known tasks: ag_news, iwslt2017_en_fr, medmcqa"):
+        with pytest.raises(MetricError, match=r"unknown task 'sst-2'; known tasks: ag_news, arc_easy, hellaswag, iwslt2017_en_fr, medmcqa"):
             call()
 
 

@@ -36,7 +36,8 @@ def _cfg(tmp: Path, experts_dir: Path, tiny_dir: Path, **extra) -> ScenarioConfi
                       "cocktail_temperature": 0.5},
         "recall": {"max_samples": 24, "typical": {"k": 3}, "similarity": {"sigma": "median"},
                    "representations": {"batch_size": 8}},
-        "evaluate": {"max_samples": 1, "batch_size": 4},
+        # every model also on two records of a general-ability set
+        "evaluate": {"max_samples": 1, "batch_size": 4, "general_tasks": ["piqa"], "general_max_samples": 2},
         "include_base": [False],
     }
     tree.update(extra)
@@ -65,10 +66,18 @@ def test_multi_table_has_every_variant_and_model(multi):
     # DARE+Avg with the base among the averaged models has no meaning without the base: no row
     assert ("without_base", "dare_average_with_base") not in rows
     assert not (run / "without_base" / "merged" / "dare_average_with_base").exists()
-    # experts are scored on their own task only
+    # experts are scored on their own task only, and every model on the general-ability set
     s = result.scores
-    assert set(s.loc[s["model"] == "expert:sst2", "task"]) == {"sst2"}
-    assert set(s.loc[s["model"] == "recall", "task"]) == {"sst2", "ag_news"}
+    assert set(s.loc[s["model"] == "expert:sst2", "task"]) == {"sst2", "piqa"}
+    assert set(s.loc[s["model"] == "recall", "task"]) == {"sst2", "ag_news", "piqa"}
+    piqa = s[s["task"] == "piqa"]
+    assert set(piqa["n"]) == {2} and set(piqa["metric"]) == {"acc", "acc_norm"} and set(piqa["protocol"]) == {"loglik"}
+    assert piqa["model"].nunique() == len(set(s["model"]))
+    # "mean" over the scenario's tasks, "general" over the general-ability set
+    t = result.table.set_index(["variant", "model"]).loc["without_base"]
+    assert (t["general"] == t["piqa"]).all()
+    recall = t.loc["recall"]
+    assert recall["mean"] == pytest.approx((recall["sst2"] + recall["ag_news"]) / 2)
 
 
 @pytest.mark.parametrize("variant,include_base", [("without_base", False)])
@@ -359,6 +368,95 @@ def test_study_table_in_the_papers_table_1_form():
     assert t.loc[("all", "recall"), "unseen"] == 25.0
     lo, hi = reference_interval({k: a[("sst2", k)] for k in ("race", "sst2")}, combine=lambda m: m["race"])
     assert (t.loc[("sst2", "recall"), "unseen_lo"], t.loc[("sst2", "recall"), "unseen_hi"]) == pytest.approx((lo, hi))
+
+
+def test_table_1_gets_a_general_column_beside_mean_and_unseen():
+    """Table 1 with two general-ability sets: "mean" and "unseen" stay over the scenario's
+    tasks, "general" is the mean over the general sets, each interval the plain bootstrap's
+    (every task of the row resampled in sorted order from one generator)."""
+    from recall_ray.studies.oneshot import study_table
+
+    cfg = ScenarioConfig.model_validate({"scenario": "single", "run_dir": "r", "tasks": ["sst2", "race"],
+                                         "experts": "x", "evaluate": {"all_tasks": True,
+                                                                      "general_tasks": ["arc_easy", "piqa"]}})
+    a = {("sst2", "sst2"): [1, 1, 1, 0], ("sst2", "race"): [0, 0, 1, 0], ("sst2", "arc_easy"): [1, 0, 1, 1, 0, 1],
+         ("sst2", "piqa"): [1, 1, 0], ("race", "sst2"): [1, 0, 0, 0], ("race", "race"): [1, 1, 0, 1],
+         ("race", "arc_easy"): [0, 0, 1, 0, 0, 1], ("race", "piqa"): [0, 1, 1]}
+    hits = _hits([(v, "recall", t, h) for (v, t), h in a.items()])
+    table, index = study_table(hits, cfg)
+    t = table.set_index(index)
+    mean = lambda xs: 100.0 * np.mean(xs)  # noqa: E731
+    for ft in ("sst2", "race"):
+        other = "race" if ft == "sst2" else "sst2"
+        row = t.loc[(ft, "recall")]
+        assert row["mean"] == pytest.approx((mean(a[(ft, "sst2")]) + mean(a[(ft, "race")])) / 2)
+        assert row["unseen"] == pytest.approx(mean(a[(ft, other)]))
+        assert row["general"] == pytest.approx((mean(a[(ft, "arc_easy")]) + mean(a[(ft, "piqa")])) / 2)
+        samples = {task: a[(ft, task)] for task in ("sst2", "race", "arc_easy", "piqa")}
+        lo, hi = reference_interval(samples, combine=lambda m: (m["arc_easy"] + m["piqa"]) / 2)
+        assert (row["general_lo"], row["general_hi"]) == pytest.approx((lo, hi))
+        lo, hi = reference_interval(samples, combine=lambda m: (m["sst2"] + m["race"]) / 2)
+        assert (row["mean_lo"], row["mean_hi"]) == pytest.approx((lo, hi))
+    assert t.loc[("all", "recall"), "general"] == pytest.approx(
+        (t.loc[("sst2", "recall"), "general"] + t.loc[("race", "recall"), "general"]) / 2)
+    names = [c for c in table.columns if not c.endswith(("_lo", "_hi"))]
+    assert names == ["fine_tuned", "model", "sst2", "race", "arc_easy", "piqa", "mean", "unseen", "general"]
+
+
+def test_single_table_counts_the_base_once_on_the_general_sets():
+    """Each variant scores the base on the general-ability sets: the same samples, counted
+    once; the experts' general column pools their variants."""
+    from recall_ray.studies.oneshot import study_table
+
+    cfg = ScenarioConfig.model_validate({"scenario": "single", "run_dir": "r", "tasks": ["sst2", "race"],
+                                         "experts": "x", "evaluate": {"general_tasks": ["piqa"]}})
+    base = [1, 0, 1, 1, 0]
+    hits = _hits([("sst2", "base", "sst2", [1, 0]), ("sst2", "base", "piqa", base), ("race", "base", "race", [0, 0]),
+                  ("race", "base", "piqa", base), ("sst2", "expert:sst2", "piqa", [0, 0, 0, 0, 1]),
+                  ("race", "expert:race", "piqa", [1, 1, 0, 0, 0])])
+    t = study_table(hits, cfg)[0].set_index("model")
+    assert t.loc["base", "piqa"] == 60.0 and t.loc["base", "general"] == 60.0
+    assert t.loc["base", "mean"] == pytest.approx((50.0 + 0.0) / 2)  # the scenario's tasks only
+    lo, hi = reference_interval({"sst2": [1, 0], "race": [0, 0], "piqa": base}, combine=lambda m: m["piqa"])
+    assert (t.loc["base", "piqa_lo"], t.loc["base", "piqa_hi"]) == pytest.approx((lo, hi))
+    assert t.loc["expert", "piqa"] == pytest.approx(100.0 * 3 / 10)
+
+
+def test_pooled_over_evals_gives_the_general_sets_their_own_row():
+    from recall_ray.analysis import sign_test
+
+    cells = {("sst2", "sst2"): (5, 1, 4, 0), ("sst2", "race"): (2, 3, 1, 4), ("sst2", "piqa"): (4, 2, 0, 4),
+             ("race", "sst2"): (6, 0, 2, 2), ("race", "race"): (1, 2, 0, 7), ("race", "piqa"): (3, 1, 2, 4)}
+    rows = []
+    for (ev, task), (both, oa, ob, neither) in cells.items():
+        rows.append({"eval": ev, "a": "recall", "b": f"expert:{ev}", "task": task, "n": both + oa + ob + neither,
+                     "both": both, "only_a": oa, "only_b": ob, "neither": neither, "score_a": 0.0, "score_b": 0.0,
+                     "p_value": 1.0})
+    got = pooled_over_evals(pd.DataFrame(rows)).set_index("task")
+    assert list(got.index) == ["all", "unseen", "own", "general"]
+    want = {"all": [k for k in cells if k[1] != "piqa"], "unseen": [("sst2", "race"), ("race", "sst2")],
+            "own": [("sst2", "sst2"), ("race", "race")], "general": [("sst2", "piqa"), ("race", "piqa")]}
+    for scope, keys in want.items():
+        both, oa, ob, neither = (sum(cells[k][i] for k in keys) for i in range(4))
+        assert tuple(got.loc[scope, ["n", "both", "only_a", "only_b", "neither"]]) == (
+            both + oa + ob + neither, both, oa, ob, neither)
+        assert got.loc[scope, "p_value"] == sign_test(oa, ob)
+    disjoint = pd.DataFrame([r for r in rows if r["task"] in (r["eval"], "piqa")])  # each merge on its own task
+    got = pooled_over_evals(disjoint).set_index("task")
+    assert list(got.index) == ["all", "general"] and got.loc["general", "n"] == 20
+
+
+def test_general_sets_are_named_apart_from_the_scenarios_tasks(tmp_path, experts_dir, tiny_dir):
+    with pytest.raises(ValueError, match="not general-ability sets"):
+        ScenarioConfig.model_validate({"scenario": "single", "run_dir": "r", "tasks": ["sst2"], "experts": "x",
+                                       "evaluate": {"general_tasks": ["sst2"]}})
+    with pytest.raises(ValueError, match="twice"):
+        ScenarioConfig.model_validate({"scenario": "single", "run_dir": "r", "tasks": ["sst2"], "experts": "x",
+                                       "evaluate": {"general_tasks": ["piqa", "piqa"]}})
+    with pytest.raises(ConfigError, match="general-ability sets, never fine-tuned on"):
+        preflight(_cfg(tmp_path, experts_dir, tiny_dir, tasks=["sst2", "piqa"]))
+    with pytest.raises(Exception, match="no validation split"):  # PIQA has a test file only
+        preflight(_cfg(tmp_path, experts_dir, tiny_dir, evaluate={"split": "validation", "general_tasks": ["piqa"]}))
 
 
 def test_single_scenario_variants():

@@ -314,6 +314,20 @@ def test_sequence_table_in_the_papers_table_7_form():
     assert t.loc[(2, "seqft"), "mean_seen"] == t.loc[(2, "seqft"), "mean_all"] == 62.5
 
 
+def test_sequence_table_keeps_the_general_sets_in_their_own_column():
+    """The general-ability sets scored at every step: "mean_all" and "mean_seen" stay over
+    the sequence's tasks, "general" is the mean over the general sets."""
+    hits = _seq_hits([(1, "seqft", "sst2", [1, 1, 1, 1]), (1, "seqft", "squad_v2", [0, 0, 0, 1]),
+                      (1, "seqft", "arc_easy", [1, 0, 1]), (1, "seqft", "hellaswag", [0, 0, 1, 1, 1]),
+                      (2, "seqft", "sst2", [1, 0, 0, 1]), (2, "seqft", "squad_v2", [1, 1, 0, 1]),
+                      (2, "seqft", "arc_easy", [0, 0, 1]), (2, "seqft", "hellaswag", [0, 0, 0, 1, 1])])
+    t = sequence_table(hits, ["sst2", "squad_v2"]).set_index(["step", "method"])
+    assert t.loc[(1, "seqft"), "mean_seen"] == 100.0 and t.loc[(1, "seqft"), "mean_all"] == 62.5
+    assert t.loc[(1, "seqft"), "general"] == pytest.approx((100.0 * 2 / 3 + 60.0) / 2)
+    assert t.loc[(2, "seqft"), "mean_all"] == 62.5
+    assert t.loc[(2, "seqft"), "general"] == pytest.approx((100.0 / 3 + 40.0) / 2)
+
+
 def test_bad_sequential_configs():
     with pytest.raises(ValueError, match="without repeats"):
         SequentialConfig.model_validate({"scenario": "sequential", "run_dir": "r", "tasks": ["sst2", "sst2"]})

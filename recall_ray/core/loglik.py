@@ -9,14 +9,18 @@ option the model was trained to write is the one scored. No EOS is appended.
     log p(option | prompt) = sum over the option's tokens t_j of log p(t_j | prompt, t_<j)
 
 Normalisation (`choose`): "sum" ranks options by that sum (lm-eval's `acc`); "mean" by the
-sum divided by the option's token count (a length-normalised variant). The two agree when
-every option is one token (SST-2's label words, the A-D letters); AG News's "Sci/Tech" is
-three tokens on SmolLM2's tokenizer, the other labels one.
+sum divided by the option's token count (a length-normalised variant); "char" by the sum
+divided by the option's length in characters (lm-eval's `acc_norm`, which does not depend on
+the tokenizer; the general-ability sets report it). Sum and mean agree when every option is
+one token (SST-2's label words, the A-D letters); AG News's "Sci/Tech" is three tokens on
+SmolLM2's tokenizer, the other labels one.
 
 Cost (`option_logprobs`): one forward of the prompts (left-padded, explicit positions) gives
 every option's first token from the next-token distribution at the last position; options
-of several tokens feed only their remaining tokens on the prompts' cached keys and values.
-So a prompt is read once however many options it has. A reference (`continuation_logprobs`)
+of several tokens feed only their remaining tokens on the prompts' cached keys and values,
+one batch per option position (the k-th option of every prompt, right-padded). So a prompt
+is read once however many options it has, whether the options are a fixed label set or each
+record's own texts (ARC, PIQA, HellaSwag). A reference (`continuation_logprobs`)
 is one right-padded forward of prompt + reference. The LM head is applied only where a
 token is scored, not to every position (its [batch, length, vocab] output is the largest
 tensor of a forward).
@@ -28,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-NORMALIZATIONS = ("sum", "mean")
+NORMALIZATIONS = ("sum", "mean", "char")
 
 
 def _decoder_and_head(lm):
@@ -114,25 +118,39 @@ def _options_of_chunk(lm, contexts, options, pad_id: int, device) -> list[list[l
         for b, opts in enumerate(options):
             for k, o in enumerate(opts):
                 result[b][k].append(float(logp[b, o[0]]))
-        # the tails of multi-token options: rows grouped by the tokens they feed
-        tails: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-        for b, opts in enumerate(options):
-            for k, o in enumerate(opts):
-                if len(o) > 1:
-                    tails.setdefault(tuple(o), []).append((b, k))
-        for toks, where in tails.items():
-            rows = torch.tensor([b for b, _ in where], device=device)
-            feed = torch.tensor([list(toks[:-1])] * len(where), dtype=torch.long, device=device)
-            step_mask = torch.cat([mask[rows], torch.ones_like(feed)], dim=1)
-            step_pos = pos[rows, -1:] + 1 + torch.arange(feed.shape[1], device=device)
+        # the tails of multi-token options, fed on the contexts' cache: one batch per option
+        # position k (the rows whose k-th option has more than one token), right-padded to the
+        # longest tail; a causal model's real tokens never see the padding after them, and a
+        # fixed label set (the same k-th option in every row) needs none
+        for k in range(max(len(opts) for opts in options)):
+            where = [b for b, opts in enumerate(options) if k < len(opts) and len(opts[k]) > 1]
+            if not where:
+                continue
+            tails = [list(options[b][k]) for b in where]
+            width = max(len(t) for t in tails) - 1  # every token but the last is fed
+            feed = torch.full((len(where), width), pad_id, dtype=torch.long)
+            feed_mask = torch.zeros((len(where), width), dtype=torch.long)
+            for r, t in enumerate(tails):
+                feed[r, :len(t) - 1] = torch.tensor(t[:-1], dtype=torch.long)
+                feed_mask[r, :len(t) - 1] = 1
+            rows = torch.tensor(where, device=device)
+            feed, feed_mask = feed.to(device), feed_mask.to(device)
+            step_mask = torch.cat([mask[rows], feed_mask], dim=1)
+            step_pos = pos[rows, -1:] + 1 + torch.arange(width, device=device)
             sub = _select_cache(cache, rows)
             h = decoder(input_ids=feed, attention_mask=step_mask, position_ids=step_pos, use_cache=True,
                         **{_cache_argument(decoder): sub}).last_hidden_state
-            lp = torch.log_softmax(head(h).float(), dim=-1)  # [rows, len - 1, vocab]
-            target = torch.tensor(toks[1:], device=lp.device)
-            picked = lp[:, torch.arange(len(toks) - 1, device=lp.device), target].cpu().tolist()
-            for (b, k), vals in zip(where, picked):
-                result[b][k].extend(vals)
+            # the LM head only where a token is scored: fed position j predicts tail token j + 1
+            at = [(r, j) for r, t in enumerate(tails) for j in range(len(t) - 1)]
+            ri = torch.tensor([r for r, _ in at], device=h.device)
+            ji = torch.tensor([j for _, j in at], device=h.device)
+            lp = torch.log_softmax(head(h[ri, ji]).float(), dim=-1)
+            target = torch.tensor([t[j + 1] for r, t in enumerate(tails) for j in range(len(t) - 1)], device=lp.device)
+            picked = lp[torch.arange(len(at), device=lp.device), target].cpu().tolist()
+            i = 0
+            for b, t in zip(where, tails):
+                result[b][k].extend(picked[i:i + len(t) - 1])
+                i += len(t) - 1
     return result
 
 
@@ -154,12 +172,19 @@ def _select_cache(cache, rows: torch.Tensor):
     return sub
 
 
-def choose(token_logprobs: Sequence[Sequence[float]], normalization: str = "sum") -> int:
+def choose(token_logprobs: Sequence[Sequence[float]], normalization: str = "sum",
+           chars: Sequence[int] | None = None) -> int:
     """The index of the most likely option (the first on a tie): by the sum of its tokens'
-    log-probabilities, or by their mean."""
+    log-probabilities, by their mean, or ("char") by the sum over the option's length in
+    characters, `chars[i]` (lm-eval's acc_norm: the option text without its delimiter)."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}: use {' or '.join(NORMALIZATIONS)}")
     if not token_logprobs or any(len(t) == 0 for t in token_logprobs):
         raise ValueError("every option needs at least one token")
-    scores = [sum(t) / (len(t) if normalization == "mean" else 1) for t in token_logprobs]
+    if normalization == "char":
+        if chars is None or len(chars) != len(token_logprobs) or any(c <= 0 for c in chars):
+            raise ValueError(f"per-character normalisation needs a positive length per option, got {chars!r}")
+        scores = [sum(t) / c for t, c in zip(token_logprobs, chars)]
+    else:
+        scores = [sum(t) / (len(t) if normalization == "mean" else 1) for t in token_logprobs]
     return max(range(len(scores)), key=lambda i: (scores[i], -i))

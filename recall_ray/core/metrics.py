@@ -20,7 +20,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from .templates import MISSING, TaskDataError, lookup, target, get_template, sample_id
+from .templates import CHOICE_DELIMITER, MISSING, TaskDataError, gold_index, lookup, target, get_template, sample_id
 
 
 class MetricError(ValueError):
@@ -49,6 +49,11 @@ def _dedupe(items: Sequence[str]) -> list[str]:
 def references(task: str, record: Mapping[str, Any], *, sample: str | None = None) -> list[str]:
     """All acceptable reference strings for one raw test record of `task`.
 
+    The general-ability sets (arc_easy, piqa, hellaswag) give the correct option's 0-based
+    position as a string ("1"), whatever the record's label convention (ARC's answerKey "B"
+    or "2", PIQA's and HellaSwag's index): they are scored from every option's
+    log-likelihood (`option_scores`), not from generated text.
+
     Single-answer tasks (sst2, ag_news, medmcqa, race, iwslt2017_en_fr) give the one target
     the training template produces (label word, option letter, French text), via the
     template's own rule. A list-valued target (SQuAD 2.0 `answers.text`) gives every
@@ -66,6 +71,12 @@ def references(task: str, record: Mapping[str, Any], *, sample: str | None = Non
         raise MetricError(f"{task}: a record must be a dict (one JSON object), got {type(record).__name__}")
     tpl = get_template(task)
     name = _sample_name(task, record, sample)
+    if tpl.choices is not None:
+        # a general-ability set: the correct option's 0-based position, as a string
+        try:
+            return [str(gold_index(tpl, record))]
+        except TaskDataError as err:
+            raise MetricError(f"{task} sample {name}: no reference: {err}") from None
     value = lookup(record, tpl.target_field)
 
     if isinstance(value, list) and value:
@@ -308,6 +319,8 @@ class TaskMetric:
         budget only bounds runaway generations, so it is set to cover the longest reference).
     hit: (prediction, references) -> 1 or 0, one sample's primary metric (the primary
         metric of every task is a mean of these), for paired comparisons of two models.
+    by_options: scored from every option's log-likelihood (`option_scores`), never from a
+        generation (the general-ability sets); the prediction is the chosen option's index.
     """
 
     metrics: tuple[str, ...]
@@ -315,6 +328,7 @@ class TaskMetric:
     score: Callable[[Sequence[str | None], Sequence[list[str]]], dict[str, float]]
     max_new_tokens: int
     hit: Callable[[str | None, list[str]], int]
+    by_options: bool = False
 
 
 TASK_METRICS: dict[str, TaskMetric] = {
@@ -330,6 +344,72 @@ TASK_METRICS: dict[str, TaskMetric] = {
     # Test references reach 437 characters (9 of 500 exceed 300, about 90-100 tokens): 128.
     "iwslt2017_en_fr": TaskMetric(("exact_match", "bleu"), _identity, _translation, 128, _translation_hit),
 }
+
+
+# ---------------------------------------------------------------------------------------
+# General-ability sets: the option the model finds most likely, two ways
+# ---------------------------------------------------------------------------------------
+
+# How each metric ranks a record's options (core.loglik.choose): "acc" by the summed
+# log-probability of the option's tokens, "acc_norm" by that sum over the option's length in
+# characters, as lm-eval-harness computes them.
+OPTION_RULES = {"acc": "sum", "acc_norm": "char"}
+
+
+def option_chars(continuation: str) -> int:
+    """An option's length for acc_norm: its text without the delimiter it is scored after
+    (lm-eval's len(choice))."""
+    return len(continuation) - len(CHOICE_DELIMITER)
+
+
+def option_picks(token_logprobs: Sequence[Sequence[float]], continuations: Sequence[str]) -> dict[str, int]:
+    """The option each metric of OPTION_RULES chooses (0-based; the first on a tie), from
+    each option's token log-probabilities and the continuation it was scored as."""
+    from .loglik import choose
+
+    if len(token_logprobs) != len(continuations):
+        raise MetricError(f"{len(token_logprobs)} options scored but {len(continuations)} options asked")
+    chars = [option_chars(c) for c in continuations]
+    return {m: choose(token_logprobs, rule, chars) for m, rule in OPTION_RULES.items()}
+
+
+def option_scores(task: str, token_logprobs: Sequence[Sequence[Sequence[float]]],
+                  continuations: Sequence[Sequence[str]], refs: Sequence[list[str]]) -> dict[str, float]:
+    """A general-ability set's metrics in percent, the task's primary first, plus "n": per
+    record, the option each rule chooses (`option_picks`) against the correct one (refs[i]
+    = [its index as a string], `references`). Options may number differently per record."""
+    spec = _check_task(task)
+    if not spec.by_options:
+        raise MetricError(f"{task} is scored from generations (score_task), not from option log-likelihoods")
+    if not (len(token_logprobs) == len(continuations) == len(refs)):
+        raise MetricError(f"{task}: {len(token_logprobs)} scored records, {len(continuations)} option lists and"
+                          f" {len(refs)} references; they must pair up one to one")
+    if not refs:
+        raise MetricError(f"{task}: zero samples to score")
+    hits = {m: 0 for m in spec.metrics}
+    for lp, conts, rs in zip(token_logprobs, continuations, refs):
+        picks = option_picks(lp, conts)
+        for m in spec.metrics:
+            hits[m] += _exact_hit(str(picks[m]), rs)
+    return {**{m: _percent(hits[m], len(refs)) for m in spec.metrics}, "n": len(refs)}
+
+
+def _exact_hit(p: str | None, rs: list[str]) -> int:
+    """1 when the chosen option's index is the correct one's (both strings)."""
+    return int(p is not None and p == rs[0])
+
+
+def _by_options_only(preds, refs) -> dict[str, float]:
+    raise MetricError("the general-ability sets are scored from option log-likelihoods: use option_scores")
+
+
+# ARC-Easy and PIQA are reported by acc, HellaSwag by acc_norm (data/README.md); nothing is
+# generated (the budget of 1 is never used).
+TASK_METRICS.update({
+    "arc_easy": TaskMetric(("acc", "acc_norm"), _identity, _by_options_only, 1, _exact_hit, by_options=True),
+    "piqa": TaskMetric(("acc", "acc_norm"), _identity, _by_options_only, 1, _exact_hit, by_options=True),
+    "hellaswag": TaskMetric(("acc_norm", "acc"), _identity, _by_options_only, 1, _exact_hit, by_options=True),
+})
 
 
 def _check_task(task: str) -> TaskMetric:
@@ -380,6 +460,8 @@ def score_task(task: str, generations: Sequence[str], refs: Sequence[list[str]])
     that is not a non-empty list of strings.
     """
     spec = _check_task(task)
+    if spec.by_options:
+        raise MetricError(f"{task} is scored from every option's log-likelihood (option_scores), not from text")
     if isinstance(generations, str) or isinstance(refs, str):
         raise MetricError(f"{task}: generations and refs must be sequences, not a single string")
     if len(generations) != len(refs):
@@ -401,7 +483,8 @@ def score_task(task: str, generations: Sequence[str], refs: Sequence[list[str]])
 
 
 __all__ = [
-    "EOS_MARKERS", "MetricError", "TASK_METRICS", "TaskMetric", "clean_generation", "extract_answer",
-    "extract_letter", "label_extractor", "max_new_tokens", "sample_hits", "normalize_squad", "normalize_translation",
-    "primary_metric", "references", "score_task", "squad_exact", "squad_f1",
+    "EOS_MARKERS", "MetricError", "OPTION_RULES", "TASK_METRICS", "TaskMetric", "clean_generation", "extract_answer",
+    "extract_letter", "label_extractor", "max_new_tokens", "option_chars", "option_picks", "option_scores",
+    "sample_hits", "normalize_squad", "normalize_translation", "primary_metric", "references", "score_task",
+    "squad_exact", "squad_f1",
 ]

@@ -10,6 +10,12 @@ line and tokenises the same way with byte-level BPE and SentencePiece tokenisers
 Templates are data (`TEMPLATES`): a `str.format` prompt over the record's own fields (the
 shipped files keep each dataset's schema, see data/*/SOURCE.md) plus a declarative target rule.
 Adding a task means adding one entry, not a code branch.
+
+The general-ability sets (ARC-Easy, PIQA, HellaSwag; `GENERAL_TASKS`) are multiple-choice
+templates of another kind: their options are the record's own texts, each scored as a
+continuation of the prompt (`CHOICE_DELIMITER` + option, as lm-eval-harness asks them), with
+the plain prompts of data/README.md (no instruction, no "### Response:"). They measure what
+the base model already knows and are never trained on (`check_trainable`).
 """
 
 from __future__ import annotations
@@ -39,6 +45,11 @@ class Template:
         SQuAD 2.0); a non-empty list yields its first item (the first annotator's answer).
     id_format: how to build a stable sample id from the record; None: the `id` field if the
         record has one, else the line number.
+    choices: a multiple-choice template's option texts: a dotted path to a list field
+        (`endings`), or the fields holding them in order (`("sol1", "sol2")`). The target
+        field then names the correct option: by its label in `choice_labels` (ARC's
+        `answerKey` in `choices.label`), or by its 0-based index when that is None.
+    trainable: False for the general-ability sets: fine-tuning on them is refused.
     """
 
     prompt: str
@@ -47,6 +58,9 @@ class Template:
     empty_target: str | None = None
     id_format: str | None = None
     description: str = ""
+    choices: str | tuple[str, ...] | None = None
+    choice_labels: str | None = None
+    trainable: bool = True
     prompt_fields: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -150,6 +164,25 @@ TEMPLATES.update({
         description="RACE in the paper's instruction format (Table 6; its options follow the question)"),
 })
 
+# The general-ability sets (data/README.md, "General-ability group"): the base model's
+# knowledge, scored by log-likelihood with lm-eval-harness's zero-shot prompts. Each option is
+# the continuation CHOICE_DELIMITER + its text, and its length for the per-character
+# normalisation is the text's alone (lm-eval's `acc_norm`).
+CHOICE_DELIMITER = " "
+TEMPLATES.update({
+    "arc_easy": Template(
+        prompt="Question: {question}\nAnswer:", target_field="answerKey", choices="choices.text",
+        choice_labels="choices.label", trainable=False,
+        description="ARC-Easy science multiple choice, 3-5 options (answerKey A-E or 1-4 in choices.label)"),
+    "piqa": Template(
+        prompt="Question: {goal}\nAnswer:", target_field="label", choices=("sol1", "sol2"), id_format="{idx}",
+        trainable=False, description="PIQA physical commonsense, 2 options (label 0 = sol1, 1 = sol2)"),
+    "hellaswag": Template(
+        prompt="{activity_label}: {ctx}", target_field="label", choices="endings", id_format="{idx}",
+        trainable=False, description="HellaSwag sentence completion, 4 endings (label 0-3)"),
+})
+GENERAL_TASKS = tuple(name for name, tpl in TEMPLATES.items() if not tpl.trainable)
+
 # A template set names the template each task is asked with: "default" (the instruction
 # templates above, which every shipped adapter was trained on) or "paper" (Table 6's).
 TEMPLATE_SETS: dict[str, dict[str, str]] = {
@@ -176,6 +209,22 @@ def get_template(name: str) -> Template:
         ) from None
 
 
+def is_general(name: str) -> bool:
+    """Whether `name` is a general-ability set (a template never trained on)."""
+    return name in TEMPLATES and not TEMPLATES[name].trainable
+
+
+def check_trainable(name: str) -> None:
+    """TaskDataError when the template (or task) `name` must never be trained on: the
+    general-ability sets measure what the base model knew before any fine-tune."""
+    if is_general(name):
+        trainable = sorted(n for n, t in TEMPLATES.items() if t.trainable and not n.endswith("_paper"))
+        raise TaskDataError(
+            f"{name!r} is a general-ability set (one of {', '.join(GENERAL_TASKS)}): it is never trained on, it measures"
+            f" what the base model knows; fine-tune on a task ({', '.join(trainable)}) and score {name} with"
+            " jobs/evaluate.py or a scenario's evaluate.general_tasks")
+
+
 def lookup(record: Mapping[str, Any], dotted: str) -> Any:
     """Value at a dotted path (`answers.text`), or MISSING when any step is absent or null."""
     node: Any = record
@@ -186,7 +235,55 @@ def lookup(record: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
+def choice_texts(tpl: Template, record: Mapping[str, Any]) -> list[str]:
+    """A multiple-choice template's option texts, as the record stores them (at least two,
+    none blank)."""
+    if isinstance(tpl.choices, str):
+        texts = lookup(record, tpl.choices)
+        if texts is MISSING or not isinstance(texts, list):
+            raise TaskDataError(f"record has no list field {tpl.choices!r} (the options)")
+    else:
+        texts = [lookup(record, f) for f in tpl.choices]
+        absent = [f for f, t in zip(tpl.choices, texts) if t is MISSING]
+        if absent:
+            raise TaskDataError(f"record has no field {absent[0]!r} (an option)")
+    if len(texts) < 2:
+        raise TaskDataError(f"record has {len(texts)} option(s): a multiple-choice question needs at least two")
+    for k, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise TaskDataError(f"option {k} is {t!r}: every option must be non-empty text")
+    return list(texts)
+
+
+def continuations(tpl: Template, record: Mapping[str, Any]) -> list[str]:
+    """The text each option is scored as: CHOICE_DELIMITER + the option (lm-eval's target
+    delimiter), in the record's order."""
+    return [CHOICE_DELIMITER + t for t in choice_texts(tpl, record)]
+
+
+def gold_index(tpl: Template, record: Mapping[str, Any]) -> int:
+    """The 0-based position of the correct option: the target field's value looked up in
+    `choice_labels` (ARC: "B" in ["A", "B", "C", "D"], "3" in ["1", "2", "3", "4"]), or the
+    value itself as an index (PIQA, HellaSwag)."""
+    n = len(choice_texts(tpl, record))
+    value = lookup(record, tpl.target_field)
+    if value is MISSING:
+        raise TaskDataError(f"record has no field {tpl.target_field!r} (the correct option)")
+    if tpl.choice_labels is not None:
+        labels = lookup(record, tpl.choice_labels)
+        if labels is MISSING or not isinstance(labels, list) or len(labels) != n:
+            raise TaskDataError(f"field {tpl.choice_labels!r} must list one label per option ({n})")
+        if value not in labels:
+            raise TaskDataError(f"field {tpl.target_field!r} is {value!r}, not one of the option labels {labels}")
+        return labels.index(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+        raise TaskDataError(f"field {tpl.target_field!r} is {value!r}; expected an option index 0-{n - 1}")
+    return value
+
+
 def target(tpl: Template, record: Mapping[str, Any]) -> str:
+    if tpl.choices is not None:  # the correct option, as it is scored after the prompt
+        return continuations(tpl, record)[gold_index(tpl, record)]
     value = lookup(record, tpl.target_field)
     if value is MISSING:
         raise TaskDataError(f"record has no field {tpl.target_field!r} (the target)")

@@ -14,10 +14,11 @@ from typing import Callable, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..config import BaselineConfig, ConfigError, RayConfig, RecallSettings, RunConfig, Section
 from ..core.merge_methods import METHODS, build_method
+from ..core.templates import GENERAL_TASKS, is_general
 from ..manifest import Manifest
 from ..models import resolve_path
 from ..splits import VALIDATION_SIZE, load_split, split_file
@@ -35,6 +36,21 @@ class StudyEval(Section):
     protocol: Literal["loglik", "generate"] = "loglik"  # closed-label tasks (recall_ray.evaluate.PROTOCOLS)
     normalization: Literal["sum", "mean"] = "sum"
     templates: Literal["default", "paper"] = "default"  # core.templates.TEMPLATE_SETS: the prompts asked
+    # The general-ability sets (core.templates.GENERAL_TASKS: what the base knew before any
+    # fine-tune) every scored model is also scored on, at `general_max_samples` records each
+    # (None: the whole split, 500 test records); the tables give their mean as "general".
+    general_tasks: list[str] = []
+    general_max_samples: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_general(self) -> "StudyEval":
+        wrong = [t for t in self.general_tasks if not is_general(t)]
+        if wrong:
+            raise ValueError(f"evaluate.general_tasks {wrong} are not general-ability sets: use some of"
+                             f" {', '.join(GENERAL_TASKS)} (the scenario's own tasks go in `tasks`)")
+        if len(set(self.general_tasks)) != len(self.general_tasks):
+            raise ValueError(f"evaluate.general_tasks lists a set twice: {self.general_tasks}")
+        return self
 
 
 @dataclasses.dataclass
@@ -52,6 +68,10 @@ def check_inputs(tasks: list[str], run_dir: str, base: str, data_dir: str, recal
     from ..evaluate import build_items, check_tasks
 
     check_tasks(tasks)
+    general = [t for t in tasks if is_general(t)]
+    if general:
+        raise ConfigError(f"tasks {general} are general-ability sets, never fine-tuned on: list them under"
+                          " evaluate.general_tasks, and only the experts' tasks under tasks")
     if "://" in run_dir:
         raise ConfigError("a scenario loads (and fine-tunes) its models here to score them: use a local run_dir")
     resolve_path(base)
@@ -60,7 +80,8 @@ def check_inputs(tasks: list[str], run_dir: str, base: str, data_dir: str, recal
         if recall_max_samples > n_train:
             raise ConfigError(f"recall.max_samples={recall_max_samples} exceeds the {n_train} train records of"
                               f" {t} (train.jsonl less its {VALIDATION_SIZE}-record validation tail)")
-    build_items(data_dir, tasks, ev.split, ev.max_samples, ev.protocol, ev.templates)
+    build_items(data_dir, tasks + list(ev.general_tasks), ev.split, ev.max_samples, ev.protocol, ev.templates,
+                general_samples(ev))
 
 
 def recall_run_config(r: RecallSettings, ray: RayConfig, run_dir: str, base: str, experts: list[dict],
@@ -130,14 +151,25 @@ def merge_all(rc: RunConfig, methods: list[str], baselines: BaselineConfig, data
     return Merged(outputs, models, ms, keys, rc.run_dir if recall_w is not None else None)
 
 
+def general_samples(ev: StudyEval) -> dict[str, int | None]:
+    """How many records of each general-ability set are scored (build_items' max_samples_of)."""
+    return {t: ev.general_max_samples for t in ev.general_tasks}
+
+
 def evaluate_stage(to_score: list, tasks: list[str], ev: StudyEval, data_dir: str, num_actors, root: RunDir,
                    prefix: str, manifest: Manifest, model_keys: dict[str, object], only: dict | None = None
                    ) -> pd.DataFrame:
+    """Score `to_score` on `tasks` and the general-ability sets of `ev` (every model on
+    those, even one that `only` limits to its own task)."""
     from ..evaluate import evaluation_stage
 
-    return evaluation_stage(manifest, root, prefix, to_score, tasks, data_dir, ev.split, ev.max_samples,
-                            ev.batch_size, num_actors, model_keys, only, protocol=ev.protocol,
-                            normalization=ev.normalization, template_set=ev.templates)
+    general = list(ev.general_tasks)
+    if only is not None:
+        only = {label: list(mine) + general for label, mine in only.items()}
+    return evaluation_stage(manifest, root, prefix, to_score, list(tasks) + general, data_dir, ev.split,
+                            ev.max_samples, ev.batch_size, num_actors, model_keys, only, protocol=ev.protocol,
+                            normalization=ev.normalization, template_set=ev.templates,
+                            max_samples_of=general_samples(ev) or None)
 
 
 def stage_times(run_dir: str | Path, parts: set[str] | None = None) -> pd.DataFrame:
@@ -270,19 +302,28 @@ def pooled_over_evals(paired: pd.DataFrame) -> pd.DataFrame:
       fine-tuned task) and "own" (the fine-tuned task's cells). A test sample then counts
       once per fine-tuned task, each time for a different merge.
 
+    The general-ability sets (evaluate.general_tasks) stay out of those scopes and, in
+    either case, get their own row, task "general".
+
     Empty otherwise (multi: two variants scored on the same samples, not to be pooled)."""
     rows = paired[paired["task"] != "all"]
+    rows = rows.assign(b=rows["b"].where(~rows["b"].str.startswith("expert:"), "expert"))
+    general = rows["task"].map(is_general).astype(bool)
+    rows, general_rows = rows[~general], rows[general]
     tasks_of = rows.groupby("eval")["task"].apply(set)
     if len(tasks_of) < 2:
         return paired.iloc[0:0]
-    rows = rows.assign(b=rows["b"].where(~rows["b"].str.startswith("expert:"), "expert"))
     if sum(map(len, tasks_of)) == len(set().union(*tasks_of)):
-        return _pooled(rows, {"all": rows}, paired.columns)
-    shared = set.intersection(*tasks_of)
-    if all(ts == shared for ts in tasks_of) and set(tasks_of.index) <= shared:
+        scopes = {"all": rows}
+    else:
+        shared = set.intersection(*tasks_of)
+        if not (all(ts == shared for ts in tasks_of) and set(tasks_of.index) <= shared):
+            return paired.iloc[0:0]
         own = rows["task"] == rows["eval"]
-        return _pooled(rows, {"all": rows, "unseen": rows[~own], "own": rows[own]}, paired.columns)
-    return paired.iloc[0:0]
+        scopes = {"all": rows, "unseen": rows[~own], "own": rows[own]}
+    if not general_rows.empty:
+        scopes["general"] = general_rows  # every evaluation's general-ability sets, each merge on the same samples
+    return _pooled(rows, scopes, paired.columns)
 
 
 def _pooled(rows: pd.DataFrame, scopes: dict[str, pd.DataFrame], columns) -> pd.DataFrame:
@@ -352,10 +393,19 @@ def eval_hits(predictions: Path) -> pd.DataFrame:
 
 
 def _replicates(hits: pd.DataFrame, groups: dict[str, list[str]], seed: int) -> tuple[dict, dict]:
+    """Each task's estimate and bootstrap replicates, "mean" over the row's tasks (those of
+    the scenario: the general-ability sets apart, when there are others), "general" over
+    the general-ability sets, and each of `groups`."""
     from ..core.analysis import bootstrap_means
 
     per_task = {t: sub["hit"].to_numpy() for t, sub in hits.groupby("task", sort=False)}
     est, reps = bootstrap_means(per_task, seed=seed)
+    general = [t for t in per_task if is_general(t)]
+    own = [t for t in per_task if t not in general]
+    if general and own:
+        est["mean"] = float(np.mean([est[t] for t in own]))
+        reps["mean"] = np.mean([reps[t] for t in own], axis=0)
+    groups = {**groups, "general": general}
     for name, tasks in groups.items():
         if tasks:
             est[name] = float(np.mean([est[t] for t in tasks]))
@@ -368,7 +418,9 @@ def interval_table(hits: pd.DataFrame, index: list[str], seed: int = 0,
                    pooled: dict[str, str] | None = None) -> pd.DataFrame:
     """A row per `index` key of `hits` (index..., task, hit): each task's score with its 95%
     percentile-bootstrap interval (`<col>`, `<col>_lo`, `<col>_hi`), then "mean" over the
-    row's tasks and each of `groups(key)` (name -> a subset of the tasks). With `pooled`
+    row's tasks (the general-ability sets excepted, unless they are all there is), each of
+    `groups(key)` (name -> a subset of the tasks) and "general", the mean over the row's
+    general-ability sets (when it has some). With `pooled`
     ({index column: label}), rows averaging every key that shares the other index values
     are added, labelled `label` in that column (the paper's "all" rows of Table 1); their
     intervals come from the averaged replicates (the keys resampled independently)."""

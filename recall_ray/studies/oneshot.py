@@ -210,13 +210,21 @@ def study_table(hits: pd.DataFrame, cfg: ScenarioConfig) -> tuple[pd.DataFrame, 
     single with evaluate.all_tasks (the paper's Table 1): a row per (fine-tuned task, model
             kind), every task, the mean over all and over the "unseen" ones (every task but the
             fine-tuned one), and the "all" rows averaging the fine-tuned tasks
+
+    With evaluate.general_tasks, each row also has the general-ability sets' columns and
+    "general", their mean; "mean" and "unseen" stay over the scenario's tasks. In the
+    single table without all_tasks, a kind's general columns pool its variants' models
+    (the experts', each merge's), and the base counts once.
     """
     hits = hits.copy()
     if cfg.scenario != "single":
         return interval_table(hits, ["variant", "model"]), ["variant", "model"]
     hits["model"] = hits["model"].where(~hits["model"].str.startswith("expert:"), "expert")
     if not full_table(cfg):
-        return interval_table(hits, ["model"]), ["model"]
+        # every variant scores the base on the general-ability sets: the same model on the
+        # same samples, counted once
+        again = (hits["model"] == "base") & hits.duplicated(["model", "task", "sample_id"])
+        return interval_table(hits[~again], ["model"]), ["model"]
     hits = hits.rename(columns={"variant": "fine_tuned"})
     index = ["fine_tuned", "model"]
     table = interval_table(hits, index, groups=lambda key: {"unseen": [t for t in cfg.tasks if t != key[0]]},

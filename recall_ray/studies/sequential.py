@@ -59,6 +59,7 @@ from pydantic import Field, field_validator, model_validator
 from ..config import BaselineConfig, ConfigError, FinetuneConfig, RayConfig, RecallSettings, RunConfig, Section
 from ..core.merge_methods import METHODS
 from ..core.metrics import primary_metric
+from ..core.templates import is_general
 from ..manifest import Manifest, stable_hash
 from ..models import resolve_model, resolve_path
 from ..splits import load_split
@@ -440,8 +441,10 @@ def sequence_table(hits: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     """A row per (step, method) from per-sample hits (step, method, task, sample_id, hit):
     each task scored at that step, "mean_seen" over the tasks learned so far (tasks[:step]),
     and, when every task was scored (evaluate.all_tasks, the paper's Table 7), "mean_all"
-    over all of them; each with its 95% bootstrap interval."""
+    over all of them; with evaluate.general_tasks, "general" over those; each with its 95%
+    bootstrap interval."""
     table = interval_table(hits, ["step", "method"], groups=lambda key: {"mean_seen": tasks[:int(key[0])]})
-    every = set(hits["task"]) == set(tasks) and all(set(g["task"]) == set(tasks) for _, g in hits.groupby("step"))
+    own = hits[~hits["task"].map(is_general).astype(bool)]  # the general-ability sets have their own column
+    every = set(own["task"]) == set(tasks) and all(set(g["task"]) == set(tasks) for _, g in own.groupby("step"))
     mean = {c: c.replace("mean", "mean_all", 1) for c in ("mean", "mean_lo", "mean_hi")}
     return table.rename(columns=mean) if every and len(tasks) > 1 else table.drop(columns=list(mean))
