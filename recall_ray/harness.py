@@ -224,6 +224,7 @@ class HarnessPlan:
     user_tasks: list[str]  # lm-eval task names the user gave
     include: dict[str, bytes]  # the user's include folders' files: "<i>/<relative path>" -> bytes
     defaults: bool  # whether lm-eval's own task index is needed (a user task not in an include folder)
+    limit: int | None = None  # --max-samples: the user's tasks' first N docs too (ours are cut already)
 
     @property
     def task_names(self) -> list[str]:
@@ -297,7 +298,7 @@ def plan(tasks: Sequence[str], data_dir: str | Path, split: str, max_samples: in
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise HarnessError(f"lm-eval task {t}: its data cannot be loaded offline ({first}); name a task whose"
                                    " data is local (a YAML with dataset_path: json and data_files)") from None
-    return HarnessPlan(items, templates, raw, list(user_tasks), include, defaults)
+    return HarnessPlan(items, templates, raw, list(user_tasks), include, defaults, max_samples)
 
 
 @dataclass
@@ -359,7 +360,7 @@ def evaluate(models, plan_: HarnessPlan, batch_size: int = 16, dtype: str = "flo
 
     t0 = time.perf_counter()
     outs = run_models(models, plan_.task_names, config_files(plan_.raw, plan_.templates, WHERE), plan_.include,
-                      plan_.defaults, batch_size, dtype, num_tasks)
+                      plan_.defaults, batch_size, dtype, num_tasks, plan_.limit)
     rows, choices, results = [], [], {}
     for m, out in zip(models, outs):
         r, c = collect(m.label, out, plan_)

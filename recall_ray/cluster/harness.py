@@ -35,10 +35,11 @@ def lm_eval_model(model: ResolvedModel, dtype: str = "float32", batch_size: int 
 
 
 def run_lm_eval(lm, task_names: Sequence[str], files: dict[str, str], include: dict[str, bytes],
-                defaults: bool) -> dict:
+                defaults: bool, limit: int | None = None) -> dict:
     """lm-eval's `simple_evaluate` of `lm` (an HFLM) on `task_names`, with our configs (`files`:
     `recall_ray.harness.config_files` with `where` = WHERE, written to a temporary folder whose
-    path replaces WHERE) and the user's include folders rebuilt beside them;
+    path replaces WHERE) and the user's include folders rebuilt beside them, each task's first
+    `limit` docs (None: all);
     returns lm-eval's results, JSON-safe, with the logged samples (`samples`)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -60,7 +61,7 @@ def run_lm_eval(lm, task_names: Sequence[str], files: dict[str, str], include: d
                 paths.append(folder)
         tm = TaskManager(include_path=paths or None, include_defaults=defaults)
         res = lm_eval.simple_evaluate(model=lm, tasks=list(task_names), task_manager=tm, log_samples=True,
-                                      bootstrap_iters=0)
+                                      bootstrap_iters=0, limit=limit)
     keep = ("results", "n-samples", "configs", "versions", "samples")
     return json_safe({k: res[k] for k in keep if k in res})
 
@@ -72,9 +73,10 @@ def json_safe(obj: Any) -> Any:
 
 def run_models(models: Sequence[ResolvedModel], task_names: Sequence[str], files: dict[str, str],
                include: dict[str, bytes], defaults: bool, batch_size: int = 16, dtype: str = "float32",
-               num_tasks: int | str = "auto") -> list[dict]:
-    """Every model's lm-eval output (`run_lm_eval` on `task_names`, with `files`, `include`
-    and `defaults` as there), one Ray task per model, in the models' order. Each task asks for one GPU where the cluster has any, else its share of the CPUs
+               num_tasks: int | str = "auto", limit: int | None = None) -> list[dict]:
+    """Every model's lm-eval output (`run_lm_eval` on `task_names`, with `files`, `include`,
+    `defaults` and `limit` as there), one Ray task per model, in the models' order. Each
+    task asks for one GPU where the cluster has any, else its share of the CPUs
     (cluster.pools.inference_pool: never every CPU); tasks are spread over the nodes, and run
     with no hub access (the data must be local)."""
     import ray
@@ -90,12 +92,12 @@ def run_models(models: Sequence[ResolvedModel], task_names: Sequence[str], files
     def one(model: ResolvedModel) -> dict:
         import torch
 
-        if shape.threads:
-            torch.set_num_threads(shape.threads)
+        # torch threads: the CPUs this task holds (tasks of several models may share a node)
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         for k, v in OFFLINE_ENV.items():
             os.environ.setdefault(k, v)
         lm = lm_eval_model(model, dtype, batch_size)
-        return run_lm_eval(lm, task_names, files, include, defaults)
+        return run_lm_eval(lm, task_names, files, include, defaults, limit)
 
     log.info("lm-eval: %d models, %d tasks each (%s)", len(models), len(task_names), shape)
     refs = [one.remote(m) for m in models]
