@@ -16,6 +16,8 @@ from ..models import LoadedModelSlot, ResolvedModel
 from ..progress import Progress
 from .pools import inference_pool, request_pool
 
+MAX_PROMPT_TOKENS = 1024  # a longer prompt loses its start (lm-eval's runs get the same max_length)
+
 
 class EvalWorker:
     """Ray Data callable class: evaluation rows in, answers out, for several models.
@@ -32,7 +34,7 @@ class EvalWorker:
     of the prompt holds the question and the response cue)."""
 
     def __init__(self, models: Sequence[ResolvedModel], dtype: str = "float32", num_threads: int | None = None,
-                 max_prompt_tokens: int = 1024, normalization: str = "sum"):
+                 max_prompt_tokens: int = MAX_PROMPT_TOKENS, normalization: str = "sum"):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
