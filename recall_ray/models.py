@@ -11,9 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Literal, Sequence
 
 from .core.errors import CheckpointError
 from .core.lora import META_FILE, Adapter, fold_lora, lora_delta, parse_adapter
@@ -24,6 +22,9 @@ from .safetensors_io import (
     list_weight_files,
     tensor_infos,
 )
+
+if TYPE_CHECKING:  # resolving and checking models needs no torch; loading them does
+    import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")
 
@@ -148,10 +149,13 @@ def tokenizer_fingerprint(model_dir: str) -> str | None:
     return h.hexdigest() if found else None
 
 
-def load_causal_lm(model: ResolvedModel, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A transformers causal LM for inference, with an adapter folded exactly (same rule as the merge)."""
+def load_causal_lm(model: ResolvedModel, dtype: torch.dtype | None = None, device: str = "cpu"):
+    """A transformers causal LM for inference (float32 unless `dtype`), with an adapter folded
+    exactly (same rule as the merge)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = dtype or torch.float32
     lm = AutoModelForCausalLM.from_pretrained(model.weights_dir, dtype=dtype)
     if model.kind == "adapter":
         tensors = ModelTensors(model)
@@ -211,6 +215,8 @@ class LoadedModelSlot:
         return self.tok, self.lm
 
     def _swap(self, held: ResolvedModel, new: ResolvedModel) -> None:
+        import torch
+
         params = dict(self.lm.named_parameters())
         old_t = ModelTensors(held) if held.kind == "adapter" else None
         new_t = ModelTensors(new) if new.kind == "adapter" else None

@@ -20,23 +20,23 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .config import BaselineConfig, MergeConfig, RunConfig
 from .core.errors import CheckpointError
-from .core.merge_methods import MergeMethod, build_method
-from .core.similarity import layer_weights
 from .core.templates import load_task_records
 from .core.typical import TooFewSamplesError, union_in_order
 from .manifest import Manifest, StageRun, recorded_stages, stable_hash
 from .models import ModelTensors, ResolvedModel, resolve_model, resolve_path
 from .storage import RunDir, check_writable, refuse_existing_output
 from .validate import ModelMismatchError, ModelSet, check_models, raise_if_nonfinite
+
+if TYPE_CHECKING:  # the checks (preflight) import none of these: a bad input is answered in a second
+    import pandas as pd
+
+    from .core.merge_methods import MergeMethod
 
 log = logging.getLogger("recall_ray.pipeline")
 
@@ -234,6 +234,9 @@ def _reps_new(run: Run, _: str | None) -> None:
 
 
 def _typical(run: Run, _: str | None) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from .cluster.tasks import kmeans_all_layers
 
     t = run.cfg.typical
@@ -289,6 +292,9 @@ def _weigh_labels(run: Run) -> list[str]:
 def _weights(run: Run, _: str | None) -> dict:
     """Similarities and weights (core.similarity.layer_weights), on the driver, one layer of
     every model's Parquet column in memory at a time; then the table and its plots."""
+    import pandas as pd
+
+    from .core.similarity import layer_weights
     from .report import plot_png, weight_log_lines
     from .reps_parquet import iter_layers
 
@@ -330,6 +336,7 @@ def _recall_weights(run: Run) -> np.ndarray:
 
 def _merge(run: Run, _: str | None) -> dict:
     from .cluster.merge import run_merge
+    from .core.merge_methods import MergeMethod
     from .mergekit_export import mergekit_file
     from .report import model_card
 
@@ -355,6 +362,8 @@ def _merge(run: Run, _: str | None) -> dict:
 
 
 def _baseline_method(run: Run, name: str) -> MergeMethod:
+    from .core.merge_methods import build_method
+
     return build_method(name, run.num_groups, len(run.models), run.cfg.include_base, BaselineConfig())
 
 
@@ -429,6 +438,8 @@ def run_stage(run: Run, stage: Stage, item: str | None = None) -> StageRun:
 
 def _after(run: Run, stage: Stage) -> None:
     """What a stage's result means for the next ones."""
+    import pandas as pd
+
     if stage.name == "typical":
         run.typical_idx = run.runs["typical"].result["sample_idx"]
         log.info("typical samples: %d distinct over %d layers (k=%d)", len(run.typical_idx), run.num_groups,
