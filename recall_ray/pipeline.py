@@ -28,7 +28,7 @@ from .config import BaselineConfig, MergeConfig, RunConfig
 from .core.errors import CheckpointError
 from .core.templates import load_task_records
 from .core.typical import TooFewSamplesError, union_in_order
-from .manifest import Manifest, StageRun, recorded_stages, stable_hash
+from .manifest import Manifest, StageRun, recorded_stages, stable_hash, stage_complete
 from .models import ModelTensors, ResolvedModel, resolve_model, resolve_path
 from .storage import RunDir, check_writable, refuse_existing_output
 from .validate import ModelMismatchError, ModelSet, check_models, raise_if_nonfinite
@@ -132,9 +132,10 @@ def preflight(cfg: RunConfig) -> Plan:
 
 
 def _is_own_output(cfg: RunConfig) -> bool:
-    """An output this run directory's manifest says it produced."""
+    """An output this run directory's manifest says it produced: a merge recorded done, or
+    one whose output was moved into place by a run that stopped before recording it."""
     stage = recorded_stages(cfg.run_dir).get("merge", {})
-    return stage.get("status") == "done" and (stage.get("result") or {}).get("output") == cfg.output_dir
+    return bool(stage) and stage_complete(stage) and (stage.get("result") or {}).get("output") == cfg.output_dir
 
 
 def finite_check(models: list[ResolvedModel], fingerprints: dict[str, str], run_dir: str) -> tuple[list, float, bool]:
@@ -229,8 +230,9 @@ def _finetune_dir(run: Run) -> str:
     return str(Path(run.cfg.run_dir, "finetune", "adapter").resolve())
 
 
-def _reps_new(run: Run, _: str | None) -> None:
-    _extract([run.new], run.items, run, [run.reps_rel(run.new.label)], "reps_new")
+def _reps_new(run: Run, _: str | None) -> dict | None:
+    events = _extract([run.new], run.items, run, [run.reps_rel(run.new.label)], "reps_new")
+    return {"events": events} if events else None
 
 
 def _typical(run: Run, _: str | None) -> dict:
@@ -266,10 +268,10 @@ def _reps_other(run: Run, label: str | None) -> dict:
         pending = [m for m in run.models if m.label in _others(run) and not run.manifest.done(
             f"reps_{m.label}", stable_hash(_reps_other_key(run, m.label)))]
         typical_items = [run.items[i] for i in run.typical_idx]
-        _extract(pending, typical_items, run, [run.reps_rel(m.label) for m in pending],
-                 f"reps of {_names(m.label for m in pending)}")
+        events = _extract(pending, typical_items, run, [run.reps_rel(m.label) for m in pending],
+                          f"reps of {_names(m.label for m in pending)}")
         run.pending_reps = pending
-        return {"pool_models": [m.label for m in pending]}
+        return {"pool_models": [m.label for m in pending], **({"events": events} if events else {})}
     return {"pool_of": run.pending_reps[0].label}
 
 
@@ -354,9 +356,15 @@ def _merge(run: Run, _: str | None) -> dict:
                        side_dir=models[0].weights_dir, card=card,
                        extra_files={"recall_weights.csv": run.table.to_csv(index=False, float_format="%.10g"),
                                     **mergekit_file(method, models, run.modelset)},
-                       resume_key=stable_hash(run.parts["merge"]))
-    return {"output": cfg.output_dir, "seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb,
-            "peak_anon_mb": report.peak_anon_mb, "resumed_shards": report.resumed,
+                       resume_key=stable_hash(run.parts["merge"]),
+                       before_publish=lambda staging, rep: run.manifest.publishing("merge", _merge_record(rep), staging))
+    return _merge_record(report)
+
+
+def _merge_record(report) -> dict:
+    """The merge stage's result in the manifest, from its cluster.merge.MergeReport."""
+    return {"output": report.output, "seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb,
+            "peak_anon_mb": report.peak_anon_mb, "resumed_shards": report.resumed, "events": report.events,
             "shards": [{k: s.get(k) for k in ("file", "bytes", "bytes_read", "seconds", "peak_rss_mb", "peak_anon_mb",
                                               "node_id")} for s in report.shards]}
 
@@ -499,13 +507,13 @@ def run_pipeline(cfg: RunConfig, plan: Plan | None = None) -> PipelineResult:
                           run.runs["merge"].key, merge.get("peak_rss_mb"), merge.get("peak_anon_mb"), scores)
 
 
-def _extract(models: list[ResolvedModel], items: list[dict], run: Run, rels: list[str], stage: str) -> None:
+def _extract(models: list[ResolvedModel], items: list[dict], run: Run, rels: list[str], stage: str) -> list[dict]:
     from .cluster.representations import extract
 
     r = run.cfg.representations
-    extract(models, items, run.run_dir, rels, max_length=run.cfg.task.max_length,
-            exclude_first_token=r.exclude_first_token, dtype=r.dtype, batch_size=r.batch_size,
-            num_actors=r.num_actors, stage=stage)
+    return extract(models, items, run.run_dir, rels, max_length=run.cfg.task.max_length,
+                   exclude_first_token=r.exclude_first_token, dtype=r.dtype, batch_size=r.batch_size,
+                   num_actors=r.num_actors, stage=stage)
 
 
 # --------------------------------------------------------------- any method as a stage
@@ -526,7 +534,7 @@ def merge_method_compute(models: list[ResolvedModel], modelset: ModelSet, method
     report = run_merge(models, modelset.grouping, modelset.infos, method, out, True, merge_cfg.num_actors,
                        merge_cfg.placement, merge_cfg.max_shard_bytes, side_dir=models[0].weights_dir,
                        extra_files=mergekit_file(method, models, modelset), resume_key=resume_key)
-    return {"output": out, "seconds": report.seconds, "resumed_shards": report.resumed}
+    return {"output": out, "seconds": report.seconds, "resumed_shards": report.resumed, "events": report.events}
 
 
 def merge_stage(manifest: Manifest, name: str, models: list[ResolvedModel], modelset: ModelSet, method: MergeMethod,

@@ -15,6 +15,7 @@ from ..core.pooling import mean_pool
 from ..models import LoadedModelSlot, ResolvedModel
 from ..reps_parquet import reps_table
 from ..storage import RunDir
+from .events import RestartNote, report_pool_restart
 from .faults import fault_point
 from .pools import inference_pool, request_pool
 
@@ -70,7 +71,7 @@ class RepresentationExtractor:
         return pa.concat_tables(tables)
 
 
-class RepresentationWriter(RepresentationExtractor):
+class RepresentationWriter(RepresentationExtractor, RestartNote):
     """The extractor that writes its own output: each batch's representations go straight
     from the actor to a Parquet file under `out` (per model: `out/model=<q>/`), named after
     the batch's first sample so that a retried batch rewrites the same file, written under a
@@ -80,6 +81,7 @@ class RepresentationWriter(RepresentationExtractor):
     def __init__(self, out: str, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.out = out.rstrip("/")
+        self._remember_restart()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import uuid
@@ -90,7 +92,7 @@ class RepresentationWriter(RepresentationExtractor):
 
         table = super().__call__(batch)
         models = table.column("model").to_numpy() if self.many else np.zeros(table.num_rows, dtype=np.int32)
-        written, counts = [], []
+        written, counts, parts = [], [], []
         for q in dict.fromkeys(int(m) for m in models):
             part = table.filter(pa.array(models == q)) if self.many else table
             if self.many:
@@ -105,17 +107,22 @@ class RepresentationWriter(RepresentationExtractor):
             fs.move(tmp, f"{path}/{name}")
             written.append(q)
             counts.append(part.num_rows)
-        return {"model": np.array(written, dtype=np.int32), "rows": np.array(counts, dtype=np.int64)}
+            parts.append(f"{folder.rsplit('/', 1)[-1]}/{name}" if self.many else name)
+        note = self.restart_note()  # Ray restarted this actor: said on its first batch after it
+        return {"model": np.array(written, dtype=np.int32), "rows": np.array(counts, dtype=np.int64),
+                "part": np.array(parts, dtype=object),
+                "restarted": np.array([note] + [""] * (len(written) - 1), dtype=object)}
 
 
 def extract(models: list[ResolvedModel], items: list[dict], run_dir: RunDir, rels: list[str], *, max_length: int,
             exclude_first_token: bool, dtype: str, batch_size: int, num_actors: int | str,
-            stage: str = "representations") -> None:
+            stage: str = "representations") -> list[dict]:
     """Run `items` (sample_idx, sample_id, text) through each of `models` with one Ray Data
     actor pool and write each model's per-layer representations to Parquet at its `rels[i]`
     (staged, then moved). Several models share the pool: rows sorted by model, one model
     loaded per actor at a time, each model's files under its own staging folder, each moved
-    into place when the pool is done."""
+    into place when the pool is done. Returns the events (cluster.events) of actors Ray
+    restarted on the way."""
     import ray
 
     from ..progress import Progress
@@ -141,12 +148,17 @@ def extract(models: list[ResolvedModel], items: list[dict], run_dir: RunDir, rel
         num_gpus=pool.num_gpus,
     )
     progress = Progress(stage, len(rows), "samples" if not many else f"samples of {len(models)} models")
+    events: list[dict] = []
     for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
         progress.update(int(out["rows"].sum()))
+        for note, part in zip(out["restarted"], out["part"]):
+            if note:
+                report_pool_restart(events, log, stage, str(note), "representation actor", str(part))
     progress.close()
     if not many:
         run_dir.replace_dir(tmp, rels[0])
-        return
+        return events
     for q, rel in enumerate(rels):
         run_dir.replace_dir(f"{tmp}/model={q}", rel)
     run_dir.delete(tmp)
+    return events
