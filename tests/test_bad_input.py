@@ -364,6 +364,13 @@ def _refusal(tmp_path: Path, job: str, *args: str) -> tuple[dict, list[str]]:
     ("merge", ["--set", "base.path={tmp}/no_such_model"], r"merge: error: CheckpointError: model 'base': .*no_such_model"
                                                            r" does not exist"),
     ("merge", ["--set", "experts=[{{name: e, path: {tmp}/no_such_model}}]"], r"merge: error: CheckpointError: model 'e': .*no_such_model does not"),
+    ("evaluate", ["--model", "e={tmp}/no_such_model", "--tasks", "sst2", "--out", "{tmp}/eval"],
+     r"evaluate: error: CheckpointError: model 'e': .*no_such_model does not exist"),
+    ("finetune", ["--base", "{tmp}/no_such_model", "--data", str(DATA / "sst2" / "train.jsonl"), "--template", "sst2",
+                  "--out", "{tmp}/adapter"], r"finetune: error: ValueError: base model .*no_such_model has no config"),
+    # the builtin base is taken (as the merge job takes it): the refusal is about the data
+    ("finetune", ["--base", "builtin:smollm2-135m-instruct", "--data", "{tmp}/no_such.jsonl", "--template", "sst2",
+                  "--out", "{tmp}/adapter"], r"finetune: error: \w+Error: .*no_such\.jsonl"),
 ])
 def test_a_typo_is_answered_before_the_heavy_libraries_are_imported(tmp_path, job, args, message):
     """A refusal costs the config and the input checks (about half a second of CPU), not the

@@ -29,9 +29,10 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..config import FinetuneConfig
 from ..core.lora import META_FILE
@@ -61,6 +62,8 @@ def _worker_logging() -> None:
 
 
 def _load_lora_model(base_dir: str, cfg: FinetuneConfig) -> torch.nn.Module:
+    import torch
+
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -100,6 +103,8 @@ def _deepspeed_engine(model: torch.nn.Module, cfg: FinetuneConfig, optimizer: to
 def _save_adapter(model: torch.nn.Module, out: str, use_deepspeed: bool, rank: int) -> None:
     """Rank 0 writes adapter_config.json + adapter_model.safetensors. Under DeepSpeed ZeRO-3
     the LoRA weights are partitioned, so every rank joins the gather first."""
+    import torch
+
     # Unwrap explicitly: PeftModel forwards unknown attributes to the wrapped model, so a
     # `hasattr(model, "module")` test would be fragile.
     wrapped = use_deepspeed or isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -125,6 +130,8 @@ def _checkpoint(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
     state, the random generators' state (dropout) and the step, in a folder named after the
     step. Every rank reports (a barrier); rank 0 carries the files (DDP keeps the ranks'
     weights equal). The files are in the run's storage when `report` returns."""
+    import torch
+
     import ray.train
 
     state = {"step": step, "loss": loss, "rng": torch.get_rng_state(),
@@ -160,6 +167,8 @@ def _resume_states() -> list:
 def _resume(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> tuple[int, float]:
     """(the first step to run, the last loss) after restoring the latest checkpoint of this
     run when the worker was restarted; (1, nan) for a fresh start."""
+    import torch
+
     for ckpt in _resume_states():
         try:
             with ckpt.as_directory() as d:
@@ -183,6 +192,8 @@ def _resume(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank:
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: LoRA SFT on this rank's shard, then rank 0 reports the adapter."""
+    import torch
+
     import ray.train
     import ray.train.torch
     from transformers import AutoTokenizer
@@ -403,12 +414,16 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     )
     logger.info("fine-tuning %s on %d records (%d steps, batch %d x %d workers of %d CPUs); run %s/%s",
                 base_dir, len(records), cfg.steps, cfg.batch_size, cfg.num_workers, threads, storage, run_name)
+    from ..progress import Progress
+
+    progress = Progress(f"finetune {task}", cfg.steps, "steps")  # one line, when the run ends
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise FinetuneError(f"Ray Train run {run_name} failed: {training_error_summary(err)}") from err
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {run_name} finished without a checkpoint (see the worker logs)")
+    progress.update(cfg.steps)
     final_loss = float(result.metrics["final_loss"])
     logger.info("fine-tuning done: final loss %.4f, checkpoint %s", final_loss, result.checkpoint.path)
 
@@ -450,6 +465,8 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
 def _fisher_task(model_dir: str, records: list[dict], max_length: int, target_modules: list[str],
                  use_gpu: bool) -> dict[str, torch.Tensor]:
     """In a Ray task: `ewc.diagonal_fisher` of `model_dir`'s LoRA-targeted weights on `records`."""
+    import torch
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..core.ewc import diagonal_fisher, target_weight_names
