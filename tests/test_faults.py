@@ -282,6 +282,7 @@ def test_driver_killed_during_the_merge_resumes_the_unfinished_shards(tmp_path, 
     assert len(third.stdout.splitlines()) < 40
     for err in (first_err, again.stderr, third.stderr):
         assert not [line for line in err.splitlines() if "logging_progress" in line or "Execution plan" in line
-                    or " INFO recall_ray" in line or " INFO ray.data" in line], err
+                    or " INFO recall_ray" in line or " INFO ray.data" in line or "core_worker" in line], err
     log = (tmp_path / "job" / "job.log").read_text()
     assert "stage reps_new: done" in log and "Execution plan of Dataset" in log
+    assert "core_worker.cc" in log and "has constructor arguments in the object store" in log  # Ray's C++ line

@@ -71,9 +71,14 @@ def worker_output_to_log() -> None:
 
 
 def _worker_lines(data: dict) -> None:
+    from ray._private.worker import filter_autoscaler_events
+
+    lines = data.get("lines") or []
+    if data.get("pid") == "autoscaler":  # its status report every few seconds: only its events, as Ray prints
+        lines = filter_autoscaler_events(lines)
     who = data.get("actor_name") or data.get("task_name") or ""
     prefix = f"({who + ' ' if who else ''}pid={data.get('pid')}{', ip=' + data['ip'] if data.get('ip') else ''})"
-    for line in data.get("lines") or []:
+    for line in lines:
         worker_log.info("%s %s", prefix, line)
 
 
