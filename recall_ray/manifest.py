@@ -136,7 +136,9 @@ class Manifest:
                             " done now", name, ", ".join(outputs))
                 stage.update(status="done", finished=_now())
                 stage.pop("staging", None)
-                self._add_events(name, [{"kind": "published_before_interruption", "outputs": outputs}])
+                result = stage.get("result")
+                self._add_events(name, [*((result.get("events") or []) if isinstance(result, dict) else []),
+                                        {"kind": "published_before_interruption", "outputs": outputs}])
                 self.save()
             log.info("stage %s: inputs unchanged, reusing %s", name, ", ".join(outputs) or "its result")
             self.timings[name] = {"seconds": 0.0, "skipped": True}

@@ -29,7 +29,8 @@ def foreign(out: str, err: str) -> list[str]:
 
 
 def run_job(job: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rr_job_", dir="/tmp")}
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rr_job_", dir="/tmp"),
+           "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300"}  # a shared machine can take minutes to start it
     for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RECALL_RAY_FAULTS"):
         env.pop(var, None)
     return subprocess.run([sys.executable, str(REPO / "jobs" / f"{job}.py"), *args], capture_output=True, text=True,
