@@ -47,8 +47,8 @@ def test_finetune_job_console_and_working_files(tmp_path, tiny_dir):
     assert foreign(proc.stdout, proc.stderr) == [], proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 2 and lines[0].startswith("finetune sst2: 2/2 steps in ") and lines[1] == f"adapter written to {out}"
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                     "recall_ray.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                     "recall_ray.json"]  # README.md: PEFT's card
     work = Path(f"{out}.run")  # its working files beside --out, none under runs/ of the working directory
     assert sorted(p.name for p in work.iterdir()) == ["job.log", "ray_train"]
     assert not (tmp_path / "runs").exists()
