@@ -37,7 +37,7 @@ def main(model_dir: str, out: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": tmp,
                                                            "object_store_memory": 128 * 1024**2})
     for _ in range(2):
-        cluster.add_node(num_cpus=2, object_store_memory=128 * 1024**2)
+        cluster.add_node(num_cpus=1, object_store_memory=128 * 1024**2)  # one actor of 1 CPU fits either node
     ray.init(address=cluster.address, log_to_driver=False)
     quiet_ray_data()
     cluster.wait_for_nodes()
