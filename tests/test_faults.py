@@ -181,7 +181,8 @@ def test_a_worker_node_lost_during_the_representations(tmp_path, tiny_experts, r
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "two_node_reps.py"), str(tiny_experts[0]),
                            str(tmp_path / "lost")], capture_output=True, text=True, timeout=400, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the JSON line; the raylet's note of the retried task may be printed after it
+    out = json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
     assert out["removed"] == ["reps-0-part-000000008.parquet.reached"] and out["num_nodes"] == 2  # head + one
     assert [(e["kind"], e["restarts"]) for e in out["events"]] == [("actor_restart", 1)]
     from recall_ray.models import resolve_model
