@@ -6,9 +6,10 @@ actor pool, prompts from the fine-tuning templates.
 
 A model is a Hugging Face directory or a LoRA adapter directory on --base (default: the
 builtin SmolLM2-135M-Instruct). Writes <out>/scores.json, scores.csv (model, task, metric,
-value, n), scores.md and predictions.jsonl, and prints the table. Joins RAY_ADDRESS if set,
-else starts local Ray. Exit status 0 on success; otherwise one line on stderr (2: bad input,
-found before any generation; 1: a failure).
+value, n), scores.md, predictions.jsonl and job.log (everything the console does not show:
+Ray Data's records, its workers' output), and prints one progress line and the table. Joins
+RAY_ADDRESS if set, else starts local Ray. Exit status 0 on success; otherwise one line on
+stderr (2: bad input, found before any generation; 1: a failure).
 
 With --harness lm-eval (the `harness` extra), lm-evaluation-harness scores the same models
 instead, one Ray task per model, on configs written for the closed-label tasks (the same
@@ -124,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault(k, v)
 
     def run():
-        from recall_ray.cluster.runtime import ray_runtime
-        from recall_ray.config import RayConfig
-        from recall_ray.evaluate import evaluate_models, preflight, write_result
+        import logging
 
         if args.max_samples is not None and args.max_samples <= 0:
             raise ValueError(f"--max-samples must be positive, got {args.max_samples}")
@@ -136,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         models = resolve_models(args.models, args.base)
         if args.harness == "lm-eval":
             return run_harness(args, models)
+        from recall_ray.cluster.runtime import ray_runtime
+        from recall_ray.config import RayConfig
+        from recall_ray.evaluate import evaluate_models, preflight, write_result
+
         items = preflight(models, args.tasks, args.data_dir, args.split, args.max_samples, args.protocol,
                           args.templates)  # every check before Ray starts
         num_actors = args.num_actors if args.num_actors == "auto" else int(args.num_actors)
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "protocol": args.protocol, "normalization": args.normalization,
                                         "templates": args.templates,
                                         "models": {m.label: m.path for m in models}})
+        # the job's records, held until now, go to <out>/job.log (cli.RunLogHandler)
+        logging.getLogger("recall_ray.evaluate").info("scores written to %s", args.out, extra={"run_dir": args.out})
         return result
 
     status, result = guarded("evaluate", args.verbose, run)
@@ -162,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"\n=== scores ({args.split} split) ===")
     print(result.wide.to_string(float_format=lambda v: f"{v:.1f}"))
-    print(f"\nwritten to {args.out} (scores.json, scores.csv, scores.md, predictions.jsonl); {time.perf_counter() - t0:.1f}s")
+    print(f"\nwritten to {args.out} (scores.json, scores.csv, scores.md, predictions.jsonl, job.log);"
+          f" {time.perf_counter() - t0:.1f}s")
     return 0
 
 

@@ -1,13 +1,17 @@
 """Fine-tune a LoRA adapter of a base model on one task, through Ray Train.
 
-    python jobs/finetune.py --base DIR --data FILE.jsonl --template NAME --out DIR \\
+    python jobs/finetune.py --base MODEL --data FILE.jsonl --template NAME --out DIR \\
         [--run-dir DIR] [--task NAME] [--set finetune.key=value ...]
 
-Joins the Ray cluster in RAY_ADDRESS if set, else starts a local Ray (stopped on exit). Ray
-Train's run and checkpoints go under <run-dir>/finetune/; the adapter (adapter_config.json,
-adapter_model.safetensors, recall_ray.json) goes to --out, which must not exist yet.
-Exit status 0 on success; otherwise one line `finetune: error: ...` on stderr and status 2
-(bad arguments, config or data, found before Ray starts) or 1 (the training itself failed).
+MODEL is a Hugging Face directory or a builtin name (builtin:smollm2-135m-instruct), as in
+the merge job. Joins the Ray cluster in RAY_ADDRESS if set, else starts a local Ray (stopped
+on exit). The adapter (adapter_config.json, adapter_model.safetensors, recall_ray.json) goes
+to --out, which must not exist yet; the job's working files go to --run-dir (default
+<out>.run/): job.log (everything the console does not show: Ray Train's records, its workers'
+output) and ray_train/ (Ray Train's run and checkpoints). The console shows one progress line
+and the result. Exit status 0 on success; otherwise one line `finetune: error: ...` on stderr
+and status 2 (bad arguments, config, model or data, found before Ray starts) or 1 (the
+training itself failed).
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ pin_checkout(REPO)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", required=True, help="base model: Hugging Face model directory")
+    p.add_argument("--base", required=True, help="base model: Hugging Face model directory or builtin:<name>")
     p.add_argument("--data", required=True, help="task data: JSONL file")
     p.add_argument("--template", required=True, help="prompt template name (recall_ray.core.templates.TEMPLATES)")
     p.add_argument("--out", required=True, help="adapter output directory (must not exist)")
-    p.add_argument("--run-dir", default="runs/default",
-                   help="Ray Train run and checkpoints go to <run-dir>/finetune/ (a shared path or URI on a multi-node cluster)")
+    p.add_argument("--run-dir", default=None,
+                   help="job.log and Ray Train's run and checkpoints (ray_train/) go here (default: <out>.run; on a"
+                   " multi-node cluster a shared path)")
     p.add_argument("--task", default=None, help="task name recorded in recall_ray.json (default: the template)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="finetune.KEY=VALUE",
                    help="override a FinetuneConfig field, e.g. --set finetune.steps=100 (repeatable)")
@@ -62,19 +67,27 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def run() -> str:
+        import logging
+
         from recall_ray.cluster.finetune import finetune_lora, validate_inputs
-        from recall_ray.cluster.runtime import ray_runtime
         from recall_ray.config import RayConfig
         from recall_ray.core.templates import check_trainable, load_task_records
+        from recall_ray.models import resolve_path
 
         check_trainable(args.template)  # the general-ability sets are never trained on
         cfg = build_finetune_config(args.overrides)
         if os.path.lexists(args.out):
             raise FileExistsError(f"adapter output {args.out} already exists: remove it or choose another --out")
+        base = resolve_path(args.base)  # a builtin name, as the merge job takes it
         records = load_task_records(args.data, args.template, max_samples=cfg.max_samples)
-        validate_inputs(args.base, records, cfg, args.out)  # before Ray starts
+        validate_inputs(base, records, cfg, args.out)  # before Ray (or torch) is imported
+        run_dir = args.run_dir or f"{os.path.abspath(args.out).rstrip('/')}.run"
+        os.makedirs(run_dir, exist_ok=True)
+        logging.getLogger("recall_ray.finetune").info("run directory %s", run_dir, extra={"run_dir": run_dir})
+        from recall_ray.cluster.runtime import ray_runtime
+
         with ray_runtime(RayConfig()):
-            return finetune_lora(args.base, records, cfg, args.out, os.path.join(args.run_dir, "finetune"),
+            return finetune_lora(base, records, cfg, args.out, os.path.join(run_dir, "ray_train"),
                                  task=args.task or args.template)
 
     status, out = guarded("finetune", args.verbose, run)

@@ -59,13 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
 
     def run():
-        from recall_ray.cluster.runtime import ray_runtime
         from recall_ray.config import load_config
-        from recall_ray.pipeline import preflight, run_pipeline
 
         overrides = list(args.overrides) + (["overwrite=true"] if args.overwrite else [])
         cfg = load_config(args.config, overrides, defaults=None if args.config else DEFAULT_CONFIG)
-        plan = preflight(cfg)  # every check that needs no forward pass, before Ray starts
+        from recall_ray.pipeline import preflight, run_pipeline
+
+        plan = preflight(cfg)  # every check that needs no forward pass, before Ray (or torch) is imported
+        from recall_ray.cluster.runtime import ray_runtime
+
         with ray_runtime(cfg.ray):
             return run_pipeline(cfg, plan)
 

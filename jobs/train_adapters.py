@@ -9,8 +9,10 @@ Each adapter is trained on the config's base through the same Ray Train step as
 written to <out>/<task>/ (a few MB, committed), so that merges and tables can be
 regenerated without training. Existing adapters are kept unless --force.
 
-Config keys: base, out, split, finetune (FinetuneConfig fields shared by every task),
-tasks ({task: {FinetuneConfig overrides}}).
+Config keys: base (a Hugging Face directory or builtin:<name>), out, split, finetune
+(FinetuneConfig fields shared by every task), tasks ({task: {FinetuneConfig overrides}}).
+The console shows one progress line per adapter; job.log and Ray Train's runs and
+checkpoints (ray_train/) go to --run-dir (default runs/adapter_training).
 
 A budget ladder: with `finetune.snapshot_every: N`, every N-th step's adapter is kept in
 runs/ladders/<config name>/<task>/step-NNNNNNN/ (a loadable adapter with its recall_ray.json),
@@ -38,13 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--tasks", nargs="+", help="train only these tasks of the config")
     p.add_argument("--force", action="store_true", help="retrain adapters that already exist")
+    p.add_argument("--run-dir", default=str(REPO / "runs" / "adapter_training"),
+                   help="job.log and Ray Train's runs and checkpoints (ray_train/)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
 
     def run() -> None:
+        import logging
+
         from recall_ray.cluster.finetune import finetune_lora
-        from recall_ray.cluster.runtime import ray_runtime
         from recall_ray.config import ConfigError, FinetuneConfig, RayConfig, load_tree
         from recall_ray.models import resolve_path
         from recall_ray.splits import load_split
@@ -66,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             plans.append((task, cfg, records))
         base = resolve_path(spec["base"])
         out_root = REPO / spec["out"]
+        Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+        logging.getLogger("recall_ray.finetune").info("run directory %s", args.run_dir, extra={"run_dir": args.run_dir})
+        from recall_ray.cluster.runtime import ray_runtime
+
         with ray_runtime(RayConfig()):
             for task, cfg, records in plans:
                 out = out_root / task
@@ -76,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.rmtree(out)
                 t0 = time.perf_counter()
                 ladder = REPO / "runs" / "ladders" / Path(args.config).stem / task if cfg.snapshot_every else None
-                finetune_lora(str(base), records, cfg, str(out), str(REPO / "runs" / "adapter_training"), task=task,
+                finetune_lora(str(base), records, cfg, str(out), str(Path(args.run_dir, "ray_train")), task=task,
                               snapshot_dir=str(ladder) if ladder else None)
                 print(f"{task}: adapter in {out} ({time.perf_counter() - t0:.0f}s, {len(records)} records)", flush=True)
 

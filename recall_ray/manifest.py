@@ -52,6 +52,17 @@ class StageRun:
     skipped: bool
 
 
+def stage_complete(stage: dict) -> bool:
+    """Whether a recorded stage finished: `done`, or `publishing` (its result recorded just
+    before its output was moved into place, see Manifest.publishing) with that move made:
+    the staging directory gone and every output there. A process killed between the move
+    and the record leaves the second."""
+    status = stage.get("status")
+    if status == "publishing":
+        return not _exists(stage["staging"]) and all(_exists(o) for o in stage.get("outputs", []))
+    return status == "done"
+
+
 def recorded_stages(run_dir: str) -> dict[str, dict]:
     """The stages an existing run directory's manifest records, read without creating
     anything ({} when there is no manifest): for checks that must leave no trace."""
@@ -76,6 +87,7 @@ class Manifest:
             "versions": library_versions(),
             "inputs": old.get("inputs", {}),
             "stages": old.get("stages", {}),
+            "events": old.get("events", []),
             "created": old.get("created", _now()),
         }
         self.timings: dict[str, dict] = {}  # this run only: seconds and whether skipped
@@ -93,8 +105,15 @@ class Manifest:
 
     def done(self, name: str, key: str) -> bool:
         s = self.data["stages"].get(name)
-        return bool(s and s.get("status") == "done" and s.get("key") == key
-                    and all(_exists(o) for o in s.get("outputs", [])))
+        return bool(s and stage_complete(s) and s.get("key") == key and all(_exists(o) for o in s.get("outputs", [])))
+
+    def publishing(self, name: str, result: Any, staging: str) -> None:
+        """Record a running stage's result just before its output is moved into place from
+        `staging`: if the process dies between the move and `run` recording the stage done,
+        a rerun finds the output there and the staging gone, and takes the stage as done
+        (`stage_complete`) instead of refusing an output it does not know."""
+        self.data["stages"][name].update(status="publishing", result=result, staging=staging)
+        self.save()
 
     def record(self, name: str, key_parts: Any, seconds: float, reused: bool, result: Any = None) -> StageRun:
         """Record a stage that ran before this manifest existed (an input check that must
@@ -111,6 +130,16 @@ class Manifest:
         """Run `fn` unless the stage is done with the same key; record status and timing."""
         key = stable_hash(key_parts)
         if self.done(name, key):
+            stage = self.data["stages"][name]
+            if stage["status"] == "publishing":  # published by a run that stopped before recording it
+                log.warning("stage %s: its output was moved into place by an interrupted run (%s); recorded as"
+                            " done now", name, ", ".join(outputs))
+                stage.update(status="done", finished=_now())
+                stage.pop("staging", None)
+                result = stage.get("result")
+                self._add_events(name, [*((result.get("events") or []) if isinstance(result, dict) else []),
+                                        {"kind": "published_before_interruption", "outputs": outputs}])
+                self.save()
             log.info("stage %s: inputs unchanged, reusing %s", name, ", ".join(outputs) or "its result")
             self.timings[name] = {"seconds": 0.0, "skipped": True}
             return StageRun(key, self.data["stages"][name].get("result"), True)
@@ -125,10 +154,19 @@ class Manifest:
             raise
         seconds = time.perf_counter() - t0
         self.data["stages"][name].update(status="done", finished=_now(), seconds=round(seconds, 3), result=result)
+        self.data["stages"][name].pop("staging", None)
+        if isinstance(result, dict):
+            self._add_events(name, result.get("events") or [])
         self.save()
         self.timings[name] = {"seconds": seconds, "skipped": False}
         log.info("stage %s: done in %.1fs", name, seconds)
         return StageRun(key, result, False)
+
+
+    def _add_events(self, stage: str, events: list[dict]) -> None:
+        """The run's list of what it survived (actor restarts, retries, resumed work), with
+        the stage and the time it was recorded: `events` in manifest.json."""
+        self.data["events"].extend({"stage": stage, "recorded": _now(), **e} for e in events)
 
 
 def _now() -> str:

@@ -7,14 +7,13 @@ the merge never needs a folded copy on disk.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Literal, Sequence
 
 from .core.errors import CheckpointError
 from .core.lora import META_FILE, Adapter, fold_lora, lora_delta, parse_adapter
@@ -25,6 +24,9 @@ from .safetensors_io import (
     list_weight_files,
     tensor_infos,
 )
+
+if TYPE_CHECKING:  # resolving and checking models needs no torch; loading them does
+    import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")
 
@@ -149,10 +151,13 @@ def tokenizer_fingerprint(model_dir: str) -> str | None:
     return h.hexdigest() if found else None
 
 
-def load_causal_lm(model: ResolvedModel, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A transformers causal LM for inference, with an adapter folded exactly (same rule as the merge)."""
+def load_causal_lm(model: ResolvedModel, dtype: torch.dtype | None = None, device: str = "cpu"):
+    """A transformers causal LM for inference (float32 unless `dtype`), with an adapter folded
+    exactly (same rule as the merge)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = dtype or torch.float32
     lm = AutoModelForCausalLM.from_pretrained(model.weights_dir, dtype=dtype)
     if model.kind == "adapter":
         tensors = ModelTensors(model)
@@ -185,13 +190,19 @@ class WeightsRead:
 
 # IEEE-754 floats hold NaN or Inf exactly where every exponent bit is set: testing the bits
 # as integers is exact and several times faster on CPU than torch.isfinite (8x for bf16)
-_EXPONENT_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
-                  torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
+@functools.lru_cache(maxsize=1)
+def _exponent_bits() -> dict:
+    import torch  # built on first use: checking models before any work needs no torch
+
+    return {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+            torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
 
 
 def has_nonfinite(t: torch.Tensor) -> bool:
     """Whether a floating tensor holds NaN or +-Inf (torch.isfinite's answer)."""
-    bits = _EXPONENT_BITS.get(t.dtype)
+    import torch
+
+    bits = _exponent_bits().get(t.dtype)
     if bits is None or t.numel() == 0:
         return bool(t.numel()) and not bool(torch.isfinite(t).all())
     as_int, mask = bits
@@ -229,12 +240,13 @@ def _fold(tensors: "ModelTensors", name: str, base_weight: torch.Tensor, own: di
                      fan_in_fan_out=bool(tensors.adapter.config.get("fan_in_fan_out")))
 
 
-def load_causal_lm_read(model: ResolvedModel, dtype: torch.dtype = torch.float32, device: str = "cpu",
+def load_causal_lm_read(model: ResolvedModel, dtype: torch.dtype | None = None, device: str = "cpu",
                         check_finite: bool = False):
     """`load_causal_lm`, with every tensor read by this project's reader (each byte once,
     counted) and, with `check_finite`, tested for NaN/Inf as it is read: the representation
     stage's loads are the job's NaN/Inf check (docs/design.md, "Bad input"), so the inputs
-    are not read a third time for it. Returns (model, WeightsRead)."""
+    are not read a third time for it. Float32 unless `dtype`. Returns (model, WeightsRead)."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.auto_factory import _get_model_class
 
@@ -249,7 +261,7 @@ def load_causal_lm_read(model: ResolvedModel, dtype: torch.dtype = torch.float32
     config = AutoConfig.from_pretrained(model.weights_dir)
     # the concrete class: from_pretrained takes a state_dict only without a path to read
     cls = _get_model_class(config, AutoModelForCausalLM._model_mapping)
-    lm = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    lm = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype or torch.float32)
     del state
     return lm.to(device).eval(), read
 
@@ -314,6 +326,8 @@ class LoadedModelSlot:
         return self.reads.pop(index, None)
 
     def _swap(self, held: ResolvedModel, new: ResolvedModel, index: int) -> None:
+        import torch
+
         params = dict(self.lm.named_parameters())
         old_t = ModelTensors(held) if held.kind == "adapter" else None
         new_t = ModelTensors(new) if new.kind == "adapter" else None

@@ -22,23 +22,23 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .config import BaselineConfig, MergeConfig, RunConfig
 from .core.errors import CheckpointError
-from .core.merge_methods import MergeMethod, build_method
-from .core.similarity import layer_weights
 from .core.templates import check_trainable, load_task_records
 from .core.typical import TooFewSamplesError, union_in_order
-from .manifest import Manifest, StageRun, recorded_stages, stable_hash
+from .manifest import Manifest, StageRun, recorded_stages, stable_hash, stage_complete
 from .models import ModelTensors, ResolvedModel, resolve_model, resolve_path
 from .storage import RunDir, check_writable, filesystem, output_exists, refuse_existing_output
 from .validate import ModelMismatchError, ModelSet, check_models
+
+if TYPE_CHECKING:  # the checks (preflight) import none of these: a bad input is answered in a second
+    import pandas as pd
+
+    from .core.merge_methods import MergeMethod
 
 log = logging.getLogger("recall_ray.pipeline")
 
@@ -136,9 +136,10 @@ def preflight(cfg: RunConfig) -> Plan:
 
 
 def _is_own_output(cfg: RunConfig) -> bool:
-    """An output this run directory's manifest says it produced."""
+    """An output this run directory's manifest says it produced: a merge recorded done, or
+    one whose output was moved into place by a run that stopped before recording it."""
     stage = recorded_stages(cfg.run_dir).get("merge", {})
-    return stage.get("status") == "done" and (stage.get("result") or {}).get("output") == cfg.output_dir
+    return bool(stage) and stage_complete(stage) and (stage.get("result") or {}).get("output") == cfg.output_dir
 
 
 class FiniteCheck:
@@ -270,10 +271,13 @@ def _finetune_dir(run: Run) -> str:
 
 def _reps_new(run: Run, _: str | None) -> dict:
     report = _extract([run.new], run.items, run, [run.reps_rel(run.new.label)], "reps_new")
-    return {"bytes_read": report.bytes_read[0]}
+    return {"bytes_read": report.bytes_read[0], **({"events": report.events} if report.events else {})}
 
 
 def _typical(run: Run, _: str | None) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from .cluster.tasks import kmeans_all_layers
 
     t = run.cfg.typical
@@ -308,7 +312,8 @@ def _reps_other(run: Run, label: str | None) -> dict:
         run.pending_reps = pending
         # tensor bytes each model's loads read (all of the pool's actors)
         return {"pool_models": [m.label for m in pending],
-                "bytes_read": {m.label: n for m, n in zip(pending, report.bytes_read)}}
+                "bytes_read": {m.label: n for m, n in zip(pending, report.bytes_read)},
+                **({"events": report.events} if report.events else {})}
     return {"pool_of": run.pending_reps[0].label}
 
 
@@ -331,6 +336,9 @@ def _weigh_labels(run: Run) -> list[str]:
 def _weights(run: Run, _: str | None) -> dict:
     """Similarities and weights (core.similarity.layer_weights), on the driver, one layer of
     every model's Parquet column in memory at a time; then the table and its plots."""
+    import pandas as pd
+
+    from .core.similarity import layer_weights
     from .report import plot_png, weight_log_lines
     from .reps_parquet import iter_layers
 
@@ -372,6 +380,7 @@ def _recall_weights(run: Run) -> np.ndarray:
 
 def _merge(run: Run, _: str | None) -> dict:
     from .cluster.merge import run_merge
+    from .core.merge_methods import MergeMethod
     from .mergekit_export import mergekit_file
     from .report import model_card
 
@@ -389,14 +398,22 @@ def _merge(run: Run, _: str | None) -> dict:
                        side_dir=models[0].weights_dir, card=card,
                        extra_files={"recall_weights.csv": run.table.to_csv(index=False, float_format="%.10g"),
                                     **mergekit_file(method, models, run.modelset)},
-                       resume_key=stable_hash(run.parts["merge"]))
-    return {"output": cfg.output_dir, "seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb,
-            "peak_anon_mb": report.peak_anon_mb, "resumed_shards": report.resumed,
+                       resume_key=stable_hash(run.parts["merge"]),
+                       before_publish=lambda staging, rep: run.manifest.publishing("merge", _merge_record(rep), staging))
+    return _merge_record(report)
+
+
+def _merge_record(report) -> dict:
+    """The merge stage's result in the manifest, from its cluster.merge.MergeReport."""
+    return {"output": report.output, "seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb,
+            "peak_anon_mb": report.peak_anon_mb, "resumed_shards": report.resumed, "events": report.events,
             "shards": [{k: s.get(k) for k in ("file", "bytes", "bytes_read", "seconds", "peak_rss_mb", "peak_anon_mb",
                                               "node_id")} for s in report.shards]}
 
 
 def _baseline_method(run: Run, name: str) -> MergeMethod:
+    from .core.merge_methods import build_method
+
     return build_method(name, run.num_groups, len(run.models), run.cfg.include_base, BaselineConfig())
 
 
@@ -471,6 +488,8 @@ def run_stage(run: Run, stage: Stage, item: str | None = None) -> StageRun:
 
 def _after(run: Run, stage: Stage) -> None:
     """What a stage's result means for the next ones."""
+    import pandas as pd
+
     if stage.name == "reps_{item}" and run.finite is not None:  # every model's weights were read: checked
         fc = run.finite
         fc.tested_before()
@@ -578,7 +597,7 @@ def merge_method_compute(models: list[ResolvedModel], modelset: ModelSet, method
     report = run_merge(models, modelset.grouping, modelset.infos, method, out, True, merge_cfg.num_actors,
                        merge_cfg.placement, merge_cfg.max_shard_bytes, side_dir=models[0].weights_dir,
                        extra_files=mergekit_file(method, models, modelset), resume_key=resume_key)
-    return {"output": out, "seconds": report.seconds, "resumed_shards": report.resumed}
+    return {"output": out, "seconds": report.seconds, "resumed_shards": report.resumed, "events": report.events}
 
 
 def merge_stage(manifest: Manifest, name: str, models: list[ResolvedModel], modelset: ModelSet, method: MergeMethod,

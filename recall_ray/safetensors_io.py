@@ -9,6 +9,7 @@ to check every range lies inside the file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -16,30 +17,39 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
 from .core.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-# safetensors dtype names <-> torch dtypes (the subset models use).
-ST_TO_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+# safetensors dtype names (the subset models use) -> bytes per element: the header checks
+# need no torch, so that a job's input checks answer before torch is imported (seconds).
+ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+@functools.cache
+def dtype_maps() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    """(safetensors dtype name -> torch dtype, and back), built on first use."""
+    import torch
+
+    st_to_torch = {st: getattr(torch, t) for st, t in _TORCH_NAMES.items()}
+    return st_to_torch, {v: k for k, v in st_to_torch.items()}
+
+
+def __getattr__(name: str):
+    """ST_TO_TORCH and TORCH_TO_ST, the maps of `dtype_maps`, as module attributes (PEP 562):
+    importing this module must not import torch."""
+    if name in ("ST_TO_TORCH", "TORCH_TO_ST"):
+        return dtype_maps()[name == "TORCH_TO_ST"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -90,10 +100,10 @@ def read_header(path: str | Path) -> tuple[dict, bytes]:
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
                 or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)):
             raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}; re-download or re-save the model")
-        if info.get("dtype") not in ST_TO_TORCH:
+        if info.get("dtype") not in ST_ITEMSIZE:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
         begin, end = offsets
-        itemsize = torch.empty((), dtype=ST_TO_TORCH[info["dtype"]]).element_size()
+        itemsize = ST_ITEMSIZE[info["dtype"]]
         if end - begin != _numel(shape) * itemsize:
             raise CheckpointError(
                 f"{path}: tensor {name} spans {end - begin} bytes but its shape {shape} and dtype {info['dtype']}"
@@ -138,9 +148,11 @@ def tensor_infos(files: Iterable[Path]) -> dict[str, TensorInfo]:
     out: dict[str, TensorInfo] = {}
     for f in files:
         if f.suffix in PICKLE_SUFFIXES:
+            import torch
+
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             for name, t in sd.items():
-                out[name] = TensorInfo(name, TORCH_TO_ST[t.dtype], tuple(t.shape), str(f), t.numel() * t.element_size())
+                out[name] = TensorInfo(name, dtype_maps()[1][t.dtype], tuple(t.shape), str(f), t.numel() * t.element_size())
             continue
         header, raw = read_header(f)
         for name, info in header.items():
@@ -204,9 +216,7 @@ def content_fingerprint(model_dir: str | Path, allow_pickle: bool = False, sampl
     for name in sorted(infos):
         info = infos[name]
         h.update(f"{name}|{info.dtype}|{list(info.shape)}".encode())
-        t = reader.first_row(name).reshape(-1)
-        n = max(1, sample_bytes // max(1, t.element_size()))
-        h.update(t[:n].contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(reader.first_row_bytes(name, sample_bytes))
     return h.hexdigest()
 
 
@@ -225,7 +235,9 @@ class LazyTensorReader:
         self.bytes_read = 0  # tensor bytes read from the files so far (what a merge costs in I/O)
 
     def _read(self, info: TensorInfo, shape: tuple[int, ...], nbytes: int) -> torch.Tensor:
-        t = torch.empty(shape, dtype=ST_TO_TORCH[info.dtype])
+        import torch
+
+        t = torch.empty(shape, dtype=dtype_maps()[0][info.dtype])
         if nbytes == 0:
             return t
         f = self._files.get(info.file)
@@ -241,6 +253,8 @@ class LazyTensorReader:
 
     def _pickle(self, info: TensorInfo) -> torch.Tensor:
         if info.file not in self._pickled:
+            import torch
+
             self._pickled[info.file] = torch.load(info.file, map_location="cpu", weights_only=True, mmap=True)
         return self._pickled[info.file][info.name]
 
@@ -249,6 +263,28 @@ class LazyTensorReader:
         if info.offset < 0:
             return self._pickle(info)
         return self._read(info, info.shape, info.nbytes)
+
+    def first_row_bytes(self, name: str, limit: int) -> bytes:
+        """The first whole elements of tensor[0:1] (the whole tensor if 0-d) that fit in
+        `limit` bytes (at least one), as stored: read straight from a safetensors file,
+        without torch (the input checks fingerprint the base before torch is imported)."""
+        info = self._infos[name]
+        itemsize = ST_ITEMSIZE[info.dtype]
+        if info.offset < 0:
+            t = self.first_row(name).reshape(-1)
+            return t[:max(1, limit // itemsize)].contiguous().view(dtype_maps()[0]["U8"]).numpy().tobytes()
+        row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+        n = min(row, max(1, limit // itemsize) * itemsize)
+        f = self._files.get(info.file)
+        if f is None:
+            f = self._files[info.file] = open(info.file, "rb", buffering=0)
+        f.seek(info.offset)
+        data = f.read(n)
+        self.bytes_read += len(data)
+        if len(data) != n:
+            raise CheckpointError(f"{info.file}: tensor {info.name} is cut short: the file is truncated;"
+                                  " re-download or re-save the model")
+        return data
 
     def first_row(self, name: str) -> torch.Tensor:
         """tensor[0:1] (the whole tensor if 0-d), reading only those bytes."""
@@ -274,7 +310,7 @@ class StreamingShardWriter:
         header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
         for name, dtype, shape in plan:
-            nbytes = _numel(shape) * torch.empty((), dtype=ST_TO_TORCH[dtype]).element_size()
+            nbytes = _numel(shape) * ST_ITEMSIZE[dtype]
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -285,8 +321,10 @@ class StreamingShardWriter:
         self._next = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        import torch
+
         exp_name, exp_dtype, exp_shape = self._plan[self._next]
-        if name != exp_name or TORCH_TO_ST[tensor.dtype] != exp_dtype or tuple(tensor.shape) != tuple(exp_shape):
+        if name != exp_name or dtype_maps()[1][tensor.dtype] != exp_dtype or tuple(tensor.shape) != tuple(exp_shape):
             raise RuntimeError(
                 f"shard writer: expected {exp_name} {exp_dtype} {exp_shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}"
             )
@@ -333,6 +371,7 @@ def save_fisher(fisher: Mapping[str, torch.Tensor], path: str, metadata: dict[st
 
 def load_fisher(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """A saved Fisher as float32 tensors; refuses negative or non-finite entries."""
+    import torch
     from safetensors.torch import load_file
 
     fisher = {n: t.float() for n, t in load_file(path, device=str(device)).items()}

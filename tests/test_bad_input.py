@@ -345,3 +345,45 @@ def test_similarity_presets_expand_and_keep_the_weights_key():
     with pytest.raises(ConfigError, match=r"config key 'similarity\.preset'"):
         build_config({"base": {"path": "x"}, "task": {"data": "d", "template": "sst2"},
                       "similarity": {"preset": "best"}})
+
+
+# ------------------------------------- answered before torch, Ray, sklearn, transformers
+
+def _refusal(tmp_path: Path, job: str, *args: str, env: dict | None = None) -> tuple[dict, list[str]]:
+    """Run a job in a fresh process (tests/scripts/heavy_imports.py): its exit status, the
+    heavy libraries it imported, and its stderr lines; nothing may be left in tmp_path."""
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "heavy_imports.py"),
+                           str(REPO / "jobs" / f"{job}.py"), *args], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, **(env or {})})
+    assert proc.stdout.strip(), proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("job, args, message", [
+    ("merge", ["--set", "typo=1"], r"merge: error: ConfigError: unknown config key 'typo'"),
+    ("merge", ["--set", "base.path={tmp}/no_such_model"], r"merge: error: CheckpointError: model 'base': .*no_such_model"
+                                                           r" does not exist"),
+    ("merge", ["--set", "experts=[{{name: e, path: {tmp}/no_such_model}}]"], r"merge: error: CheckpointError: model 'e': .*no_such_model does not"),
+    ("evaluate", ["--model", "e={tmp}/no_such_model", "--tasks", "sst2", "--out", "{tmp}/eval"],
+     r"evaluate: error: CheckpointError: model 'e': .*no_such_model does not exist"),
+    ("finetune", ["--base", "{tmp}/no_such_model", "--data", str(DATA / "sst2" / "train.jsonl"), "--template", "sst2",
+                  "--out", "{tmp}/adapter"], r"finetune: error: ValueError: base model .*no_such_model has no config"),
+    # the builtin base is taken (as the merge job takes it): the refusal is about the data
+    ("finetune", ["--base", "builtin:smollm2-135m-instruct", "--data", "{tmp}/no_such.jsonl", "--template", "sst2",
+                  "--out", "{tmp}/adapter"], r"finetune: error: \w+Error: .*no_such\.jsonl"),
+])
+def test_a_typo_is_answered_before_the_heavy_libraries_are_imported(tmp_path, tmp_path_factory, job, args, message):
+    """A refusal costs the config and the input checks (about half a second of CPU), not the
+    import of torch, scikit-learn, transformers and Ray (5-20 s on a loaded machine): none of
+    them is imported, the exit status is 2 and stderr holds the one line. (The builtin base
+    is found in a stand-in cache: converting it, once per machine, does load a model.)"""
+    import re
+
+    cache = tmp_path_factory.mktemp("builtin_cache")
+    (cache / "smollm2-135m-instruct").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (cache / "smollm2-135m-instruct" / name).write_text("{}")
+    result, err = _refusal(tmp_path, job, *[a.format(tmp=tmp_path) for a in args], env={"RECALL_RAY_CACHE": str(cache)})
+    assert result == {"rc": 2, "heavy": []}, (result, err)
+    assert len(err) == 1 and re.fullmatch(message + r".*", err[0]), err
+    assert list(tmp_path.iterdir()) == []  # no run directory, output or staging

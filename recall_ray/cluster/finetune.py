@@ -29,9 +29,10 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..config import FinetuneConfig
 from ..core.lora import META_FILE
@@ -61,6 +62,8 @@ def _worker_logging() -> None:
 
 
 def _load_lora_model(base_dir: str, cfg: FinetuneConfig) -> torch.nn.Module:
+    import torch
+
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -100,6 +103,8 @@ def _deepspeed_engine(model: torch.nn.Module, cfg: FinetuneConfig, optimizer: to
 def _save_adapter(model: torch.nn.Module, out: str, use_deepspeed: bool, rank: int) -> None:
     """Rank 0 writes adapter_config.json + adapter_model.safetensors. Under DeepSpeed ZeRO-3
     the LoRA weights are partitioned, so every rank joins the gather first."""
+    import torch
+
     # Unwrap explicitly: PeftModel forwards unknown attributes to the wrapped model, so a
     # `hasattr(model, "module")` test would be fragile.
     wrapped = use_deepspeed or isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -123,6 +128,8 @@ def _training_state(peft_model: torch.nn.Module, optimizer: torch.optim.Optimize
                     loss: float) -> dict:
     """Everything a resumed run needs to go on as if it had never stopped: the trainable
     (LoRA) weights, the optimizer's state, the random generators' state (dropout), the step."""
+    import torch
+
     return {"step": step, "loss": loss, "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "params": {n: p.detach().cpu().clone() for n, p in peft_model.named_parameters() if p.requires_grad},
@@ -131,6 +138,8 @@ def _training_state(peft_model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 def _restore(state: dict, peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
     """Put a `_training_state` back; returns (the first step to run, the last loss)."""
+    import torch
+
     params = dict(peft_model.named_parameters())
     with torch.no_grad():
         for n, t in state["params"].items():
@@ -147,6 +156,8 @@ def _checkpoint(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
     """Report a checkpoint to resume from (`_training_state`), in a folder named after the
     step. Every rank reports (a barrier); rank 0 carries the files (DDP keeps the ranks'
     weights equal). The files are in the run's storage when `report` returns."""
+    import torch
+
     import ray.train
 
     state = _training_state(peft_model, optimizer, step, loss)
@@ -178,6 +189,8 @@ def _snapshot(model: torch.nn.Module, peft_model: torch.nn.Module, optimizer: to
               step: int, loss: float, snapshot_dir: str) -> None:
     """Rank 0 writes the adapter at this step and the training state into
     `snapshot_dir/step-NNNNNNN/`, built under a temporary name and renamed in when whole."""
+    import torch
+
     os.makedirs(snapshot_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{SNAPSHOT_DIR}{step:07d}.tmp-", dir=snapshot_dir)
     try:
@@ -216,6 +229,8 @@ def _resume(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank:
     training: a checkpoint of this run when the worker was restarted, or the newest snapshot
     of at most `steps` in `snapshot_dir` (an earlier, shorter run of the same ladder),
     whichever is further on; (1, nan) for a fresh start."""
+    import torch
+
     for ckpt in _resume_states():
         try:
             with ckpt.as_directory() as d:
@@ -239,6 +254,8 @@ def _resume(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank:
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: LoRA SFT on this rank's shard, then rank 0 reports the adapter."""
+    import torch
+
     import ray.train
     import ray.train.torch
     from transformers import AutoTokenizer
@@ -509,12 +526,16 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     )
     logger.info("fine-tuning %s on %d records (%d steps, batch %d x %d workers of %d CPUs); run %s/%s",
                 base_dir, len(records), cfg.steps, cfg.batch_size, cfg.num_workers, threads, storage, run_name)
+    from ..progress import Progress
+
+    progress = Progress(f"finetune {task}", cfg.steps, "steps")  # one line, when the run ends
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise FinetuneError(f"Ray Train run {run_name} failed: {training_error_summary(err)}") from err
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {run_name} finished without a checkpoint (see the worker logs)")
+    progress.update(cfg.steps)
     final_loss = float(result.metrics["final_loss"])
     logger.info("fine-tuning done: final loss %.4f, checkpoint %s", final_loss, result.checkpoint.path)
 
@@ -565,6 +586,8 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
 def _fisher_task(model_dir: str, records: list[dict], max_length: int, target_modules: list[str],
                  use_gpu: bool) -> dict[str, torch.Tensor]:
     """In a Ray task: `ewc.diagonal_fisher` of `model_dir`'s LoRA-targeted weights on `records`."""
+    import torch
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..core.ewc import diagonal_fisher, target_weight_names

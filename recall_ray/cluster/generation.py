@@ -5,6 +5,7 @@ actor at a time)."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -14,12 +15,15 @@ import torch
 from ..core.metrics import max_new_tokens
 from ..models import LoadedModelSlot, ResolvedModel
 from ..progress import Progress
+from .events import RestartNote, report_pool_restart
 from .pools import inference_pool, request_pool
 
 MAX_PROMPT_TOKENS = 1024  # a longer prompt loses its start (lm-eval's runs get the same max_length)
 
+log = logging.getLogger("recall_ray.evaluate")
 
-class EvalWorker:
+
+class EvalWorker(RestartNote):
     """Ray Data callable class: evaluation rows in, answers out, for several models.
 
     Each row names its model (an index into `models`) and its kind:
@@ -42,6 +46,7 @@ class EvalWorker:
                                     truncation_side="left")
         self.max_prompt_tokens = max_prompt_tokens
         self.normalization = normalization
+        self._remember_restart()
 
     def _generate(self, index: int, prompts: list[str], budgets: list[int]) -> list[str]:
         """Greedy continuations, each cut at its own budget: a batch that straddles two tasks
@@ -99,8 +104,10 @@ class EvalWorker:
                 else:
                     for i, lp in zip(sel, self._reference(index, prompts, [o[0] for o in options])):
                         logprobs[i] = json.dumps(lp)
+        restarted = np.full(n, "", dtype=object)
+        restarted[0] = self.restart_note()  # Ray restarted this actor: said on its first batch after it
         return {"model": batch["model"], "row": batch["row"], "kind": batch["kind"], "text": texts,
-                "logprobs": logprobs}
+                "logprobs": logprobs, "restarted": restarted}
 
 
 def _pad_id(tok) -> int:
@@ -159,6 +166,9 @@ def evaluate_rows(work: Sequence[tuple[ResolvedModel, Sequence[Any]]], batch_siz
     for r in ds.iter_rows():
         progress.update()
         mi, j, kind = int(r["model"]), int(r["row"]), str(r["kind"])
+        if r.get("restarted"):
+            report_pool_restart([], log, "evaluate", str(r["restarted"]), "evaluation actor",
+                                f"{models[mi].label}'s row {j} ({kind})")
         if (mi, j, kind) not in seen:
             seen.add((mi, j, kind))
             left[mi] -= 1

@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import ray
@@ -31,6 +32,7 @@ from ..safetensors_io import ST_TO_TORCH, StreamingShardWriter, TensorInfo
 from ..storage import discard, filesystem, is_uri, publish, put_file, refuse_existing_output, staging_location
 from ..procmem import peak_rss_mb, rss_anon_mb
 from ..progress import Progress
+from .events import actor_restarts, report, short
 from .faults import fault_point
 from .pools import merge_pool, request_pool
 
@@ -143,6 +145,7 @@ class MergeReport:
     shards: list[dict]
     seconds: float
     resumed: list[str] = field(default_factory=list)  # shards an earlier, interrupted run had finished
+    events: list[dict] = field(default_factory=list)  # resumed shards, actor restarts, shard retries (cluster.events)
 
     @property
     def peak_rss_mb(self) -> float:
@@ -157,6 +160,9 @@ class MergeReport:
 OUTPUT_ERRNOS = {errno.ENOSPC: "is full", errno.EDQUOT: "is over its quota", errno.EROFS: "is read-only",
                  errno.EACCES: "is not writable", errno.EPERM: "is not writable"}
 PLAN_FILE = "merge_plan.json"
+# A merge actor whose process or node dies is restarted up to MAX_RESTARTS times, and the
+# shard it was merging retried up to MAX_TASK_RETRIES times.
+MAX_RESTARTS = MAX_TASK_RETRIES = 3
 
 
 def output_error(err: BaseException) -> int | None:
@@ -200,7 +206,8 @@ def finished_shards(staging: str, plan: dict) -> dict[str, dict]:
 def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, TensorInfo], method: MergeMethod,
               output: str, overwrite: bool, num_actors: int | str = "auto", placement: str = "SPREAD",
               max_shard_bytes: int = 2 * 1024**3, side_dir: str | None = None, card: str | None = None,
-              extra_files: dict[str, str] | None = None, resume_key: str | None = None) -> MergeReport:
+              extra_files: dict[str, str] | None = None, resume_key: str | None = None,
+              before_publish: Callable[[str, MergeReport], None] | None = None) -> MergeReport:
     """Merge `models` (model 0: the base) by `method` into a Hugging Face directory `output`.
 
     The output is built in a staging directory on the same filesystem and moved into place
@@ -211,6 +218,10 @@ def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, 
       rerun: shards an interrupted run finished (the driver killed, say) are kept, and only
       the others are merged (`MergeReport.resumed`);
     - an output filesystem that is full or read-only: a clear error, the staging removed.
+    Each resumed shard, actor restart and shard retry is said on one line and listed in
+    `MergeReport.events`. `before_publish(staging, report)` is called with the complete
+    report just before the staging directory is moved into place (the manifest records it
+    there, so that a driver killed right after the move leaves a rerun nothing to redo).
     """
     if (method.num_groups, method.num_models) != (grouping.num_groups, len(models)):
         raise ValueError(f"merge method {method.label!r} has weights for {method.num_groups} groups x {method.num_models}"
@@ -234,9 +245,11 @@ def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, 
         _write_text(staging, PLAN_FILE, json.dumps(plan))
     else:
         staging, done = staging_location(output), {}
-    if done:
-        log.info("merge %s: %d of %d shards were finished by an earlier run; merging the rest", method.label,
-                 len(done), n_shards)
+    stage = f"merge {method.label}"
+    events: list[dict] = []
+    for f in sorted(done):
+        report(events, log, stage, "resumed_shard", f"shard {f} kept: an earlier, interrupted run of this merge"
+               f" finished it ({len(done)} of {n_shards} kept)", shard=f)
     pg = None
     results: list[dict] = list(done.values())
     try:
@@ -248,38 +261,48 @@ def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, 
         actors = []
         for i in range(n_actors if todo else 0):
             # restarted if its process or node dies; the shard it was merging is retried
-            opts = {"num_cpus": pool.num_cpus, "max_restarts": 3, "max_task_retries": 3}
+            opts = {"num_cpus": pool.num_cpus, "max_restarts": MAX_RESTARTS, "max_task_retries": MAX_TASK_RETRIES}
             if pg is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
             actors.append(ShardMergeActor.options(**opts).remote(models, pool.threads))
         method_ref = ray.put(method)  # the weights travel once, not once per shard
         meta = {"format": "pt", "merged_by": "recall-ray", "merge_method": method.label}
         pending = {}
-        progress = Progress(f"merge {method.label}", n_shards, "shards")
+        restarts = [0] * len(actors)  # each actor's restarts seen so far
+        retries: dict[str, int] = {}  # shard -> retries seen so far
+        nodes: list[str | None] = ray.get([a.node_id.remote() for a in actors])  # to name a node that is lost
+        progress = Progress(stage, n_shards, "shards")
         progress.update(len(done))
         queue = list(todo)
-        idle = list(actors)
+        idle = list(range(len(actors)))
         while queue or pending:
             while queue and idle:
                 filename, names = queue.pop(0)
                 sub_groups = {n: grouping.groups[n] for n in names}
-                actor = idle.pop(0)
-                pending[actor.merge_shard.remote(names, sub_groups, method_ref, staging, filename, meta)] = actor
+                i = idle.pop(0)
+                pending[actors[i].merge_shard.remote(names, sub_groups, method_ref, staging, filename, meta)] = i
             ready, _ = ray.wait(list(pending), num_returns=1)
             for d in ready:
-                actor = pending.pop(d)
+                i = pending.pop(d)
                 res = ray.get(d)
+                _note_restarts(events, stage, actors[i], i, len(actors), restarts, retries, nodes[i], res["file"])
+                nodes[i] = res["node_id"]
                 results.append(res)
                 if resume_key is not None:  # the shard is in place: a rerun may keep it
                     _write_text(staging, f"{res['file']}.done.json", json.dumps(res))
-                idle.append(actor)
+                idle.append(i)
                 log.info("merge: shard %s done (%d/%d, %.1f MB, %.1fs)", res["file"], len(results), n_shards,
                          res["bytes"] / 1e6, res["seconds"])
                 progress.update()
                 fault_point("merge-driver-after-shard")
         _write_side_files(staging, results, total, side_dir, card, extra_files or {})
         _delete_records(staging, plan)
+        outcome = MergeReport(output, sorted(results, key=lambda r: r["file"]), time.perf_counter() - t0,
+                             resumed=sorted(done), events=events)
+        if before_publish is not None:
+            before_publish(staging, outcome)
         publish(staging, output, overwrite)
+        fault_point("merge-after-publish")  # tests: a driver killed between the move and the manifest's record
     except BaseException as err:
         code = output_error(err)
         if code is not None or resume_key is None or len(results) == len(done):
@@ -294,8 +317,24 @@ def run_merge(models: list[ResolvedModel], grouping: Grouping, infos: dict[str, 
     finally:
         if pg is not None:
             remove_placement_group(pg)
-    return MergeReport(output, sorted(results, key=lambda r: r["file"]), time.perf_counter() - t0,
-                       resumed=sorted(done))
+    return outcome
+
+
+def _note_restarts(events: list[dict], stage: str, actor, index: int, n_actors: int, restarts: list[int],
+                   retries: dict[str, int], last_node: str | None, shard: str) -> None:
+    """After `actor` returned `shard`: if the GCS counts more restarts of it than seen so far,
+    it died while merging that shard (an actor holds one shard at a time), was restarted and
+    the shard retried. One event per restart."""
+    count, node = actor_restarts(actor._actor_id.hex())
+    while restarts[index] < count:
+        restarts[index] += 1
+        retries[shard] = retries.get(shard, 0) + 1
+        moved = f", was on node {short(last_node)}" if last_node and last_node != node else ""
+        report(events, log, stage, "actor_restart",
+               f"merge actor {index + 1} of {n_actors} restarted on node {short(node)}{moved} (restart"
+               f" {restarts[index]} of {MAX_RESTARTS}); shard {shard} retried ({MAX_TASK_RETRIES - retries[shard]}"
+               " retries left)", actor=index, node=node, previous_node=last_node, shard=shard,
+               restarts_left=MAX_RESTARTS - restarts[index], retries_left=MAX_TASK_RETRIES - retries[shard])
 
 
 def _write_text(location: str, name: str, text: str) -> None:

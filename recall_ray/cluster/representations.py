@@ -19,6 +19,7 @@ from ..models import LoadedModelSlot, ResolvedModel
 from ..reps_parquet import reps_table
 from ..storage import RunDir
 from ..validate import nonfinite_by_label, raise_if_nonfinite
+from .events import RestartNote, report_pool_restart
 from .faults import fault_point
 from .pools import inference_pool, request_pool
 
@@ -85,7 +86,7 @@ class RepresentationExtractor:
         return pa.concat_tables(tables)
 
 
-class RepresentationWriter(RepresentationExtractor):
+class RepresentationWriter(RepresentationExtractor, RestartNote):
     """The extractor that writes its own output: each batch's representations go straight
     from the actor to a Parquet file under `out` (per model: `out/model=<q>/`), named after
     the batch's first sample so that a retried batch rewrites the same file, written under a
@@ -99,21 +100,21 @@ class RepresentationWriter(RepresentationExtractor):
         kwargs.setdefault("read_weights", True)
         super().__init__(*args, **kwargs)
         self.out = out.rstrip("/")
+        self._remember_restart()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import json
 
         models = batch["model"].astype(np.int64) if self.many else np.zeros(len(batch["sample_idx"]), dtype=np.int64)
         out: dict[str, list] = {"model": [], "rows": [], "loaded": [], "bytes_read": [], "check_seconds": [],
-                                "weights_read": [], "nonfinite": []}
+                                "weights_read": [], "nonfinite": [], "part": []}
         for q in dict.fromkeys(int(m) for m in models):  # usually one model per batch
             sel = np.flatnonzero(models == q)
             self.slot.get(q)  # loads (or swaps in) model q: its weights read, and checked, here
             read = self.slot.take_read(q)
             bad = "" if read is None or read.finite else json.dumps(
                 {"weights": read.weights_nonfinite, "adapter": read.adapter_nonfinite})
-            if not bad:
-                self._write(q, batch, sel)
+            out["part"].append("" if bad else self._write(q, batch, sel))
             out["model"].append(q)
             out["rows"].append(len(sel))
             out["loaded"].append(read is not None)
@@ -126,9 +127,12 @@ class RepresentationWriter(RepresentationExtractor):
                 "bytes_read": np.array(out["bytes_read"], dtype=np.int64),
                 "check_seconds": np.array(out["check_seconds"], dtype=np.float64),
                 "weights_read": np.array(out["weights_read"], dtype=bool),
-                "nonfinite": np.array(out["nonfinite"], dtype=object)}
+                "nonfinite": np.array(out["nonfinite"], dtype=object),
+                "part": np.array(out["part"], dtype=object),
+                # Ray restarted this actor: said on its first batch after it
+                "restarted": np.array([self.restart_note()] + [""] * (len(out["model"]) - 1), dtype=object)}
 
-    def _write(self, q: int, batch: dict[str, np.ndarray], sel: np.ndarray) -> None:
+    def _write(self, q: int, batch: dict[str, np.ndarray], sel: np.ndarray) -> str:
         import uuid
 
         import pyarrow.parquet as pq
@@ -145,6 +149,7 @@ class RepresentationWriter(RepresentationExtractor):
         tmp = f"{path}/.{name}.{uuid.uuid4().hex[:8]}"
         pq.write_table(part, tmp, filesystem=fs)
         fs.move(tmp, f"{path}/{name}")
+        return f"{folder.rsplit('/', 1)[-1]}/{name}" if self.many else name
 
 
 @dataclass
@@ -157,6 +162,7 @@ class ExtractReport:
     check_seconds: float = 0.0
     checked: dict[int, dict] = field(default_factory=dict)  # model index -> {"weights": [...], "adapter": [...]}
     tested: set[str] = field(default_factory=set)  # weight sets tested: weights dirs and adapter dirs
+    events: list[dict] = field(default_factory=list)  # actors Ray restarted on the way (cluster.events)
 
 
 def extract(models: list[ResolvedModel], items: list[dict], run_dir: RunDir, rels: list[str], *, max_length: int,
@@ -176,7 +182,7 @@ def extract(models: list[ResolvedModel], items: list[dict], run_dir: RunDir, rel
     any model's weights are not finite, nothing is moved into place, the staging is removed
     once the pool has stopped, and a CheckpointError (validate.raise_if_nonfinite) names the model (a tensor
     of the full weights under `weights_owner[weights_dir]`, the full model that holds them,
-    when given)."""
+    when given). The report lists the events (cluster.events) of actors Ray restarted on the way."""
     import ray
 
     from ..progress import Progress
@@ -207,6 +213,9 @@ def extract(models: list[ResolvedModel], items: list[dict], run_dir: RunDir, rel
     # actor writing into the staging after it was removed
     for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
         progress.update(int(out["rows"].sum()))
+        for note, part in zip(out["restarted"], out["part"]):
+            if note:
+                report_pool_restart(report.events, log, stage, str(note), "representation actor", str(part))
         for q, loaded, nbytes, secs, read, found_json in zip(out["model"], out["loaded"], out["bytes_read"],
                                                              out["check_seconds"], out["weights_read"],
                                                              out["nonfinite"]):

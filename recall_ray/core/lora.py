@@ -12,11 +12,12 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import Any, Iterable, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .errors import CheckpointError
+
+if TYPE_CHECKING:  # the tensors come from the caller: the adapter checks need no torch
+    import torch
 
 PEFT_PREFIX = "base_model.model."
 META_FILE = "recall_ray.json"  # written beside an adapter recall-ray trained: its base's fingerprint
@@ -24,7 +25,7 @@ META_FILE = "recall_ray.json"  # written beside an adapter recall-ray trained: i
 
 def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, fan_in_fan_out: bool = False) -> torch.Tensor:
     """scale * (B @ A) in float32 (A: [r, in], B: [out, r]): what the adapter adds to W."""
-    delta = lora_b.to(torch.float32) @ lora_a.to(torch.float32)
+    delta = lora_b.float() @ lora_a.float()
     if fan_in_fan_out:  # GPT-2 style Conv1D stores W as [in, out]
         delta = delta.T
     return scale * delta
@@ -33,7 +34,7 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, fan_in_
 def fold_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
               fan_in_fan_out: bool = False) -> torch.Tensor:
     """W + scale * (B @ A), computed in float32 (A: [r, in], B: [out, r], W: [out, in])."""
-    return weight.to(torch.float32) + lora_delta(lora_a, lora_b, scale, fan_in_fan_out)
+    return weight.float() + lora_delta(lora_a, lora_b, scale, fan_in_fan_out)
 
 
 @dataclass(frozen=True)

@@ -44,22 +44,29 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
-import torch
 
 from .merge_rule import DeltaLoader, weighted_merge
 from .task_vectors import Loader, dare_seed, task_vector_merge
+
+if TYPE_CHECKING:  # the registry is read by the config's checks, which must not import torch
+    import torch
 
 __all__ = ["KINDS", "METHODS", "Kind", "MergeMethod", "NamedMethod", "MethodSettings", "build_method", "dare_seed",
            "uniform_weights", "layer_constant", "cocktail_weights", "task_vector_weights"]
 
 
+def _is_array(x: object) -> bool:
+    """A numpy array or a torch tensor (checked without importing torch)."""
+    return isinstance(x, np.ndarray) or type(x).__module__.split(".")[0] == "torch"
+
+
 def _weight_table(weights: object) -> tuple[tuple[float, ...], ...]:
     """`weights` (nested sequences or a 2-D array) as a [G][K] tuple of python floats, so
     that a MergeMethod hashes, compares and pickles as plain data."""
-    if isinstance(weights, (np.ndarray, torch.Tensor)):
+    if _is_array(weights):
         if weights.ndim != 2:
             raise ValueError(f"weights must be a 2-D [groups][models] table, got an array of shape "
                              f"{tuple(weights.shape)}; reshape it to (num_groups, num_models)")
@@ -69,7 +76,7 @@ def _weight_table(weights: object) -> tuple[tuple[float, ...], ...]:
                          f"got {weights!r}")
     rows: list[tuple[float, ...]] = []
     for g, row in enumerate(weights):
-        if isinstance(row, (np.ndarray, torch.Tensor)):
+        if _is_array(row):
             row = row.tolist()
         if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
             raise ValueError(f"weights must be a [groups][models] table, but row {g} is {row!r}, not a "
@@ -174,7 +181,7 @@ class MergeMethod:
 # ------------------------------------------------------------------ kinds (tensor rules)
 
 Rule = Callable[[MergeMethod, Loader, Sequence[float], str, "torch.dtype | None", "DeltaLoader | None"],
-                torch.Tensor]
+                "torch.Tensor"]
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ scales with the (small) fine-tuning deltas instead of with the weights themselve
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # What a `delta(q)` loader returns for a model whose tensor equals the reference's (a LoRA
 # adapter on the reference's own weights that does not touch this tensor): nothing to add.
@@ -25,6 +26,8 @@ def model_delta(q: int, load: Callable[[int], torch.Tensor], ref32: torch.Tensor
     """theta_q - theta_ref in float32 (a fresh tensor), None when it is exactly 0. A LoRA
     expert on the reference's weights gives its low-rank product directly (`delta`), so the
     reference is never read again for it and no folded copy is made."""
+    import torch
+
     d = delta(q) if delta is not None else None
     if d is UNCHANGED:
         return None
@@ -43,6 +46,8 @@ def weighted_merge(load: Callable[[int], torch.Tensor], weights: Sequence[float]
     loaded copy, whatever K is. The result has `out_dtype` (default: the reference's).
     `delta` (see DeltaLoader) gives some models' differences from the reference directly.
     """
+    import torch
+
     w = torch.tensor(list(weights), dtype=torch.float64)
     if w.ndim != 1 or len(w) == 0 or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"merge weights must be finite, non-negative and not all zero, got {list(weights)}")

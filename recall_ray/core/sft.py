@@ -6,9 +6,10 @@ step (recall_ray.cluster.finetune), EWC's Fisher and LM-Cocktail's loss all use 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF causal LMs) skip
 
@@ -68,6 +69,8 @@ def represented_batch(tokenizer: Any, prompts: Sequence[str], targets: Sequence[
 
 def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: padding gets attention 0 and label IGNORE_INDEX."""
+    import torch
+
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -83,6 +86,8 @@ def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> list[list[
     """Indices of each step's batch: successive seeded permutations of range(n), cut into
     batches of `batch_size` (so the data cycles when steps * batch_size > n). Pure and
     deterministic: the same (n, batch_size, steps, seed) always gives the same order."""
+    import torch
+
     if n <= 0 or batch_size <= 0 or steps < 0:
         raise ValueError(f"need n > 0, batch_size > 0, steps >= 0; got {n}, {batch_size}, {steps}")
     gen = torch.Generator().manual_seed(seed)
@@ -110,6 +115,8 @@ def tokenize_records(tokenizer: Any, records: Sequence[dict], max_length: int) -
 def target_loss(lm: torch.nn.Module, tokenizer, records: Sequence[dict], max_length: int, batch_size: int = 8) -> float:
     """Mean cross-entropy per answer token (target + EOS) of `records` ({prompt, target}),
     the prompt masked out, exactly the fine-tuning loss."""
+    import torch
+
     examples = tokenize_records(tokenizer, records, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     total, count = 0.0, 0

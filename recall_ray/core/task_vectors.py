@@ -9,13 +9,14 @@ Model 0 is the base: every delta is taken from it. Models are loaded one at a ti
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from .merge_rule import DeltaLoader, model_delta
 
-Loader = Callable[[int], torch.Tensor]
+Loader = Callable[[int], "torch.Tensor"]
 
 
 def dare_seed(seed: int, name: str, q: int) -> int:
@@ -34,6 +35,8 @@ def magnitude_sparsify(delta: torch.Tensor, density: float) -> torch.Tensor:
     values alone: the two passes of a consensus merge select the same entries, and a plain
     stable sort reproduces it. O(numel) (a k-th value selection, not a full sort).
     Returns a new tensor."""
+    import torch
+
     n = delta.numel()
     if density >= 1 or n == 0:
         return delta.clone()
@@ -56,6 +59,8 @@ def dare_sparsify(delta: torch.Tensor, density: float, seed: int) -> torch.Tenso
     delta; we follow the paper.) The mask is drawn on the CPU from a generator seeded with
     `seed` in float32, so it depends only on (seed, shape), not on device or dtype.
     Returns a new tensor."""
+    import torch
+
     if density >= 1:
         return delta.clone()
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -84,6 +89,8 @@ def task_vector_merge(load: Loader, weights: Sequence[float], name: str, *, spar
     contribute nothing (d_q = 0) and are not loaded; nor are those whose delta is exactly 0
     (`delta`, see merge_rule.DeltaLoader), which no sparsification or vote can change.
     """
+    import torch
+
     w = [float(x) for x in weights]
     base = load(0)
     dtype = out_dtype or base.dtype

@@ -55,6 +55,7 @@ def main(model_dirs: list[str], weights_file: str, output: str, mode: str, one_s
                            side_dir=model_dirs[0], max_shard_bytes=1 if one_shard_per_group else 2 * 1024**3)
         hashes = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(output).iterdir())}
         print(json.dumps({"nodes": sorted({s["node_id"] for s in report.shards}), "hashes": hashes,
+                          "events": report.events,
                           "num_nodes": len([n for n in ray.nodes() if n["Alive"]]), "removed": removed}))
     finally:
         ray.shutdown()
@@ -62,14 +63,15 @@ def main(model_dirs: list[str], weights_file: str, output: str, mode: str, one_s
             cluster.shutdown()
 
 
-def remove_paused_node(cluster, removed: list) -> None:
-    """Wait for a merge actor to reach the paused fault point, then remove its node."""
+def remove_paused_node(cluster, removed: list, pattern: str = "merge-shard-*.reached") -> None:
+    """Wait for an actor to reach the paused fault point (a merge actor's, or `pattern`),
+    then remove its node."""
     import psutil
 
     faults = Path(os.environ["RECALL_RAY_FAULTS"])
     deadline = time.time() + 300
     while time.time() < deadline:
-        reached = list(faults.glob("merge-shard-*.reached"))
+        reached = list(faults.glob(pattern))
         if reached:
             pid = int(reached[0].read_text())
             parents = {p.pid for p in psutil.Process(pid).parents()}

@@ -1,0 +1,82 @@
+"""What each job prints, run as a user runs it (its own process, its own local Ray, tiny
+models, a few steps): its progress lines and its result on the console, nothing of Ray's
+or its workers' (their records and output go to the job's log file), and its working files
+where its own arguments say. The merge job's console: tests/test_faults.py's driver test."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from conftest import DATA, REPO
+
+# Lines a job must not print: Ray's C++ logger, Ray's Python loggers, workers' forwarded
+# output, library warnings, INFO records.
+FOREIGN = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,.]+ [DIWEF] \d+ \d+\]|^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s"
+                     r"|\((\w+ )?pid=\d+|core_worker|Warning:|\bINFO\b")
+# What a job may print on stderr: its own warnings, nothing else.
+OWN_STDERR = re.compile(r"^\d\d:\d\d:\d\d (WARNING|ERROR) recall_ray\.")
+
+
+def foreign(out: str, err: str) -> list[str]:
+    return ([line for line in out.splitlines() if FOREIGN.search(line)]
+            + [line for line in err.splitlines() if line.strip() and not OWN_STDERR.match(line)])
+
+
+def run_job(job: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rr_job_", dir="/tmp"),
+           "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300"}  # a shared machine can take minutes to start it
+    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RECALL_RAY_FAULTS"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, str(REPO / "jobs" / f"{job}.py"), *args], capture_output=True, text=True,
+                          timeout=600, cwd=cwd, env=env)
+
+
+def test_finetune_job_console_and_working_files(tmp_path, tiny_dir):
+    out = tmp_path / "adapters" / "mine"
+    proc = run_job("finetune", "--base", str(tiny_dir), "--data", str(DATA / "sst2" / "train.jsonl"), "--template",
+                   "sst2", "--out", str(out), "--set", "finetune.steps=2", "--set", "finetune.batch_size=2",
+                   "--set", "finetune.max_samples=8", "--set", "finetune.max_length=48", "--set", "finetune.r=2",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert foreign(proc.stdout, proc.stderr) == [], proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("finetune sst2: 2/2 steps in ") and lines[1] == f"adapter written to {out}"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                     "recall_ray.json"]  # README.md: PEFT's card
+    work = Path(f"{out}.run")  # its working files beside --out, none under runs/ of the working directory
+    assert sorted(p.name for p in work.iterdir()) == ["job.log", "ray_train"]
+    assert not (tmp_path / "runs").exists()
+    assert "(RayTrainWorker pid=" in (work / "job.log").read_text()  # what the console did not show
+
+
+def test_evaluate_job_console(tmp_path, tiny_dir, tiny_experts):
+    out = tmp_path / "eval"
+    proc = run_job("evaluate", "--base", str(tiny_dir), "--model", f"e0={tiny_experts[0]}", "--tasks", "sst2",
+                   "--max-samples", "4", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert foreign(proc.stdout, proc.stderr) == [], proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith("evaluate (1 models): ") for line in lines) == 1 and len(lines) < 12, proc.stdout
+    log = (out / "job.log").read_text()
+    assert "core_worker.cc" in log and "has constructor arguments in the object store" in log  # Ray's line, here
+
+
+def test_train_adapters_job_console_and_working_files(tmp_path, tiny_dir):
+    cfg = {"base": str(tiny_dir), "out": str(tmp_path / "adapters"), "split": "train",
+           "finetune": {"steps": 1, "batch_size": 2, "max_samples": 4, "max_length": 48, "r": 2},
+           "tasks": {"sst2": {}}}
+    (tmp_path / "adapters.yaml").write_text(json.dumps(cfg))
+    proc = run_job("train_adapters", "--config", str(tmp_path / "adapters.yaml"), "--run-dir", str(tmp_path / "work"),
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert foreign(proc.stdout, proc.stderr) == [], proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("finetune sst2: 1/1 steps in ") and lines[1].startswith(
+        f"sst2: adapter in {tmp_path / 'adapters' / 'sst2'} ("), proc.stdout
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["job.log", "ray_train"]
