@@ -204,7 +204,9 @@ def test_cli_scores_a_model_and_writes_its_files(tmp_path, tiny_dir, ray_session
                        "--max-samples", "3", "--batch-size", "2", "--out", str(out)])
     captured = capsys.readouterr()
     assert status == 0, captured.err[-2000:]
-    assert {p.name for p in out.iterdir()} == {"scores.json", "scores.csv", "scores.md", "predictions.jsonl"}
+    # job.log: the job's records (cli.RunLogHandler), written into --out once the scores are
+    assert {p.name for p in out.iterdir()} == {"scores.json", "scores.csv", "scores.md", "predictions.jsonl", "job.log"}
+    assert "scores written to" in (out / "job.log").read_text()
     scores = pd.read_csv(out / "scores.csv")
     assert set(scores["task"]) == {"sst2", "medmcqa"} and (scores["n"] == 3).all()
     assert "sst2/accuracy" in captured.out
