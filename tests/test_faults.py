@@ -83,7 +83,7 @@ def test_representation_actor_killed_mid_stage_gives_identical_parquet(tmp_path,
              for i, r in enumerate(records)]
     reached = mark("reps-0-part-000000008.parquet")  # the second batch, before its part is written
     events = extract([model], items, RunDir(str(tmp_path / "killed")), ["reps/m"], max_length=48,
-                     exclude_first_token=False, dtype="float32", batch_size=8, num_actors=1)
+                     exclude_first_token=False, dtype="float32", batch_size=8, num_actors=1).events
     assert reached.exists()
     # the restart is said once (cluster.events); the batches it held were retried in some order
     assert [(e["kind"], e["restarts"], e["retries_left"]) for e in events] == [("actor_restart", 1, "unlimited")]

@@ -49,7 +49,7 @@ def main(model_dir: str, out: str) -> None:
         items = [{"sample_idx": i, "sample_id": r["sample_id"], "text": r["prompt"] + r["target"]}
                  for i, r in enumerate(records)]
         events = extract([model], items, RunDir(out), ["reps/m"], max_length=48, exclude_first_token=False,
-                         dtype="float32", batch_size=8, num_actors=1)
+                         dtype="float32", batch_size=8, num_actors=1).events
         hashes = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(out, "reps", "m").iterdir())}
         print(json.dumps({"hashes": hashes, "events": events, "removed": removed,
                           "num_nodes": len([n for n in ray.nodes() if n["Alive"]])}))
