@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import pytest
 
-from recall_ray.procmem import peak_rss_mb, status_mb
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 
