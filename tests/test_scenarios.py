@@ -132,7 +132,8 @@ def test_recall_variant_rows_are_recall_with_their_own_similarity(multi, tiny_di
         assert np.allclose(t, sum(r.weight * models[r.model][name] for r in rows_g.itertuples()), atol=1e-6), name
     for name, t in float64_state(run / "recall_l2" / "merged" / "recall_layer_constant").items():
         assert np.allclose(t, sum(const[m] * models[m][name] for m in models), atol=1e-6), name
-    assert set(result.scores.loc[result.scores["model"] == "recall_l2", "task"]) == {"sst2", "ag_news"}
+    # the scenario's tasks, and the general-ability set the fixture scores every model on
+    assert set(result.scores.loc[result.scores["model"] == "recall_l2", "task"]) == {"sst2", "ag_news", "piqa"}
     assert (Path(cfg.run_dir) / "plots" / "without_base_recall_l2_weights.png").exists()
 
 
