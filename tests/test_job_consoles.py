@@ -11,7 +11,10 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from conftest import DATA, REPO
 
@@ -28,21 +31,60 @@ def foreign(out: str, err: str) -> list[str]:
             + [line for line in err.splitlines() if line.strip() and not OWN_STDERR.match(line)])
 
 
-def run_job(job: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+def start_job(job: str, *args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rr_job_", dir="/tmp"),
            "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300"}  # a shared machine can take minutes to start it
     for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RECALL_RAY_FAULTS"):
         env.pop(var, None)
-    return subprocess.run([sys.executable, str(REPO / "jobs" / f"{job}.py"), *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd, env=env)
+    return subprocess.Popen([sys.executable, str(REPO / "jobs" / f"{job}.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
 
 
-def test_finetune_job_console_and_working_files(tmp_path, tiny_dir):
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory, tiny_dir, tiny_experts) -> dict[str, tuple[Path, Finished]]:
+    """The three jobs, started together and awaited together: each is its own process with
+    its own local Ray (what is tested), and most of a job's time is Ray's start-up, which
+    overlaps (this module took the sum of the three, about 2 minutes, before)."""
+    dirs = {name: tmp_path_factory.mktemp(f"job_{name}") for name in ("finetune", "evaluate", "train_adapters")}
+    ft = dirs["finetune"]
+    cfg = {"base": str(tiny_dir), "out": str(dirs["train_adapters"] / "adapters"), "split": "train",
+           "finetune": {"steps": 1, "batch_size": 2, "max_samples": 4, "max_length": 48, "r": 2},
+           "tasks": {"sst2": {}}}
+    (dirs["train_adapters"] / "adapters.yaml").write_text(json.dumps(cfg))
+    procs = {
+        "finetune": start_job(
+            "finetune", "--base", str(tiny_dir), "--data", str(DATA / "sst2" / "train.jsonl"), "--template", "sst2",
+            "--out", str(ft / "adapters" / "mine"), "--set", "finetune.steps=2", "--set", "finetune.batch_size=2",
+            "--set", "finetune.max_samples=8", "--set", "finetune.max_length=48", "--set", "finetune.r=2", cwd=ft),
+        "evaluate": start_job(
+            "evaluate", "--base", str(tiny_dir), "--model", f"e0={tiny_experts[0]}", "--tasks", "sst2",
+            "--max-samples", "4", "--out", str(dirs["evaluate"] / "eval"), cwd=dirs["evaluate"]),
+        "train_adapters": start_job(
+            "train_adapters", "--config", str(dirs["train_adapters"] / "adapters.yaml"), "--run-dir",
+            str(dirs["train_adapters"] / "work"), cwd=dirs["train_adapters"]),
+    }
+    done = {}
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=600)
+            done[name] = (dirs[name], Finished(proc.returncode, out, err))
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return done
+
+
+def test_finetune_job_console_and_working_files(jobs):
+    tmp_path, proc = jobs["finetune"]
     out = tmp_path / "adapters" / "mine"
-    proc = run_job("finetune", "--base", str(tiny_dir), "--data", str(DATA / "sst2" / "train.jsonl"), "--template",
-                   "sst2", "--out", str(out), "--set", "finetune.steps=2", "--set", "finetune.batch_size=2",
-                   "--set", "finetune.max_samples=8", "--set", "finetune.max_length=48", "--set", "finetune.r=2",
-                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert foreign(proc.stdout, proc.stderr) == [], proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
@@ -55,25 +97,22 @@ def test_finetune_job_console_and_working_files(tmp_path, tiny_dir):
     assert "(RayTrainWorker pid=" in (work / "job.log").read_text()  # what the console did not show
 
 
-def test_evaluate_job_console(tmp_path, tiny_dir, tiny_experts):
+def test_evaluate_job_console(jobs):
+    tmp_path, proc = jobs["evaluate"]
     out = tmp_path / "eval"
-    proc = run_job("evaluate", "--base", str(tiny_dir), "--model", f"e0={tiny_experts[0]}", "--tasks", "sst2",
-                   "--max-samples", "4", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert foreign(proc.stdout, proc.stderr) == [], proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert sum(line.startswith("evaluate (1 models): ") for line in lines) == 1 and len(lines) < 12, proc.stdout
+    # one progress line when done, and before it one every 30 s of a slow machine (none on an idle one)
+    progress = [line for line in lines if line.startswith("evaluate (1 models): ")]
+    assert progress and re.match(r"evaluate \(1 models\): (\d+)/\1 rows in ", progress[-1]), proc.stdout
+    assert all("ETA" in line for line in progress[:-1]) and len(lines) - len(progress) < 11, proc.stdout
     log = (out / "job.log").read_text()
     assert "core_worker.cc" in log and "has constructor arguments in the object store" in log  # Ray's line, here
 
 
-def test_train_adapters_job_console_and_working_files(tmp_path, tiny_dir):
-    cfg = {"base": str(tiny_dir), "out": str(tmp_path / "adapters"), "split": "train",
-           "finetune": {"steps": 1, "batch_size": 2, "max_samples": 4, "max_length": 48, "r": 2},
-           "tasks": {"sst2": {}}}
-    (tmp_path / "adapters.yaml").write_text(json.dumps(cfg))
-    proc = run_job("train_adapters", "--config", str(tmp_path / "adapters.yaml"), "--run-dir", str(tmp_path / "work"),
-                   cwd=tmp_path)
+def test_train_adapters_job_console_and_working_files(jobs):
+    tmp_path, proc = jobs["train_adapters"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert foreign(proc.stdout, proc.stderr) == [], proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
