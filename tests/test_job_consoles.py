@@ -1,5 +1,5 @@
-"""What each job prints, run as a user runs it (its own process, its own local Ray, tiny
-models, a few steps): its progress lines and its result on the console, nothing of Ray's
+"""What each job prints, run as a user runs it (its own process, its own local Ray or the
+cluster's, tiny models, a few steps): its progress lines and its result on the console, nothing of Ray's
 or its workers' (their records and output go to the job's log file), and its working files
 where its own arguments say. The merge job's console: tests/test_faults.py's driver test."""
 
@@ -31,11 +31,15 @@ def foreign(out: str, err: str) -> list[str]:
             + [line for line in err.splitlines() if line.strip() and not OWN_STDERR.match(line)])
 
 
-def start_job(job: str, *args: str, cwd: Path) -> subprocess.Popen:
+def start_job(job: str, *args: str, cwd: Path, join: str | None = None) -> subprocess.Popen:
+    """The job in its own process: with its own local Ray, or joining the cluster at `join`
+    (RAY_ADDRESS, as under `ray job submit`)."""
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rr_job_", dir="/tmp"),
            "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300"}  # a shared machine can take minutes to start it
     for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RECALL_RAY_FAULTS"):
         env.pop(var, None)
+    if join is not None:
+        env["RAY_ADDRESS"] = join
     return subprocess.Popen([sys.executable, str(REPO / "jobs" / f"{job}.py"), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
 
@@ -48,16 +52,34 @@ class Finished:
 
 
 @pytest.fixture(scope="module")
-def jobs(tmp_path_factory, tiny_dir, tiny_experts) -> dict[str, tuple[Path, Finished]]:
-    """The three jobs, started together and awaited together: each is its own process with
-    its own local Ray (what is tested), and most of a job's time is Ray's start-up, which
-    overlaps (this module took the sum of the three, about 2 minutes, before)."""
-    dirs = {name: tmp_path_factory.mktemp(f"job_{name}") for name in ("finetune", "evaluate", "train_adapters")}
+def jobs(tmp_path_factory, tiny_dir, tiny_experts, ray_session) -> dict[str, tuple[Path, Finished]]:
+    """The jobs, started together and awaited together, each in its own process. Three start
+    their own local Ray (what a laptop user sees); most of their time is Ray's start-up, which
+    overlaps (the module took the sum, about 2 minutes, before). The scenario and selection
+    jobs join the test session's Ray (what a cluster user sees): more local Rays starting at
+    once time out on 2 cores."""
+    join = ray_session.get_runtime_context().gcs_address
+    dirs = {name: tmp_path_factory.mktemp(f"job_{name}")
+            for name in ("finetune", "evaluate", "train_adapters", "scenario", "select_settings")}
     ft = dirs["finetune"]
     cfg = {"base": str(tiny_dir), "out": str(dirs["train_adapters"] / "adapters"), "split": "train",
            "finetune": {"steps": 1, "batch_size": 2, "max_samples": 4, "max_length": 48, "r": 2},
            "tasks": {"sst2": {}}}
     (dirs["train_adapters"] / "adapters.yaml").write_text(json.dumps(cfg))
+    # the single scenario (the expert with its base) of one expert, merged by the average, one test record
+    scenario = {"scenario": "single", "run_dir": str(dirs["scenario"] / "run"), "base": str(tiny_dir),
+                "data_dir": str(DATA), "tasks": ["sst2"], "experts": str(dirs["scenario"] / "experts"),
+                "methods": ["average"],
+                "evaluate": {"max_samples": 1, "batch_size": 4}}
+    (dirs["scenario"] / "experts").mkdir()
+    os.symlink(tiny_experts[0], dirs["scenario"] / "experts" / "sst2")
+    (dirs["scenario"] / "scenario.yaml").write_text(json.dumps(scenario))
+    # a selection of one parameter, one value of task arithmetic's lambda, on that scenario
+    selection = {"scenario": str(dirs["scenario"] / "scenario.yaml"), "run_dir": str(dirs["select_settings"] / "run"),
+                 "set": ["evaluate.max_samples=1"],
+                 "parameters": [{"name": "lam", "methods": ["task_arithmetic"],
+                                 "values": [{"baselines.lam": 0.5}]}]}
+    (dirs["select_settings"] / "selection.yaml").write_text(json.dumps(selection))
     procs = {
         "finetune": start_job(
             "finetune", "--base", str(tiny_dir), "--data", str(DATA / "sst2" / "train.jsonl"), "--template", "sst2",
@@ -69,9 +91,17 @@ def jobs(tmp_path_factory, tiny_dir, tiny_experts) -> dict[str, tuple[Path, Fini
         "train_adapters": start_job(
             "train_adapters", "--config", str(dirs["train_adapters"] / "adapters.yaml"), "--run-dir",
             str(dirs["train_adapters"] / "work"), cwd=dirs["train_adapters"]),
+        "scenario": start_job("scenario", "--config", str(dirs["scenario"] / "scenario.yaml"), cwd=dirs["scenario"],
+                              join=join),
     }
     done = {}
     try:
+        # the joined jobs one after the other: side by side on the session's 2 CPUs, Ray Data
+        # warns on the console that a pool cannot start ("Cluster resources are not enough")
+        procs["scenario"].wait(timeout=600)
+        procs["select_settings"] = start_job("select_settings", "--config",
+                                             str(dirs["select_settings"] / "selection.yaml"),
+                                             cwd=dirs["select_settings"], join=join)
         for name, proc in procs.items():
             out, err = proc.communicate(timeout=600)
             done[name] = (dirs[name], Finished(proc.returncode, out, err))
@@ -119,3 +149,24 @@ def test_train_adapters_job_console_and_working_files(jobs):
     assert len(lines) == 2 and lines[0].startswith("finetune sst2: 1/1 steps in ") and lines[1].startswith(
         f"sst2: adapter in {tmp_path / 'adapters' / 'sst2'} ("), proc.stdout
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["job.log", "ray_train"]
+
+
+def test_scenario_job_console(jobs):
+    tmp_path, proc = jobs["scenario"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert foreign(proc.stdout, proc.stderr) == [], proc.stdout + proc.stderr
+    assert re.search(r"^merge average: 1/1 shards in ", proc.stdout, re.M), proc.stdout
+    assert "=== single scenario: primary metric per task" in proc.stdout, proc.stdout
+    run = tmp_path / "run"
+    # Ray's "Connecting to existing Ray cluster" records are not on the console (`foreign`): they
+    # were, as warnings, before the join passed configure_logging=False
+    assert (run / "table.md").is_file() and not (tmp_path / "runs").exists()
+
+
+def test_select_settings_job_console(jobs):
+    tmp_path, proc = jobs["select_settings"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert foreign(proc.stdout, proc.stderr) == [], proc.stdout + proc.stderr
+    assert proc.stdout.count("merge task_arithmetic: 1/1 shards in ") == 1, proc.stdout  # the one candidate
+    assert "baselines.lam" in proc.stdout, proc.stdout  # the chosen setting, printed
+    assert (tmp_path / "run" / "selected.yaml").is_file() and not (tmp_path / "runs").exists()

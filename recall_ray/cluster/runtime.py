@@ -37,7 +37,10 @@ def connect_ray(ray_cfg: RayConfig) -> bool:
         return False
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        # configure_logging=False: Ray's own INFO records ("Connecting to existing Ray cluster
+        # ...") go through the job's logging like ours (the console shows warnings), not to
+        # the console through a handler of Ray's
+        ray.init(address=address, configure_logging=False)
         quiet_ray_data()
         worker_output_to_log()
         return False
