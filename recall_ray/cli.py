@@ -75,7 +75,7 @@ class RunLogHandler(logging.Handler):
             self.file.close()
             self.file = None
         elif self.path is not None and self.held:  # a URI run directory: one upload at the end
-            from .storage import filesystem
+            from .io.storage import filesystem
 
             fs, path = filesystem(self.path)
             with fs.open_output_stream(path) as f:

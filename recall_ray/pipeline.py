@@ -31,8 +31,8 @@ from .core.errors import CheckpointError
 from .core.templates import check_trainable, load_task_records
 from .core.typical import TooFewSamplesError, union_in_order
 from .manifest import Manifest, StageRun, recorded_stages, stable_hash, stage_complete
-from .models import ModelTensors, ResolvedModel, resolve_model, resolve_path
-from .storage import RunDir, check_writable, filesystem, output_exists, refuse_existing_output
+from .io.models import ModelTensors, ResolvedModel, resolve_model, resolve_path
+from .io.storage import RunDir, check_writable, filesystem, output_exists, refuse_existing_output
 from .validate import ModelMismatchError, ModelSet, check_models
 
 if TYPE_CHECKING:  # the checks (preflight) import none of these: a bad input is answered in a second
@@ -340,7 +340,7 @@ def _weights(run: Run, _: str | None) -> dict:
 
     from .core.similarity import layer_weights
     from .report import plot_png, weight_log_lines
-    from .reps_parquet import iter_layers
+    from .io.reps_parquet import iter_layers
 
     sc = run.cfg.similarity
     labels = _weigh_labels(run)

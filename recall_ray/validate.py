@@ -12,8 +12,8 @@ from pathlib import Path
 from .core.architectures import Architecture, Grouping, architecture_for, assign_groups
 from .core.errors import CheckpointError
 from .core.lora import base_check, check_adapter_fits
-from .models import ModelTensors, ResolvedModel, tokenizer_fingerprint
-from .safetensors_io import TensorInfo, content_fingerprint
+from .io.models import ModelTensors, ResolvedModel, tokenizer_fingerprint
+from .io.safetensors_io import TensorInfo, content_fingerprint
 
 # config.json keys that must agree for a tensor-by-tensor merge to make sense.
 SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",

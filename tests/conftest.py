@@ -187,7 +187,7 @@ def ones_fisher(model_dir: Path, path: Path, target_modules=("q_proj", "v_proj")
     from safetensors import safe_open
 
     from recall_ray.core.ewc import target_weight_names
-    from recall_ray.safetensors_io import save_fisher
+    from recall_ray.io.safetensors_io import save_fisher
 
     with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as f:
         names = target_weight_names(list(f.keys()), list(target_modules))

@@ -33,7 +33,7 @@ def mark(point: str, action: str = "exit") -> Path:
 
 @pytest.fixture
 def three(tiny_dir, tiny_experts):
-    from recall_ray.models import resolve_model
+    from recall_ray.io.models import resolve_model
     from recall_ray.validate import check_models
 
     models = [resolve_model(f"m{i}", str(d), str(tiny_dir)) for i, d in enumerate([tiny_dir, *tiny_experts])]
@@ -74,8 +74,8 @@ def test_representation_actor_killed_mid_stage_gives_identical_parquet(tmp_path,
     makes undisturbed (run here in this process, batch by batch)."""
     from recall_ray.cluster.representations import RepresentationWriter, extract
     from recall_ray.core.templates import load_task_records
-    from recall_ray.models import resolve_model
-    from recall_ray.storage import RunDir
+    from recall_ray.io.models import resolve_model
+    from recall_ray.io.storage import RunDir
 
     model = resolve_model("m", str(tiny_experts[0]), str(tiny_experts[0]))
     records = load_task_records(str(DATA / "sst2" / "train.jsonl"), "sst2", 24)
@@ -108,7 +108,7 @@ def test_full_output_filesystem_is_a_clear_error_and_leaves_nothing(tmp_path, th
 def test_unwritable_output_is_refused_before_any_work(tmp_path, tiny_dir, tiny_experts):
     from recall_ray.config import build_config
     from recall_ray.pipeline import preflight
-    from recall_ray.storage import NotWritableError
+    from recall_ray.io.storage import NotWritableError
 
     try:  # sysfs refuses new files, even for root; elsewhere the test has nothing to show
         fd, p = tempfile.mkstemp(dir="/sys")
@@ -132,7 +132,7 @@ def test_a_worker_node_lost_during_the_merge(tmp_path, tiny_dir, tiny_experts, r
     merge (here, on the test session's runtime)."""
     from recall_ray.cluster.merge import run_merge
     from recall_ray.core.merge_methods import MergeMethod
-    from recall_ray.models import resolve_model
+    from recall_ray.io.models import resolve_model
     from recall_ray.validate import check_models
 
     dirs = [tiny_dir, *tiny_experts]
@@ -185,7 +185,7 @@ def test_a_worker_node_lost_during_the_representations(tmp_path, tiny_experts, r
     out = json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
     assert out["removed"] == ["reps-0-part-000000008.parquet.reached"] and out["num_nodes"] == 2  # head + one
     assert [(e["kind"], e["restarts"]) for e in out["events"]] == [("actor_restart", 1)]
-    from recall_ray.models import resolve_model
+    from recall_ray.io.models import resolve_model
 
     model = resolve_model("m", str(tiny_experts[0]), str(tiny_experts[0]))
     records = load_task_records(str(DATA / "sst2" / "train.jsonl"), "sst2", 24)

@@ -29,7 +29,7 @@ def main(model_dirs: list[str], weights_file: str, output: str, mode: str, one_s
 
     from recall_ray.cluster.merge import run_merge
     from recall_ray.core.merge_methods import MergeMethod
-    from recall_ray.models import resolve_model
+    from recall_ray.io.models import resolve_model
     from recall_ray.validate import check_models
 
     tmp = tempfile.mkdtemp(prefix="rr_cluster_", dir="/tmp")

@@ -28,8 +28,8 @@ def main(model_dir: str, out: str) -> None:
     from recall_ray.cluster.representations import extract
     from recall_ray.cluster.runtime import quiet_ray_data
     from recall_ray.core.templates import load_task_records
-    from recall_ray.models import resolve_model
-    from recall_ray.storage import RunDir
+    from recall_ray.io.models import resolve_model
+    from recall_ray.io.storage import RunDir
     from two_node_merge import remove_paused_node
 
     repo = Path(__file__).resolve().parents[2]

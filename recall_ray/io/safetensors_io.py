@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
-from .core.errors import CheckpointError
+from ..core.errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Sequence
 
-from .core.errors import CheckpointError
-from .core.lora import META_FILE, Adapter, fold_lora, lora_delta, parse_adapter
+from ..core.errors import CheckpointError
+from ..core.lora import META_FILE, Adapter, fold_lora, lora_delta, parse_adapter
 from .safetensors_io import (
     LazyTensorReader,
     TensorInfo,
@@ -121,7 +121,7 @@ class ModelTensors:
         """What this adapter adds to its base's parameter `name`: the low-rank product
         scale * B @ A (a fresh float32 tensor), or merge_rule.UNCHANGED for a parameter it
         does not touch; the base is not read. For a full model, ValueError."""
-        from .core.merge_rule import UNCHANGED
+        from ..core.merge_rule import UNCHANGED
 
         if self.adapter is None:
             raise ValueError(f"{self.model.label} is a full model, not an adapter: it has no low-rank delta")
