@@ -68,6 +68,30 @@ def test_merge_actor_killed_mid_shard_is_restarted_and_retries_it(tmp_path, thre
                      " model-00002-of-00003.safetensors retried (2 retries left)"], lines
 
 
+def test_merge_actor_killed_mid_shard_with_the_output_on_a_bucket(tmp_path, three, ray_session, s3_store):
+    """Output on the test S3 server: the actor killed mid-shard leaves no partial object on
+    the bucket (a shard is written locally and uploaded whole), and the retried merge gives
+    the bytes of an undisturbed local one."""
+    import pyarrow.fs as pafs
+
+    from recall_ray.io.storage import filesystem
+
+    calm = tmp_path / "calm"
+    _merge(three, calm)
+    out = s3_store.uri(f"faults/{tmp_path.name}/merged")
+    reached = mark("merge-shard-model-00002-of-00003.safetensors")
+    killed = _merge(three, out)
+    assert reached.exists(), "the fault point was never reached"
+    assert [e["kind"] for e in killed.events] == ["actor_restart"]
+    fs, root = filesystem(s3_store.uri(f"faults/{tmp_path.name}"))
+    objects = {}
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as f:
+                objects[info.path[len(root) + 1:]] = hashlib.sha256(f.read()).hexdigest()
+    assert objects == {f"merged/{k}": v for k, v in hashes(calm).items()}  # nothing else: no partial, no staging
+
+
 def test_representation_actor_killed_mid_stage_gives_identical_parquet(tmp_path, tiny_experts, ray_session):
     """The stage's actor dies before writing its second batch's part; Ray Data restarts it
     and retries the batch, and the Parquet parts equal, byte for byte, those the same writer
