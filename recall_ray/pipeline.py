@@ -125,9 +125,8 @@ def preflight(cfg: RunConfig) -> Plan:
     if cfg.evaluate.tasks:
         from .evaluate import preflight as eval_preflight
 
-        if "://" in cfg.output_dir or "://" in cfg.run_dir:
-            raise PipelineError("evaluate.tasks loads the merged models on this machine: use a local run_dir and"
-                                " output, or leave evaluate.tasks empty")
+        # an output or run_dir on an object store is fine: the evaluation's actors read the
+        # merged models from there (io.models.load_causal_lm copies one to its node's cache)
         ev = cfg.evaluate
         eval_items = eval_preflight([base], ev.tasks, ev.data_dir, ev.split, ev.max_samples, ev.protocol, ev.templates)
     if new is None and "://" in cfg.run_dir:

@@ -277,16 +277,22 @@ def tiny_run(tmp_path_factory, tiny_dir, tiny_experts, ray_session):
     from recall_ray.pipeline import run_pipeline
 
     root = tmp_path_factory.mktemp("pipeline")
-    cfg = build_config({
-        "run_dir": str(root / "run"),
-        "base": {"name": "base", "path": str(tiny_dir)},
-        "experts": [{"name": "e0", "path": str(tiny_experts[0])}],
-        "new_model": {"name": "new", "path": str(tiny_experts[1])},
+    cfg = build_config(tiny_run_tree(str(root / "run"), str(tiny_dir), str(tiny_experts[0]), str(tiny_experts[1])))
+    result = run_pipeline(cfg)
+    return cfg, result
+
+
+def tiny_run_tree(run_dir: str, base: str, e0: str, new: str) -> dict:
+    """`tiny_run`'s config, its models and run directory given (paths or URIs): the
+    object-storage test runs the same job from a bucket."""
+    return {
+        "run_dir": run_dir,
+        "base": {"name": "base", "path": base},
+        "experts": [{"name": "e0", "path": e0}],
+        "new_model": {"name": "new", "path": new},
         "task": {"name": "sst2", "data": str(DATA / "sst2" / "train.jsonl"), "template": "sst2", "max_samples": 40},
         "typical": {"k": 4},
         "similarity": {"sigma": "median"},
         "representations": {"batch_size": 8},
         "evaluate": {"tasks": ["sst2", "ag_news"], "max_samples": 5, "data_dir": str(DATA), "batch_size": 4},
-    })
-    result = run_pipeline(cfg)
-    return cfg, result
+    }

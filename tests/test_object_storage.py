@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, REPO, S3_ENV
+from conftest import DATA, REPO, S3_ENV, tiny_run_tree
 from recall_ray.io.models import ModelTensors, resolve_model
 from recall_ray.io.safetensors_io import content_fingerprint, list_weight_files, model_fingerprint, tensor_infos
 
@@ -128,14 +128,14 @@ def _tensors(folder) -> dict[str, bytes]:
 def test_the_job_with_everything_on_the_bucket_gives_the_local_bytes(tmp_path, s3_store, tiny_run):
     """The whole job on the simulated three-node cluster, its inputs, run_dir and output on
     the S3 server: the merged tensors are byte-identical to the same job run from local
-    directories (the session's `tiny_run`: same models, data and settings); no secret in
-    its log."""
+    directories (the session's `tiny_run`: same models, data and settings), and so are the
+    evaluation's scores; no secret in its log."""
     import subprocess
     import sys
 
     local_cfg, _ = tiny_run
-    tree = _job_tree(s3_store, "job", ["models/e0"])
-    tree.update(similarity={"sigma": "median"}, representations={"batch_size": 8})
+    tree = {**tiny_run_tree(*(s3_store.uri(k) for k in ("runs/job", "models/base", "models/e0", "models/new"))),
+            "output": s3_store.uri("out/job")}
     (tmp_path / "job.yaml").write_text(json.dumps(tree))
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "cluster_job.py"), str(tmp_path / "job.yaml")],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
@@ -147,5 +147,11 @@ def test_the_job_with_everything_on_the_bucket_gives_the_local_bytes(tmp_path, s
     assert [n for n in local if remote[n] != local[n]] == []
     from recall_ray.io.storage import RemotePath
 
+    # the evaluation stage too (the new model, the average baseline and the merge, read from
+    # the bucket): the same scores
+    assert RemotePath(f"{tree['run_dir']}/eval/scores.csv").read_text() == \
+        (Path(local_cfg.run_dir) / "eval" / "scores.csv").read_text()
     log = RemotePath(f"{tree['run_dir']}/job.log").read_text()
     assert "merge" in log and S3_ENV["AWS_SECRET_ACCESS_KEY"] not in log + proc.stderr + proc.stdout
+    # what was copied to a local cache for transformers is said, with the size
+    assert re.search(r"copying \d+ file\(s\) of s3://recall-ray-test/models/base \([\d.]+ MB\) to the local cache", log)
