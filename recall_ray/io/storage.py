@@ -30,6 +30,10 @@ from urllib.parse import parse_qs, urlsplit
 import pyarrow.fs as pafs
 
 log = logging.getLogger("recall_ray.storage")
+# a copy to the local cache is said wherever it happens: in a Ray worker the root logger is at
+# WARNING, and its handler forwards the line to the job's log (cluster.runtime.worker_output_to_log)
+if log.level == logging.NOTSET:
+    log.setLevel(logging.INFO)
 
 # URI query keys that would put a secret in a config file (pyarrow's S3 and GCS options)
 _SECRET_KEYS = {"access_key", "secret_key", "session_token", "access_token", "credentials"}
@@ -54,6 +58,10 @@ def check_uri(uri: str) -> None:
                            " AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, a role) in the environment")
 
 
+# object stores whose pyarrow path is bucket/key (their filesystem object is kept per bucket)
+BUCKET_SCHEMES = ("s3", "gs", "gcs")
+
+
 @functools.lru_cache(maxsize=32)
 def _filesystem_of(root: str) -> pafs.FileSystem:
     """One filesystem object per scheme://bucket (an S3 client is slow to make: it resolves
@@ -69,8 +77,10 @@ def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         if parts.scheme == "file":
             return pafs.FileSystem.from_uri(path)
         check_uri(path)
-        fs = _filesystem_of(f"{parts.scheme}://{parts.netloc}" + (f"?{parts.query}" if parts.query else ""))
-        return fs, f"{parts.netloc}{parts.path}".rstrip("/")
+        if parts.scheme in BUCKET_SCHEMES:  # the path inside is bucket/key
+            fs = _filesystem_of(f"{parts.scheme}://{parts.netloc}" + (f"?{parts.query}" if parts.query else ""))
+            return fs, f"{parts.netloc}{parts.path}".rstrip("/")
+        return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), str(Path(path).resolve())
 
 
@@ -303,12 +313,16 @@ class RemotePath:
     def read_text(self) -> str:
         return self.read_bytes().decode()
 
+    def _entries(self) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(pafs.FileSelector(self.key, allow_not_found=True))
+
     def iterdir(self) -> list[RemotePath]:
-        infos = self.fs.get_file_info(pafs.FileSelector(self.key, allow_not_found=True))
-        return [self / posixpath.basename(i.path) for i in infos]
+        return [self / posixpath.basename(i.path) for i in self._entries()]
 
     def glob(self, pattern: str) -> list[RemotePath]:
-        return [p for p in self.iterdir() if fnmatch.fnmatchcase(p.name, pattern) and p.is_file()]
+        """The files of this folder whose names match (one listing request)."""
+        return [self / posixpath.basename(i.path) for i in self._entries()
+                if i.type == pafs.FileType.File and fnmatch.fnmatchcase(posixpath.basename(i.path), pattern)]
 
     def open(self, mode: str = "rb", buffering: int = -1):
         if mode != "rb":
