@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from .core.architectures import Architecture, Grouping, architecture_for, assign_groups
 from .core.errors import CheckpointError
