@@ -20,7 +20,7 @@ def setup(model: str):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from recall_ray.cli import setup_logging
-    from recall_ray.models import resolve_model, resolve_path
+    from recall_ray.io.models import resolve_model, resolve_path
 
     setup_logging(False)
     model_dir = resolve_path(model)

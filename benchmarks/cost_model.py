@@ -7,7 +7,7 @@ What is measured here (benchmarks/results/scale/, SmolLM2-135M experts, a simula
 cluster on 2 cores), each as the marginal cost of one more expert (the slope of the fit, so
 start-up costs drop out), except where said:
   - the merge's read-accumulate rate, bytes of input per CPU-second (full experts);
-  - the NaN/Inf test's rate, bytes per CPU-second: recall_ray.models.has_nonfinite on one
+  - the NaN/Inf test's rate, bytes per CPU-second: recall_ray.io.models.has_nonfinite on one
     thread over 256 MB of bf16, the best of 5 (`check_rate`, run here: the scale runs' summed
     test seconds were taken on a busy machine, some with the slower torch.isfinite, and are
     reported beside it);
@@ -79,13 +79,13 @@ def _slope(runs: dict, kind: str, what) -> float:
 
 
 def check_bytes_per_cpu_s(nbytes: int = 256 * 1024**2, repeats: int = 5) -> float:
-    """The NaN/Inf test's rate on one thread (recall_ray.models.has_nonfinite over bf16), the
+    """The NaN/Inf test's rate on one thread (recall_ray.io.models.has_nonfinite over bf16), the
     best of `repeats`: the least disturbed by other work on the machine."""
     import time
 
     import torch
 
-    from recall_ray.models import has_nonfinite
+    from recall_ray.io.models import has_nonfinite
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

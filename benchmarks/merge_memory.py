@@ -67,7 +67,7 @@ def main() -> int:
 
     from recall_ray.cluster.merge import run_merge
     from recall_ray.core.merge_methods import MergeMethod
-    from recall_ray.models import resolve_model
+    from recall_ray.io.models import resolve_model
     from recall_ray.validate import check_models
 
     ray.init(address="local", num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False,

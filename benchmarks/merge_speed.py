@@ -51,7 +51,7 @@ from recall_ray.cluster.runtime import ray_runtime
 from recall_ray.config import RayConfig
 from recall_ray.core.merge_methods import MergeMethod
 from recall_ray.mergekit_export import mergekit_file
-from recall_ray.models import resolve_model
+from recall_ray.io.models import resolve_model
 from recall_ray.validate import check_models
 dirs = json.loads(sys.argv[2]); out = sys.argv[3]; w = np.load(sys.argv[4])
 with ray_runtime(RayConfig(object_store_memory=256 * 1024**2)):

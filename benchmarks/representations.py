@@ -51,7 +51,7 @@ def bare_loop(model_dir: str, texts: list[str], batch: int, threads: int) -> flo
 def ours(model, items: list[dict], batch: int, out: Path) -> tuple[float, float]:
     """(total seconds, steady-state seconds) of the stage on `items`."""
     from recall_ray.cluster.representations import extract
-    from recall_ray.storage import RunDir
+    from recall_ray.io.storage import RunDir
 
     with progress_marks() as marks:
         t0 = time.perf_counter()

@@ -13,7 +13,7 @@ driver's peak RSS, the tensor bytes each stage read, where the merge ran. The re
 stages' and the merge's bytes are measured by their readers (the manifest's records); the
 NaN/Inf check reads nothing of its own (its tests run inside the representation loads, and
 `finite_check` is their summed seconds); preflight's fingerprints read two samples of at most
-4 KiB per tensor (recall_ray.safetensors_io.files_fingerprint), counted from the headers. The
+4 KiB per tensor (recall_ray.io.safetensors_io.files_fingerprint), counted from the headers. The
 total is also given as a multiple of the inputs' tensor bytes (the base and every expert
 once); safetensors headers, read by every process that opens a model, are left out. --report
 fits each stage's seconds to a + b * N (the per-expert marginal cost b) and writes scale.md,
@@ -54,7 +54,7 @@ def base_bf16() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from recall_ray.models import resolve_path
+    from recall_ray.io.models import resolve_path
 
     out = MODELS / "base-bf16"
     if (out / "model.safetensors").is_file():
@@ -217,7 +217,7 @@ def _tokens(model_dir: Path, task_texts: list[str], typical_texts: list[str], ma
 
 def _tensor_bytes(model_dir: Path) -> int:
     """The tensor data of a model's (or an adapter's) safetensors files."""
-    from recall_ray.safetensors_io import tensor_infos
+    from recall_ray.io.safetensors_io import tensor_infos
 
     return sum(i.nbytes for i in tensor_infos(sorted(Path(model_dir).glob("*.safetensors"))).values())
 
@@ -228,7 +228,7 @@ def _preflight_bytes(kind: str, base: Path, experts: list[Path]) -> int:
     fingerprint (core.lora's base check, once per base) reads each tensor's first row."""
     if kind == "full":
         return sum(_fingerprint_bytes(d) for d in [base, *experts])
-    from recall_ray.safetensors_io import tensor_infos
+    from recall_ray.io.safetensors_io import tensor_infos
 
     first_rows = sum(i.nbytes // i.shape[0] if i.shape and i.shape[0] else i.nbytes
                      for i in tensor_infos(sorted(base.glob("*.safetensors"))).values())
@@ -238,7 +238,7 @@ def _preflight_bytes(kind: str, base: Path, experts: list[Path]) -> int:
 def _fingerprint_bytes(model_dir: Path) -> int:
     """What preflight's fingerprint of a model reads of its tensor data: the first and the
     last FINGERPRINT_SAMPLE_BYTES of each tensor, once for a tensor that small."""
-    from recall_ray.safetensors_io import FINGERPRINT_SAMPLE_BYTES, tensor_infos
+    from recall_ray.io.safetensors_io import FINGERPRINT_SAMPLE_BYTES, tensor_infos
 
     infos = tensor_infos(sorted(Path(model_dir).glob("*.safetensors"))).values()
     return sum(min(FINGERPRINT_SAMPLE_BYTES, i.nbytes) * (2 if i.nbytes > FINGERPRINT_SAMPLE_BYTES else 1)
@@ -252,7 +252,7 @@ def swap_seconds(base: Path, adapters: list[Path]) -> float:
 
     import torch
 
-    from recall_ray.models import LoadedModelSlot, resolve_model
+    from recall_ray.io.models import LoadedModelSlot, resolve_model
 
     models = [resolve_model(f"a{i}", str(a), str(base)) for i, a in enumerate(adapters)]
     slot = LoadedModelSlot(models, torch.float32, "cpu", padding_side="right")

@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         from recall_ray.config import ConfigError, FinetuneConfig, RayConfig, load_tree
         from recall_ray.core.budget import Rung, choose_rung, paired_counts_of
         from recall_ray.evaluate import evaluate_models, preflight, write_result
-        from recall_ray.models import resolve_model, resolve_path
-        from recall_ray.splits import load_split
+        from recall_ray.io.models import resolve_model, resolve_path
+        from recall_ray.io.splits import load_split
         from recall_ray.studies.common import eval_hits, read_predictions
 
         stem = Path(args.config).stem

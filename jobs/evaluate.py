@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_models(specs: list[str], base: str) -> list:
-    from recall_ray.models import resolve_model, resolve_path
+    from recall_ray.io.models import resolve_model, resolve_path
 
     base_path = resolve_path(base)
     models = []

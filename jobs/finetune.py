@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         from recall_ray.cluster.finetune import finetune_lora, validate_inputs
         from recall_ray.config import RayConfig
         from recall_ray.core.templates import check_trainable, load_task_records
-        from recall_ray.models import resolve_path
+        from recall_ray.io.models import resolve_path
 
         check_trainable(args.template)  # the general-ability sets are never trained on
         cfg = build_finetune_config(args.overrides)

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     def run():
         from recall_ray.studies.registry import STUDIES, run_study
         from recall_ray.studies.selection import load_selection, write_selection
-        from recall_ray.storage import RunDir
+        from recall_ray.io.storage import RunDir
 
         cfg = load_selection(args.config)
         table, chosen = run_study(cfg)

@@ -5,7 +5,7 @@
 
 Each adapter is trained on the config's base through the same Ray Train step as
 `jobs/finetune.py` (recall_ray.finetune.finetune_lora), seeded, on the config's split of
-`data/<task>/` (`train` holds out the validation tail, see recall_ray/splits.py), and
+`data/<task>/` (`train` holds out the validation tail, see recall_ray/io/splits.py), and
 written to <out>/<task>/ (a few MB, committed), so that merges and tables can be
 regenerated without training. Existing adapters are kept unless --force.
 
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from recall_ray.cluster.finetune import finetune_lora
         from recall_ray.config import ConfigError, FinetuneConfig, RayConfig, load_tree
-        from recall_ray.models import resolve_path
-        from recall_ray.splits import load_split
+        from recall_ray.io.models import resolve_path
+        from recall_ray.io.splits import load_split
 
         spec = load_tree(args.config, (), "adapters config")
         unknown = set(spec) - {"base", "out", "split", "finetune", "tasks"}

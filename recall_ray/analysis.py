@@ -23,7 +23,7 @@ from .core.analysis import (  # noqa: F401  (the numbers, re-exported for notebo
     sign_test,
     weight_summary,
 )
-from .reps_parquet import layer_column, read_layer
+from .io.reps_parquet import layer_column, read_layer
 
 
 def adjacent_table(run_dir: str | Path) -> pd.DataFrame:

@@ -64,6 +64,13 @@ class RunLogHandler(logging.Handler):
                 self.file = open(self.path, "a", encoding="utf-8")
                 self.file.writelines(self.held)
                 self.held = []
+            else:
+                # uploaded when the process ends: registered now, after pyarrow's own exit hook
+                # that shuts its S3 client down, so that it runs first (atexit runs in reverse);
+                # logging's shutdown, which would close this handler, runs after both
+                import atexit
+
+                atexit.register(self.upload)
         if self.file is not None:
             self.file.write(line)
             self.file.flush()
@@ -74,14 +81,19 @@ class RunLogHandler(logging.Handler):
         if self.file is not None:
             self.file.close()
             self.file = None
-        elif self.path is not None and self.held:  # a URI run directory: one upload at the end
-            from .storage import filesystem
+        else:
+            self.upload()
+        super().close()
+
+    def upload(self) -> None:
+        """A URI run directory's log: one upload of every record, when the job ends."""
+        if self.path is not None and "://" in self.path and self.held:
+            from .io.storage import filesystem
 
             fs, path = filesystem(self.path)
             with fs.open_output_stream(path) as f:
                 f.write("".join(self.held).encode())
             self.held = []
-        super().close()
 
 
 def setup_logging(verbose: bool) -> None:

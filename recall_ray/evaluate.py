@@ -24,10 +24,10 @@ import pandas as pd
 from .core.metrics import (TASK_METRICS, MetricError, extract_answer, max_new_tokens, option_picks, option_scores,
                            primary_metric, references, score_task)
 from .core.templates import TEMPLATES, continuations, get_template, template_name
-from .models import ResolvedModel, load_tokenizer
+from .io.models import ResolvedModel, load_tokenizer
 from .report import markdown_table
-from .splits import load_split_with_raw
-from .storage import staged
+from .io.splits import load_split_with_raw
+from .io.storage import staged
 
 log = logging.getLogger("recall_ray.evaluate")
 

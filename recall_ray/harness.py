@@ -261,7 +261,7 @@ def plan(tasks: Sequence[str], data_dir: str | Path, split: str, max_samples: in
 
     from .core.templates import template_name
     from .evaluate import build_items, check_tasks, preflight
-    from .splits import load_split_with_raw
+    from .io.splits import load_split_with_raw
 
     require_lm_eval()
     if not tasks and not user_tasks:
@@ -340,7 +340,7 @@ def write_result(result: HarnessResult, out_dir: str | Path, plan_: HarnessPlan,
     """`result_files` and the task configs (lm_eval_tasks/: the YAML and JSONL records, with
     data paths into that folder, to rerun with `lm_eval --include_path`), moved into place
     only when complete."""
-    from .storage import staged
+    from .io.storage import staged
 
     final = Path(out_dir).resolve() / "lm_eval_tasks"
     with staged(str(out_dir), overwrite=True) as tmp:

@@ -14,7 +14,7 @@ from importlib import metadata
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .storage import RunDir, filesystem
+from .io.storage import RunDir, filesystem
 
 log = logging.getLogger("recall_ray.manifest")
 

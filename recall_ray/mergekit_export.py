@@ -47,7 +47,7 @@ import yaml
 
 from .core.architectures import Architecture, Grouping
 from .core.merge_methods import KINDS, MergeMethod
-from .models import ResolvedModel
+from .io.models import ResolvedModel
 
 MERGEKIT_VERSION = "0.1.5"
 

@@ -31,8 +31,8 @@ from .core.errors import CheckpointError
 from .core.templates import check_trainable, load_task_records
 from .core.typical import TooFewSamplesError, union_in_order
 from .manifest import Manifest, StageRun, recorded_stages, stable_hash, stage_complete
-from .models import ModelTensors, ResolvedModel, resolve_model, resolve_path
-from .storage import RunDir, check_writable, filesystem, output_exists, refuse_existing_output
+from .io.models import ModelTensors, ResolvedModel, resolve_model, resolve_path
+from .io.storage import RunDir, check_writable, filesystem, output_exists, refuse_existing_output
 from .validate import ModelMismatchError, ModelSet, check_models
 
 if TYPE_CHECKING:  # the checks (preflight) import none of these: a bad input is answered in a second
@@ -125,9 +125,8 @@ def preflight(cfg: RunConfig) -> Plan:
     if cfg.evaluate.tasks:
         from .evaluate import preflight as eval_preflight
 
-        if "://" in cfg.output_dir or "://" in cfg.run_dir:
-            raise PipelineError("evaluate.tasks loads the merged models on this machine: use a local run_dir and"
-                                " output, or leave evaluate.tasks empty")
+        # an output or run_dir on an object store is fine: the evaluation's actors read the
+        # merged models from there (io.models.load_causal_lm copies one to its node's cache)
         ev = cfg.evaluate
         eval_items = eval_preflight([base], ev.tasks, ev.data_dir, ev.split, ev.max_samples, ev.protocol, ev.templates)
     if new is None and "://" in cfg.run_dir:
@@ -340,7 +339,7 @@ def _weights(run: Run, _: str | None) -> dict:
 
     from .core.similarity import layer_weights
     from .report import plot_png, weight_log_lines
-    from .reps_parquet import iter_layers
+    from .io.reps_parquet import iter_layers
 
     sc = run.cfg.similarity
     labels = _weigh_labels(run)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from .core.architectures import Architecture, Grouping, architecture_for, assign_groups
 from .core.errors import CheckpointError
 from .core.lora import base_check, check_adapter_fits
-from .models import ModelTensors, ResolvedModel, tokenizer_fingerprint
-from .safetensors_io import TensorInfo, content_fingerprint
+from .io.models import ModelTensors, ResolvedModel, tokenizer_fingerprint
+from .io.safetensors_io import TensorInfo, content_fingerprint
+from .io.storage import model_path
 
 # config.json keys that must agree for a tensor-by-tensor merge to make sense.
 SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
@@ -89,7 +89,7 @@ def base_names(model_dir: str) -> list[str]:
     """The names a base model goes by: its directory, and the `_name_or_path` its
     config.json records (the hub name it was saved from), when there is one."""
     names = [model_dir]
-    cfg = Path(model_dir) / "config.json"
+    cfg = model_path(model_dir) / "config.json"
     if cfg.is_file():
         recorded = json.loads(cfg.read_text()).get("_name_or_path")
         if recorded:

@@ -27,6 +27,26 @@ FAULTS = Path(tempfile.mkdtemp(prefix="rr_faults_"))
 os.environ["RECALL_RAY_FAULTS"] = str(FAULTS)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The test S3 server (`s3_store`): its address and made-up credentials are set before the
+# session's Ray starts, so that its workers (and every subprocess) reach it too, and so that
+# no test can reach a real object store with a developer's credentials.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "recall-ray-test", "AWS_SECRET_ACCESS_KEY": "recall-ray-test-secret",
+          "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",
+          "AWS_EC2_METADATA_DISABLED": "true"}  # never ask an instance-metadata service
+for _k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+    os.environ.pop(_k, None)
+os.environ.update(S3_ENV)
+
+
 def make_tokenizer(out_dir: Path, vocab_size: int = 300) -> None:
     """A small byte-level BPE tokenizer trained offline on the shipped SST-2 text."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
@@ -167,6 +187,45 @@ def ray_session():
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+class S3Store:
+    """The test S3 server: its bucket and `uri(key)` -> s3://bucket/key."""
+
+    def __init__(self, bucket: str, endpoint: str):
+        self.bucket, self.endpoint = bucket, endpoint
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def put_dir(self, local: Path, key: str) -> str:
+        """Upload a local directory's files under `key`; returns its URI."""
+        import pyarrow.fs as pafs
+
+        s3, _ = pafs.FileSystem.from_uri(self.uri(key))
+        pafs.copy_files(str(local), f"{self.bucket}/{key}", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=s3)
+        return self.uri(key)
+
+
+@pytest.fixture(scope="session")
+def s3_store(tiny_dir, tiny_experts):
+    """An S3-compatible server at S3_ENV's endpoint (moto's server mode, a thread of this
+    process; no network beyond localhost) with one bucket holding the tiny models under
+    models/base, models/e0 and models/new."""
+    from urllib.parse import urlsplit
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=urlsplit(S3_ENV["AWS_ENDPOINT_URL"]).port, verbose=False)
+    server.start()
+    store = S3Store("recall-ray-test", S3_ENV["AWS_ENDPOINT_URL"])
+    boto3.client("s3").create_bucket(Bucket=store.bucket)
+    for key, local in {"models/base": tiny_dir, "models/e0": tiny_experts[0], "models/new": tiny_experts[1]}.items():
+        store.put_dir(local, key)
+    yield store
+    server.stop()
+
+
 def small_finetune_cfg(**kw):
     """The tests' short LoRA fine-tune: 3 steps of 4 records, r 4, alpha 8, lr 1e-2."""
     from recall_ray.config import FinetuneConfig
@@ -187,7 +246,7 @@ def ones_fisher(model_dir: Path, path: Path, target_modules=("q_proj", "v_proj")
     from safetensors import safe_open
 
     from recall_ray.core.ewc import target_weight_names
-    from recall_ray.safetensors_io import save_fisher
+    from recall_ray.io.safetensors_io import save_fisher
 
     with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as f:
         names = target_weight_names(list(f.keys()), list(target_modules))
@@ -218,16 +277,22 @@ def tiny_run(tmp_path_factory, tiny_dir, tiny_experts, ray_session):
     from recall_ray.pipeline import run_pipeline
 
     root = tmp_path_factory.mktemp("pipeline")
-    cfg = build_config({
-        "run_dir": str(root / "run"),
-        "base": {"name": "base", "path": str(tiny_dir)},
-        "experts": [{"name": "e0", "path": str(tiny_experts[0])}],
-        "new_model": {"name": "new", "path": str(tiny_experts[1])},
+    cfg = build_config(tiny_run_tree(str(root / "run"), str(tiny_dir), str(tiny_experts[0]), str(tiny_experts[1])))
+    result = run_pipeline(cfg)
+    return cfg, result
+
+
+def tiny_run_tree(run_dir: str, base: str, e0: str, new: str) -> dict:
+    """`tiny_run`'s config, its models and run directory given (paths or URIs): the
+    object-storage test runs the same job from a bucket."""
+    return {
+        "run_dir": run_dir,
+        "base": {"name": "base", "path": base},
+        "experts": [{"name": "e0", "path": e0}],
+        "new_model": {"name": "new", "path": new},
         "task": {"name": "sst2", "data": str(DATA / "sst2" / "train.jsonl"), "template": "sst2", "max_samples": 40},
         "typical": {"k": 4},
         "similarity": {"sigma": "median"},
         "representations": {"batch_size": 8},
         "evaluate": {"tasks": ["sst2", "ag_news"], "max_samples": 5, "data_dir": str(DATA), "batch_size": 4},
-    })
-    result = run_pipeline(cfg)
-    return cfg, result
+    }

@@ -216,7 +216,7 @@ def test_adapter_trained_on_another_base(two):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from recall_ray.safetensors_io import content_fingerprint
+    from recall_ray.io.safetensors_io import content_fingerprint
 
     tmp, base, experts = two
     lm = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj"]))

@@ -330,8 +330,8 @@ def test_example_config_files_exist_in_repo(example_tree):
 
 
 def test_example_config_models_on_shared_volume(example_tree):
-    """Models are read from local paths (recall_ray/models.py), so on a cluster they must be on
-    the volume that cluster.yaml and the RayJob mount on every node."""
+    """The example fine-tunes, which needs a run_dir on the shared volume, so its models are
+    there too: on the volume that cluster.yaml and the RayJob mount on every node."""
     from recall_ray.config import build_config
 
     cfg = build_config(copy.deepcopy(example_tree))

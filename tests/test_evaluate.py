@@ -24,7 +24,7 @@ from recall_ray.evaluate import (
     template_texts,
     unrepresentable,
 )
-from recall_ray.models import load_tokenizer, resolve_model
+from recall_ray.io.models import load_tokenizer, resolve_model
 
 
 def test_unknown_and_empty_task_lists_are_refused():
@@ -147,7 +147,7 @@ def test_evaluation_cache_is_keyed_by_model_content_not_label(tiny_run, tiny_dir
     (the base in both variants of a scenario); a model with another key is."""
     from recall_ray.evaluate import evaluation_stage
     from recall_ray.manifest import Manifest
-    from recall_ray.storage import RunDir
+    from recall_ray.io.storage import RunDir
 
     cfg, _ = tiny_run
     root = RunDir(cfg.run_dir)

@@ -18,7 +18,7 @@ from recall_ray.cluster.finetune import finetune_lora
 from recall_ray.core.ewc import accumulate, check_keys, diagonal_fisher, ewc_penalty, lora_deltas, target_weight_names
 from recall_ray.core.lora import META_FILE
 from recall_ray.core.sft import IGNORE_INDEX, tokenize_records
-from recall_ray.safetensors_io import load_fisher, save_fisher
+from recall_ray.io.safetensors_io import load_fisher, save_fisher
 from recall_ray.core.templates import load_task_records
 
 TARGETS = ["q_proj", "v_proj"]

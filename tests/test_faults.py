@@ -33,7 +33,7 @@ def mark(point: str, action: str = "exit") -> Path:
 
 @pytest.fixture
 def three(tiny_dir, tiny_experts):
-    from recall_ray.models import resolve_model
+    from recall_ray.io.models import resolve_model
     from recall_ray.validate import check_models
 
     models = [resolve_model(f"m{i}", str(d), str(tiny_dir)) for i, d in enumerate([tiny_dir, *tiny_experts])]
@@ -68,14 +68,38 @@ def test_merge_actor_killed_mid_shard_is_restarted_and_retries_it(tmp_path, thre
                      " model-00002-of-00003.safetensors retried (2 retries left)"], lines
 
 
+def test_merge_actor_killed_mid_shard_with_the_output_on_a_bucket(tmp_path, three, ray_session, s3_store):
+    """Output on the test S3 server: the actor killed mid-shard leaves no partial object on
+    the bucket (a shard is written locally and uploaded whole), and the retried merge gives
+    the bytes of an undisturbed local one."""
+    import pyarrow.fs as pafs
+
+    from recall_ray.io.storage import filesystem
+
+    calm = tmp_path / "calm"
+    _merge(three, calm)
+    out = s3_store.uri(f"faults/{tmp_path.name}/merged")
+    reached = mark("merge-shard-model-00002-of-00003.safetensors")
+    killed = _merge(three, out)
+    assert reached.exists(), "the fault point was never reached"
+    assert [e["kind"] for e in killed.events] == ["actor_restart"]
+    fs, root = filesystem(s3_store.uri(f"faults/{tmp_path.name}"))
+    objects = {}
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as f:
+                objects[info.path[len(root) + 1:]] = hashlib.sha256(f.read()).hexdigest()
+    assert objects == {f"merged/{k}": v for k, v in hashes(calm).items()}  # nothing else: no partial, no staging
+
+
 def test_representation_actor_killed_mid_stage_gives_identical_parquet(tmp_path, tiny_experts, ray_session):
     """The stage's actor dies before writing its second batch's part; Ray Data restarts it
     and retries the batch, and the Parquet parts equal, byte for byte, those the same writer
     makes undisturbed (run here in this process, batch by batch)."""
     from recall_ray.cluster.representations import RepresentationWriter, extract
     from recall_ray.core.templates import load_task_records
-    from recall_ray.models import resolve_model
-    from recall_ray.storage import RunDir
+    from recall_ray.io.models import resolve_model
+    from recall_ray.io.storage import RunDir
 
     model = resolve_model("m", str(tiny_experts[0]), str(tiny_experts[0]))
     records = load_task_records(str(DATA / "sst2" / "train.jsonl"), "sst2", 24)
@@ -108,7 +132,7 @@ def test_full_output_filesystem_is_a_clear_error_and_leaves_nothing(tmp_path, th
 def test_unwritable_output_is_refused_before_any_work(tmp_path, tiny_dir, tiny_experts):
     from recall_ray.config import build_config
     from recall_ray.pipeline import preflight
-    from recall_ray.storage import NotWritableError
+    from recall_ray.io.storage import NotWritableError
 
     try:  # sysfs refuses new files, even for root; elsewhere the test has nothing to show
         fd, p = tempfile.mkstemp(dir="/sys")
@@ -132,7 +156,7 @@ def test_a_worker_node_lost_during_the_merge(tmp_path, tiny_dir, tiny_experts, r
     merge (here, on the test session's runtime)."""
     from recall_ray.cluster.merge import run_merge
     from recall_ray.core.merge_methods import MergeMethod
-    from recall_ray.models import resolve_model
+    from recall_ray.io.models import resolve_model
     from recall_ray.validate import check_models
 
     dirs = [tiny_dir, *tiny_experts]
@@ -185,7 +209,7 @@ def test_a_worker_node_lost_during_the_representations(tmp_path, tiny_experts, r
     out = json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
     assert out["removed"] == ["reps-0-part-000000008.parquet.reached"] and out["num_nodes"] == 2  # head + one
     assert [(e["kind"], e["restarts"]) for e in out["events"]] == [("actor_restart", 1)]
-    from recall_ray.models import resolve_model
+    from recall_ray.io.models import resolve_model
 
     model = resolve_model("m", str(tiny_experts[0]), str(tiny_experts[0]))
     records = load_task_records(str(DATA / "sst2" / "train.jsonl"), "sst2", 24)

@@ -103,7 +103,7 @@ def test_validates_before_work(tiny_dir, tmp_path):
 
 
 def test_adapter_written_with_metadata(two_runs, tiny_dir):
-    from recall_ray.safetensors_io import content_fingerprint
+    from recall_ray.io.safetensors_io import content_fingerprint
 
     root, (out, _), _ = two_runs
     assert {"adapter_config.json", "adapter_model.safetensors", META_FILE} <= set(os.listdir(out))
@@ -299,7 +299,7 @@ def test_every_committed_adapter_config_is_valid(path):
     import yaml
 
     from recall_ray.config import FinetuneConfig
-    from recall_ray.splits import load_split
+    from recall_ray.io.splits import load_split
 
     spec = yaml.safe_load(path.read_text())
     assert set(spec) <= {"base", "out", "split", "finetune", "tasks"}

@@ -93,21 +93,21 @@ def test_index_labels_must_be_in_range_and_integers():
 @pytest.mark.parametrize("task", GENERAL)
 @pytest.mark.parametrize("split", ["train", "all_train"])
 def test_training_splits_of_the_general_sets_are_refused(task, split):
-    from recall_ray.splits import load_split
+    from recall_ray.io.splits import load_split
 
     with pytest.raises(TaskDataError, match=f"'{task}' is a general-ability set.*never trained on"):
         load_split(DATA, task, split)
 
 
 def test_a_general_template_on_a_task_file_is_refused_for_training():
-    from recall_ray.splits import load_split
+    from recall_ray.io.splits import load_split
 
     with pytest.raises(TaskDataError, match="never trained on"):
         load_split(DATA, "sst2", "train", template="piqa")
 
 
 def test_arc_easy_validation_is_the_last_200_train_records():
-    from recall_ray.splits import VALIDATION_SIZE, load_split
+    from recall_ray.io.splits import VALIDATION_SIZE, load_split
 
     val = load_split(DATA, "arc_easy", "validation")
     tail = records("arc_easy", "train")[-VALIDATION_SIZE:]
@@ -118,7 +118,7 @@ def test_arc_easy_validation_is_the_last_200_train_records():
 
 @pytest.mark.parametrize("task", ["piqa", "hellaswag"])
 def test_sets_without_train_have_no_validation_split(task):
-    from recall_ray.splits import load_split
+    from recall_ray.io.splits import load_split
 
     with pytest.raises(TaskDataError, match=f"{task}.*no validation split.*arc_easy"):
         load_split(DATA, task, "validation")
@@ -212,7 +212,7 @@ def test_general_sets_scored_end_to_end_against_numpy(tiny_dir, ray_session):
 
     from recall_ray.core.metrics import primary_metric, sample_hits
     from recall_ray.evaluate import evaluate_models, preflight
-    from recall_ray.models import resolve_model
+    from recall_ray.io.models import resolve_model
 
     arc = records("arc_easy")
     pick = [i for i, r in enumerate(arc) if r["answerKey"] in "1234"][:2]

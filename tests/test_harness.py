@@ -52,7 +52,7 @@ def test_lm_eval_choice_equals_ours_per_sample(kind, tiny_dir, lora_dir):
     moves into the continuation), and its `acc` is the share of samples whose choice is gold."""
     from recall_ray import harness
     from recall_ray.cluster.harness import WHERE, lm_eval_model, run_lm_eval
-    from recall_ray.models import resolve_model
+    from recall_ray.io.models import resolve_model
 
     model = resolve_model("m", str(tiny_dir if kind == "hf" else lora_dir), str(tiny_dir))
     plan = harness.plan(CLOSED, DATA, "test", 4, "default")

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from recall_ray.models import load_causal_lm, resolve_model
+from recall_ray.io.models import load_causal_lm, resolve_model
 from recall_ray.cluster.representations import RepresentationExtractor, hidden_states_of
-from recall_ray.reps_parquet import layer_column
+from recall_ray.io.reps_parquet import layer_column
 
 
 def test_hidden_states_mapping(tiny_dir):

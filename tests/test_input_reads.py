@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import DATA, make_lora, make_tiny_llama
 from recall_ray.config import build_config
-from recall_ray.models import LoadedModelSlot, load_causal_lm, load_causal_lm_read, resolve_model
+from recall_ray.io.models import LoadedModelSlot, load_causal_lm, load_causal_lm_read, resolve_model
 from recall_ray.pipeline import run_pipeline
 
 
@@ -45,7 +45,7 @@ def test_has_nonfinite_agrees_with_numpy(dtype):
     the edges: the largest finite value, subnormals, -0, and each of NaN, +Inf and -Inf alone."""
     import numpy as np
 
-    from recall_ray.models import has_nonfinite
+    from recall_ray.io.models import has_nonfinite
 
     info = torch.finfo(dtype)
     edge = torch.tensor([0.0, -0.0, 1.0, -2.5, info.max, -info.max, info.tiny, info.tiny / 4], dtype=dtype)
@@ -106,7 +106,7 @@ def test_read_load_names_nan_and_inf(tmp_path, tiny_dir):
 def test_slot_swap_checks_the_adapter_and_counts_its_reads(tmp_path, tiny_dir):
     """Moving to the next LoRA expert reads that adapter's tensors once (tested) and its
     targets' base tensors; a NaN in its lora_B is reported under the adapter's path."""
-    from recall_ray.models import read_adapter
+    from recall_ray.io.models import read_adapter
 
     make_lora(tiny_dir, tmp_path / "a0", seed=0)
     make_lora(tiny_dir, tmp_path / "a1", seed=1, targets=("q_proj",))
@@ -171,7 +171,7 @@ def _refused(tmp: Path, tree: dict, pattern: str) -> None:
 def test_nan_in_a_lora_expert_found_by_its_load(tmp_path, tiny_dir, tiny_experts, ray_session):
     """An adapter's own tensors are tested when the representation actor swaps it in: the
     job stops with the one-line error, after the pool, and leaves nothing behind."""
-    from recall_ray.models import read_adapter
+    from recall_ray.io.models import read_adapter
 
     make_lora(tiny_dir, tmp_path / "lora")
     lb = sorted(n for n in read_adapter(tmp_path / "lora").infos if "lora_B" in n)[0]

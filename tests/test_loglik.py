@@ -74,7 +74,7 @@ def test_eval_worker_chooses_the_most_likely_option(tiny_experts):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from recall_ray.cluster.generation import EvalWorker
-    from recall_ray.models import resolve_model
+    from recall_ray.io.models import resolve_model
 
     dirs = [tiny_experts[0], tiny_experts[1]]
     models = [resolve_model(f"m{i}", str(d), str(d)) for i, d in enumerate(dirs)]
@@ -121,7 +121,7 @@ def test_loglik_scores_and_protocol_recorded(tiny_experts, tiny_dir, ray_session
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from recall_ray.evaluate import evaluate_models
-    from recall_ray.models import resolve_model
+    from recall_ray.io.models import resolve_model
 
     model = resolve_model("m", str(tiny_experts[1]), str(tiny_dir))
     r = evaluate_models([model], ["sst2", "iwslt2017_en_fr"], DATA, "test", 4, batch_size=4, protocol="loglik")
@@ -131,7 +131,7 @@ def test_loglik_scores_and_protocol_recorded(tiny_experts, tiny_dir, ray_session
         ("iwslt2017_en_fr", "bleu", "greedy"), ("iwslt2017_en_fr", "ref_logprob", "loglik")}
     lm = AutoModelForCausalLM.from_pretrained(tiny_experts[1]).eval()
     tok = AutoTokenizer.from_pretrained(tiny_experts[1])
-    from recall_ray.splits import load_split_with_raw
+    from recall_ray.io.splits import load_split_with_raw
 
     sst = preds[preds["task"] == "sst2"]
     recs = [rec for _, rec in load_split_with_raw(DATA, "sst2", "test", max_samples=4)]

@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_lora, make_tiny_llama
 from recall_ray.core.lora import check_adapter_fits, fold_lora
-from recall_ray.models import read_adapter
-from recall_ray.models import ModelTensors, resolve_model
-from recall_ray.safetensors_io import CheckpointError, list_weight_files, model_fingerprint, tensor_infos
+from recall_ray.io.models import read_adapter
+from recall_ray.io.models import ModelTensors, resolve_model
+from recall_ray.io.safetensors_io import CheckpointError, list_weight_files, model_fingerprint, tensor_infos
 
 
 def np64(t: torch.Tensor) -> np.ndarray:
@@ -197,7 +197,7 @@ def test_loaded_model_slot_swaps_adapters_on_one_base_exactly(base_dir, tmp_path
     """Moving between LoRA adapters of one base (and the base itself) swaps their target
     parameters in place: after every move the model equals a fresh load, bit for bit (also
     when the slot reads and tests the weights itself, as the representation actors do)."""
-    from recall_ray.models import LoadedModelSlot, load_causal_lm
+    from recall_ray.io.models import LoadedModelSlot, load_causal_lm
 
     a, _ = make_adapter(base_dir, tmp_path / "a", seed=1)
     b, _ = make_adapter(base_dir, tmp_path / "b", seed=2)

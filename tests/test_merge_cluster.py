@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import REPO, make_lora
 from recall_ray.cluster.merge import run_merge
 from recall_ray.core.merge_methods import MergeMethod
-from recall_ray.models import resolve_model
+from recall_ray.io.models import resolve_model
 from recall_ray.validate import check_models
 
 

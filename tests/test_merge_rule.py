@@ -12,7 +12,7 @@ import torch
 from recall_ray.core.architectures import Grouping
 from recall_ray.cluster.merge import plan_shards
 from recall_ray.core.merge_rule import weighted_merge
-from recall_ray.safetensors_io import TensorInfo
+from recall_ray.io.safetensors_io import TensorInfo
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}

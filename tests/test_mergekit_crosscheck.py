@@ -27,7 +27,7 @@ from conftest import make_lora, make_tiny_llama, perturbed_copy  # noqa: E402
 from recall_ray.cluster.merge import run_merge  # noqa: E402
 from recall_ray.core.merge_methods import MergeMethod  # noqa: E402
 from recall_ray.mergekit_export import block_filters, mergekit_config, write_mergekit_yaml  # noqa: E402
-from recall_ray.models import resolve_model  # noqa: E402
+from recall_ray.io.models import resolve_model  # noqa: E402
 from recall_ray.validate import check_models  # noqa: E402
 
 ATOL, RTOL = 1e-6, 1e-5

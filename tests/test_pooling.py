@@ -11,7 +11,7 @@ import torch
 
 from recall_ray.cluster.pools import inference_pool
 from recall_ray.core.pooling import mean_pool
-from recall_ray.reps_parquet import read_layer, reps_table
+from recall_ray.io.reps_parquet import read_layer, reps_table
 
 LENGTHS = [6, 3, 1, 4, 2]
 T = 6

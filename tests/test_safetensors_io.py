@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from recall_ray.safetensors_io import (
+from recall_ray.io.safetensors_io import (
     CheckpointError,
     StreamingShardWriter,
     TORCH_TO_ST,

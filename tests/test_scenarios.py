@@ -141,7 +141,7 @@ def test_lm_cocktail_weights_come_from_independent_losses(multi, tiny_dir, tiny_
     """Loss per answer token recomputed with HF's own `labels=` loss, one example at a time."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from recall_ray.splits import load_split
+    from recall_ray.io.splits import load_split
 
     cfg, _ = multi
     examples = load_split(DATA, "ag_news", "train", max_samples=4)

@@ -142,7 +142,7 @@ def test_each_candidate_is_paired_with_the_first_on_the_same_samples(tmp_path):
     lead = table[table["candidate"] == "recall.similarity.temperature=0.5"].iloc[0]
     assert (lead["only_this"], lead["only_first"]) == (16, 0) and lead["p_vs_first"] < 0.001
 
-    from recall_ray.storage import RunDir
+    from recall_ray.io.storage import RunDir
     from recall_ray.studies.selection import write_selection
 
     write_selection(RunDir(str(tmp_path / "out")), table, chosen, "sel.yaml")
@@ -185,7 +185,7 @@ def test_bad_selection_configs_are_refused(tmp_path):
 
 def test_write_and_publish_selection(tmp_path):
     from recall_ray.studies.selection import publish_selection, write_selection
-    from recall_ray.storage import RunDir
+    from recall_ray.io.storage import RunDir
 
     table = pd.DataFrame({"parameter": ["lam", "lam"], "candidate": ["baselines.lam=1.0", "baselines.lam=0.5"],
                           "chosen": [False, True], "mean": [10.0, 20.0]})

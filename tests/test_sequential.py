@@ -121,7 +121,7 @@ def test_recall_with_base_chain_merges_base_previous_and_new(seq, tiny_dir):
         assert np.allclose(t, sum(r.weight * col1[r.model][name] for r in rows.itertuples()), atol=1e-6), name
     # step 2 fine-tuned from M_1 and merged base, M_1 and E_2
     adapter2 = run / "step2" / "finetune" / "recall" / "adapter"
-    from recall_ray.safetensors_io import content_fingerprint
+    from recall_ray.io.safetensors_io import content_fingerprint
 
     assert json.loads((adapter2 / "recall_ray.json").read_text())["base_fingerprint"] == \
         content_fingerprint(str(run / "step1" / "recall" / "recall" / "merged"))
@@ -176,7 +176,7 @@ def _fisher_reference(model_dir: Path, task: str, n: int) -> dict[str, torch.Ten
 
     from recall_ray.core.ewc import diagonal_fisher, target_weight_names
     from recall_ray.core.sft import tokenize_records
-    from recall_ray.splits import load_split
+    from recall_ray.io.splits import load_split
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)

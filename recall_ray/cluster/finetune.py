@@ -9,7 +9,7 @@ config), and gets the trained PEFT adapter back as a Ray Train checkpoint under
 (temporary sibling directory, renamed into place when complete) with a `recall_ray.json` that
 records the base model's fingerprint, the task, the steps, the final loss and the seed.
 
-With `ewc_fisher` (a diagonal Fisher saved by `recall_ray.safetensors_io.save_fisher`, keyed by the
+With `ewc_fisher` (a diagonal Fisher saved by `recall_ray.io.safetensors_io.save_fisher`, keyed by the
 LoRA-targeted weights) and `ewc_lambda`, every step's loss gets EWC's penalty
 `ewc_lambda / 2 * sum(F * delta^2)` on the LoRA deltas (recall_ray/core/ewc.py); `fisher_of`
 computes such a Fisher in a Ray task.
@@ -279,7 +279,7 @@ def train_loop_per_worker(config: dict) -> None:
     fisher, lam = None, float(config.get("ewc_lambda", 0.0))
     if config.get("ewc_fisher") is not None:
         from ..core.ewc import ewc_penalty, lora_deltas
-        from ..safetensors_io import load_fisher
+        from ..io.safetensors_io import load_fisher
 
         fisher = load_fisher(config["ewc_fisher"], device)
         with torch.no_grad():  # keys and shapes, before the first step
@@ -360,13 +360,13 @@ def _validate_ewc(base_dir: str, cfg: FinetuneConfig, ewc_fisher: str | None, ew
     """The EWC inputs: a Fisher file whose keys and shapes are exactly the weights the LoRA
     targets in `base_dir` (read from the safetensors headers), and a lambda >= 0."""
     from ..core.ewc import check_keys, target_weight_names
-    from ..safetensors_io import list_weight_files, read_header, tensor_infos
+    from ..io.safetensors_io import list_weight_files, read_header, tensor_infos
 
     if not isinstance(ewc_lambda, (int, float)) or not math.isfinite(ewc_lambda) or ewc_lambda < 0:
         raise ValueError(f"ewc_lambda must be a finite number >= 0, got {ewc_lambda!r}")
     if ewc_fisher is None:
         if ewc_lambda != 0:
-            raise ValueError(f"ewc_lambda={ewc_lambda} needs an ewc_fisher file (recall_ray.safetensors_io.save_fisher)")
+            raise ValueError(f"ewc_lambda={ewc_lambda} needs an ewc_fisher file (recall_ray.io.safetensors_io.save_fisher)")
         return
     if cfg.deepspeed is not None:
         raise ValueError("EWC (ewc_fisher) is not supported with DeepSpeed: unset finetune.deepspeed"
@@ -496,7 +496,7 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ..safetensors_io import content_fingerprint
+    from ..io.safetensors_io import content_fingerprint
 
     base_dir = os.path.abspath(base_dir)  # workers may not share the driver's cwd
     out_dir = os.path.abspath(out_dir)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..core.metrics import max_new_tokens
-from ..models import LoadedModelSlot, ResolvedModel
+from ..io.models import LoadedModelSlot, ResolvedModel
 from ..progress import Progress
 from .events import RestartNote, report_pool_restart
 from .pools import inference_pool, request_pool

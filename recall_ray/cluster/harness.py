@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..models import ResolvedModel
+from ..io.models import ResolvedModel
 from .generation import MAX_PROMPT_TOKENS
 
 log = logging.getLogger("recall_ray.harness")

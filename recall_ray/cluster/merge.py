@@ -27,9 +27,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..core.architectures import Grouping
 from ..core.merge_methods import MergeMethod
-from ..models import ModelTensors, ResolvedModel
-from ..safetensors_io import ST_TO_TORCH, StreamingShardWriter, TensorInfo
-from ..storage import discard, filesystem, is_uri, publish, put_file, refuse_existing_output, staging_location
+from ..io.models import ModelTensors, ResolvedModel
+from ..io.safetensors_io import ST_TO_TORCH, StreamingShardWriter, TensorInfo
+from ..io.storage import (discard, filesystem, is_uri, model_path, publish, put_file, refuse_existing_output,
+                          staging_location)
 from ..procmem import peak_rss_mb, rss_anon_mb
 from ..progress import Progress
 from .events import actor_restarts, report, short
@@ -364,7 +365,7 @@ def _write_side_files(staging: str, shards: list[dict], total_bytes: int, side_d
     files.update(extra_files)
     if side_dir is not None:
         for name in SIDE_FILES:
-            src = Path(side_dir) / name
+            src = model_path(side_dir) / name
             if src.is_file():
                 files.setdefault(name, src.read_text())
     fs, path = filesystem(staging)

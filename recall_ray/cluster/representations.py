@@ -1,6 +1,6 @@
 """The representation stage's Ray shell: a Ray Data actor pool runs models over texts and
 writes each sample's per-layer mean-pooled hidden states (core.pooling.mean_pool) to
-Parquet in the layout of recall_ray.reps_parquet."""
+Parquet in the layout of recall_ray.io.reps_parquet."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import torch
 
 from ..core.pooling import mean_pool
 from ..core.sft import represented_batch
-from ..models import LoadedModelSlot, ResolvedModel
-from ..reps_parquet import reps_table
-from ..storage import RunDir
+from ..io.models import LoadedModelSlot, ResolvedModel
+from ..io.reps_parquet import reps_table
+from ..io.storage import RunDir
 from ..validate import nonfinite_by_label, raise_if_nonfinite
 from .events import RestartNote, report_pool_restart
 from .faults import fault_point
@@ -137,7 +137,7 @@ class RepresentationWriter(RepresentationExtractor, RestartNote):
 
         import pyarrow.parquet as pq
 
-        from ..storage import filesystem
+        from ..io.storage import filesystem
 
         part = reps_table(batch["sample_idx"][sel], batch["sample_id"][sel],
                           self._reps(batch, sel, q))

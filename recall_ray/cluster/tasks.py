@@ -7,8 +7,8 @@ import logging
 from typing import Sequence
 
 from ..core.typical import typical_indices
-from ..models import ResolvedModel
-from ..reps_parquet import read_layer
+from ..io.models import ResolvedModel
+from ..io.reps_parquet import read_layer
 
 log = logging.getLogger("recall_ray.tasks")
 
@@ -43,7 +43,7 @@ def model_losses(models: Sequence[ResolvedModel], records: Sequence[dict], max_l
         import torch
 
         from ..core.sft import target_loss
-        from ..models import load_causal_lm, load_tokenizer
+        from ..io.models import load_causal_lm, load_tokenizer
 
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         return target_loss(load_causal_lm(model), load_tokenizer(model), records, max_length)

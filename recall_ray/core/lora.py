@@ -1,7 +1,7 @@
 """PEFT LoRA adapters folded exactly into their base: theta + scale * B @ A, in float32.
 
 Pure: the fold is a function of tensors, `parse_adapter` maps PEFT's parameter names (given
-the adapter's config and tensor shapes, read by `recall_ray.models.read_adapter`) onto the
+the adapter's config and tensor shapes, read by `recall_ray.io.models.read_adapter`) onto the
 base model's, and the checks below decide whether an adapter was made for a base before
 anything is computed.
 """

@@ -20,9 +20,9 @@ from ..config import BaselineConfig, ConfigError, RayConfig, RecallSettings, Run
 from ..core.merge_methods import METHODS, build_method
 from ..core.templates import GENERAL_TASKS, is_general
 from ..manifest import Manifest
-from ..models import resolve_path
-from ..splits import VALIDATION_SIZE, load_split, split_file
-from ..storage import RunDir
+from ..io.models import resolve_path
+from ..io.splits import VALIDATION_SIZE, load_split, split_file
+from ..io.storage import RunDir
 
 log = logging.getLogger("recall_ray.studies")
 
@@ -230,7 +230,7 @@ def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
     other model on the same samples) into `dest` (e.g. docs/results/multi), replacing what was there; returns the names."""
     import shutil
 
-    from ..storage import staged
+    from ..io.storage import staged
 
     from ..analysis import weight_summary
 

@@ -33,8 +33,8 @@ from pydantic import model_validator
 from ..config import BaselineConfig, ConfigError, RayConfig, RecallSettings, RunConfig, Section, SimilarityConfig
 from ..core.merge_methods import METHODS
 from ..manifest import Manifest
-from ..models import resolve_model, resolve_path
-from ..storage import RunDir
+from ..io.models import resolve_model, resolve_path
+from ..io.storage import RunDir
 from .common import (StudyEval, StudyResult, check_inputs, eval_hits, evaluate_stage, interval_markdown,
                      interval_table, merge_all, recall_run_config, variant_names, variant_plots)
 

@@ -233,7 +233,7 @@ def publish_selection(run_dir: str, dest: str) -> list[str]:
     evaluations, as first computed) into `dest`, replacing what was there."""
     import shutil
 
-    from ..storage import staged
+    from ..io.storage import staged
     from .common import stage_times
 
     src = Path(run_dir)

@@ -61,9 +61,9 @@ from ..core.merge_methods import METHODS
 from ..core.metrics import primary_metric
 from ..core.templates import is_general
 from ..manifest import Manifest, stable_hash
-from ..models import resolve_model, resolve_path
-from ..splits import load_split
-from ..storage import RunDir
+from ..io.models import resolve_model, resolve_path
+from ..io.splits import load_split
+from ..io.storage import RunDir
 from .common import (StudyEval, StudyResult, check_inputs, eval_hits, evaluate_stage, interval_markdown,
                      interval_table, merge_all, recall_run_config, variant_plots)
 
@@ -223,7 +223,7 @@ def start_keys(base_path: str, labels: list[str]) -> dict[str, str]:
     """The key of every line's M_0: the base's weights (file fingerprint), so that a run
     directory resumed with another base retrains from step 1 instead of reusing adapters
     trained on the old one."""
-    from ..safetensors_io import model_fingerprint
+    from ..io.safetensors_io import model_fingerprint
 
     fp = f"base:{model_fingerprint(base_path)}"
     return {label: fp for label in labels}
@@ -244,7 +244,7 @@ def find_prebuilt(adapters_dir: str | None, key: str, start: str) -> Path | None
     in its last bits, and the adapter would then not fit it exactly). Found by key, not by
     stage name, so a run with other lines (whose shared step-1 stage is named after another
     line) still finds it. None otherwise: the step is trained."""
-    from ..safetensors_io import content_fingerprint
+    from ..io.safetensors_io import content_fingerprint
 
     if adapters_dir is None:
         return None
@@ -273,7 +273,7 @@ def export_adapters(run_dir: str | Path, dest: str | Path) -> list[str]:
     `dest`: the `adapters:` input of a later run. Returns the stages exported."""
     import shutil
 
-    from ..storage import staged
+    from ..io.storage import staged
 
     mf = Path(run_dir, Manifest.FILE)
     if not mf.is_file():
@@ -301,7 +301,7 @@ def run_sequential(cfg: SequentialConfig):
     from ..cluster.merge import run_merge
     from ..core.ewc import accumulate
     from ..core.merge_methods import MergeMethod
-    from ..safetensors_io import load_fisher, save_fisher
+    from ..io.safetensors_io import load_fisher, save_fisher
     from ..validate import check_models
 
     preflight(cfg)

@@ -23,23 +23,31 @@ import numpy as np
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+def three_node_cluster(tmp: str):
+    """A simulated cluster on this machine: a head with no CPUs (so every task and actor
+    runs on a worker) and two worker nodes of one CPU each, its own Ray runtime."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": tmp,
+                                                           "object_store_memory": 128 * 1024**2})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, object_store_memory=128 * 1024**2)
+    cluster.wait_for_nodes()
+    return cluster
+
+
 def main(model_dirs: list[str], weights_file: str, output: str, mode: str, one_shard_per_group: bool) -> None:
     import ray
-    from ray.cluster_utils import Cluster
 
     from recall_ray.cluster.merge import run_merge
     from recall_ray.core.merge_methods import MergeMethod
-    from recall_ray.models import resolve_model
+    from recall_ray.io.models import resolve_model
     from recall_ray.validate import check_models
 
     tmp = tempfile.mkdtemp(prefix="rr_cluster_", dir="/tmp")
     if mode in ("two_nodes", "lose_node"):
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": tmp,
-                                                               "object_store_memory": 128 * 1024**2})
-        for _ in range(2):
-            cluster.add_node(num_cpus=1, object_store_memory=128 * 1024**2)
+        cluster = three_node_cluster(tmp)
         ray.init(address=cluster.address)
-        cluster.wait_for_nodes()
     else:
         cluster = None
         ray.init(num_cpus=2, object_store_memory=128 * 1024**2, _temp_dir=tmp, include_dashboard=False)

@@ -23,24 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main(model_dir: str, out: str) -> None:
     import ray
-    from ray.cluster_utils import Cluster
 
     from recall_ray.cluster.representations import extract
     from recall_ray.cluster.runtime import quiet_ray_data
     from recall_ray.core.templates import load_task_records
-    from recall_ray.models import resolve_model
-    from recall_ray.storage import RunDir
-    from two_node_merge import remove_paused_node
+    from recall_ray.io.models import resolve_model
+    from recall_ray.io.storage import RunDir
+    from two_node_merge import remove_paused_node, three_node_cluster
 
     repo = Path(__file__).resolve().parents[2]
     tmp = tempfile.mkdtemp(prefix="rr_cluster_", dir="/tmp")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": tmp,
-                                                           "object_store_memory": 128 * 1024**2})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, object_store_memory=128 * 1024**2)  # one actor of 1 CPU fits either node
+    cluster = three_node_cluster(tmp)  # one actor of 1 CPU fits either worker node
     ray.init(address=cluster.address, log_to_driver=False)
     quiet_ray_data()
-    cluster.wait_for_nodes()
     removed: list = []
     threading.Thread(target=remove_paused_node, args=(cluster, removed, "reps-*.reached"), daemon=True).start()
     try:

@@ -3,6 +3,11 @@
 A model is either a Hugging Face directory or a LoRA adapter on the base. Both are seen
 through `ModelTensors`, which yields each parameter by name (adapters folded exactly), so
 the merge never needs a folded copy on disk.
+
+Either may be a URI (s3://bucket/prefix, storage.model_path): its tensors are read in place,
+by range reads; only what transformers must load from a local directory (a whole model for
+`load_causal_lm`, the config and tokenizer files otherwise) is copied to the local cache
+(storage.local_copy, which logs it with the size).
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Sequence
 
-from .core.errors import CheckpointError
-from .core.lora import META_FILE, Adapter, fold_lora, lora_delta, parse_adapter
+from ..core.errors import CheckpointError
+from ..core.lora import META_FILE, Adapter, fold_lora, lora_delta, parse_adapter
+from .storage import check_model_location, is_uri, local_copy, model_path
 from .safetensors_io import (
     LazyTensorReader,
     TensorInfo,
@@ -29,6 +35,10 @@ if TYPE_CHECKING:  # resolving and checking models needs no torch; loading them 
     import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")
+# what else a tokenizer or a model's config is loaded from (copied from a URI with them)
+TOKENIZER_SETTINGS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                      "config.json")
+CONFIG_FILES = ("config.json", "generation_config.json")
 
 
 @dataclass(frozen=True)
@@ -52,30 +62,34 @@ class ResolvedModel:
 
     @property
     def tokenizer_dir(self) -> str:
-        if self.kind == "adapter" and any((Path(self.path) / f).is_file() for f in TOKENIZER_FILES):
+        if self.kind == "adapter" and any((model_path(self.path) / f).is_file() for f in TOKENIZER_FILES):
             return self.path
         return self.weights_dir
 
     def hf_config(self) -> dict:
-        return json.loads((Path(self.weights_dir) / "config.json").read_text())
+        return json.loads((model_path(self.weights_dir) / "config.json").read_text())
 
 
 def resolve_path(path: str) -> str:
-    """Builtin names -> converted local directory; everything else -> absolute path."""
+    """Builtin names -> converted local directory; a URI -> itself (no trailing slash), its
+    credentials and bucket checked (storage.check_model_location); else -> absolute path."""
     if path.startswith("builtin:"):
         from .builtin_models import builtin_model_dir
 
         return str(builtin_model_dir(path.split(":", 1)[1]))
+    if is_uri(path):
+        check_model_location(path)
+        return path.rstrip("/")
     return str(Path(path).expanduser().resolve())
 
 
 def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
+    return (model_path(path) / "adapter_config.json").is_file()
 
 
 def read_adapter(path: str | Path) -> Adapter:
     """Parse a PEFT LoRA adapter directory (config, tensor headers, recall_ray.json if any)."""
-    path = Path(path)
+    path = model_path(path)
     config = json.loads((path / "adapter_config.json").read_text())
     meta_file = path / META_FILE
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
@@ -84,7 +98,7 @@ def read_adapter(path: str | Path) -> Adapter:
 
 def resolve_model(label: str, path: str, base_path: str, allow_pickle: bool = False,
                   base_name_check: bool = True) -> ResolvedModel:
-    p = Path(resolve_path(path))
+    p = model_path(resolve_path(path))
     if not p.exists():
         raise CheckpointError(f"model {label!r}: {path} does not exist")
     if is_adapter_dir(p):
@@ -121,7 +135,7 @@ class ModelTensors:
         """What this adapter adds to its base's parameter `name`: the low-rank product
         scale * B @ A (a fresh float32 tensor), or merge_rule.UNCHANGED for a parameter it
         does not touch; the base is not read. For a full model, ValueError."""
-        from .core.merge_rule import UNCHANGED
+        from ..core.merge_rule import UNCHANGED
 
         if self.adapter is None:
             raise ValueError(f"{self.model.label} is a full model, not an adapter: it has no low-rank delta")
@@ -143,7 +157,7 @@ def tokenizer_fingerprint(model_dir: str) -> str | None:
     h = hashlib.sha256()
     found = False
     for name in TOKENIZER_FILES:
-        f = Path(model_dir) / name
+        f = model_path(model_dir) / name
         if f.is_file():
             found = True
             h.update(name.encode())
@@ -158,7 +172,7 @@ def load_causal_lm(model: ResolvedModel, dtype: torch.dtype | None = None, devic
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or torch.float32
-    lm = AutoModelForCausalLM.from_pretrained(model.weights_dir, dtype=dtype)
+    lm = AutoModelForCausalLM.from_pretrained(local_copy(model.weights_dir), dtype=dtype)
     if model.kind == "adapter":
         tensors = ModelTensors(model)
         params = dict(lm.named_parameters())
@@ -258,7 +272,8 @@ def load_causal_lm_read(model: ResolvedModel, dtype: torch.dtype | None = None, 
         own = _adapter_tensors(tensors, check_finite, read)
         for name in tensors.adapter.targets:
             state[name] = _fold(tensors, name, state[name], own)
-    config = AutoConfig.from_pretrained(model.weights_dir)
+    # the weights were read in place above; transformers wants its config from a local folder
+    config = AutoConfig.from_pretrained(local_copy(model.weights_dir, CONFIG_FILES))
     # the concrete class: from_pretrained takes a state_dict only without a path to read
     cls = _get_model_class(config, AutoModelForCausalLM._model_mapping)
     lm = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype or torch.float32)
@@ -269,7 +284,7 @@ def load_causal_lm_read(model: ResolvedModel, dtype: torch.dtype | None = None, 
 def load_tokenizer(model: ResolvedModel):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model.tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(local_copy(model.tokenizer_dir, TOKENIZER_FILES + TOKENIZER_SETTINGS))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -1,5 +1,9 @@
-"""Safetensors on disk: header validation, lazy per-tensor reads, fingerprints, and a
-streaming shard writer.
+"""Safetensors on disk or on an object store: header validation, lazy per-tensor reads,
+fingerprints, and a streaming shard writer.
+
+A model directory may be a URI (s3://bucket/prefix, any pyarrow filesystem; storage.model_path):
+the header is read first (8 bytes, then its JSON) and each tensor by one read at its offset
+(a range request), so nothing is downloaded whole.
 
 Why our own header parsing: a truncated or corrupt file must be refused before any work,
 with the file named, and fingerprints must not need the tensor bytes. The header (8-byte
@@ -19,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
-from .core.errors import CheckpointError
+from ..core.errors import CheckpointError
+from .storage import RemotePath, is_uri, model_path, open_for_reads
 
 if TYPE_CHECKING:
     import torch
@@ -72,9 +77,9 @@ def read_header(path: str | Path) -> tuple[dict, bytes]:
     Raises CheckpointError if the file is too short, the header is not JSON, a dtype is
     unknown, or any tensor's byte range does not fit the file (a truncated download).
     """
-    path = Path(path)
+    path = model_path(path)
     size = path.stat().st_size
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes); re-download or re-save it")
@@ -117,9 +122,10 @@ def read_header(path: str | Path) -> tuple[dict, bytes]:
     return header, raw
 
 
-def list_weight_files(model_dir: str | Path, allow_pickle: bool = False) -> list[Path]:
-    """The safetensors files of a model directory (via its index when sharded)."""
-    model_dir = Path(model_dir)
+def list_weight_files(model_dir: str | Path, allow_pickle: bool = False) -> list[Path | RemotePath]:
+    """The safetensors files of a model directory (via its index when sharded); a URI's
+    files as RemotePaths."""
+    model_dir = model_path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -133,6 +139,9 @@ def list_weight_files(model_dir: str | Path, allow_pickle: bool = False) -> list
         return files
     pickles = sorted(p for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES) if model_dir.is_dir() else []
     if pickles:
+        if is_uri(model_dir):
+            raise CheckpointError(f"{model_dir}: holds only pickle checkpoint(s) {[p.name for p in pickles]}, which"
+                                  " recall-ray reads only from a local path; convert to safetensors")
         if not allow_pickle:
             raise CheckpointError(
                 f"{model_dir}: holds only pickle checkpoint(s) {[p.name for p in pickles]}, which can run code when"
@@ -143,10 +152,10 @@ def list_weight_files(model_dir: str | Path, allow_pickle: bool = False) -> list
     raise CheckpointError(f"{model_dir}: no model weights found (expected *.safetensors)")
 
 
-def tensor_infos(files: Iterable[Path]) -> dict[str, TensorInfo]:
+def tensor_infos(files: Iterable[Path | str]) -> dict[str, TensorInfo]:
     """Name -> TensorInfo over all files; a tensor in two files is an error."""
     out: dict[str, TensorInfo] = {}
-    for f in files:
+    for f in map(model_path, files):
         if f.suffix in PICKLE_SUFFIXES:
             import torch
 
@@ -176,8 +185,7 @@ def files_fingerprint(files: Iterable[Path]) -> str:
     trains (a folded LoRA is dense in its weights; new token embeddings sit at the end).
     Reads two small pieces per tensor, never the whole file. Pickle files hash their bytes."""
     h = hashlib.sha256()
-    for f in sorted(files):
-        f = Path(f)
+    for f in sorted(map(model_path, files)):
         h.update(f.name.encode())
         h.update(str(f.stat().st_size).encode())
         if f.suffix == ".safetensors":
@@ -185,14 +193,14 @@ def files_fingerprint(files: Iterable[Path]) -> str:
             h.update(raw)
             start = 8 + len(raw)
             spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
-            with open(f, "rb") as fh:
+            with f.open("rb") as fh:
                 for b, e in spans:
                     n = min(FINGERPRINT_SAMPLE_BYTES, e - b)
                     for at in dict.fromkeys((b, e - n)):  # one read when the tensor is small
                         fh.seek(start + at)
                         h.update(fh.read(n))
         else:
-            with open(f, "rb") as fh:
+            with f.open("rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
     return h.hexdigest()
@@ -242,8 +250,8 @@ class LazyTensorReader:
             return t
         f = self._files.get(info.file)
         if f is None:
-            f = self._files[info.file] = open(info.file, "rb", buffering=0)
-        f.seek(info.offset)
+            f = self._files[info.file] = open_for_reads(info.file)
+        f.seek(info.offset)  # one range request per tensor on an object store
         got = f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         self.bytes_read += got
         if got != nbytes:
@@ -277,7 +285,7 @@ class LazyTensorReader:
         n = min(row, max(1, limit // itemsize) * itemsize)
         f = self._files.get(info.file)
         if f is None:
-            f = self._files[info.file] = open(info.file, "rb", buffering=0)
+            f = self._files[info.file] = open_for_reads(info.file)
         f.seek(info.offset)
         data = f.read(n)
         self.bytes_read += len(data)

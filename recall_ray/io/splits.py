@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .core.templates import TaskDataError, check_trainable, is_general, load_task_records
+from ..core.templates import TaskDataError, check_trainable, is_general, load_task_records
 
 VALIDATION_SIZE = 200
 SPLITS = ("train", "validation", "test", "all_train")
