@@ -85,9 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         write_result(result, out, {"split": "validation", "general": args.general,
                                    "models": {m.label: m.path for m in models}})
 
-        hits = eval_hits(out / "predictions.jsonl").set_index(["model", "task", "sample_id"])["hit"]
+        # sorted once: a partial .loc on an unsorted MultiIndex warns (pandas' PerformanceWarning,
+        # on the console) at every rung
+        hits = eval_hits(out / "predictions.jsonl").set_index(["model", "task", "sample_id"])["hit"].sort_index()
         preds = read_predictions(out / "predictions.jsonl")
-        loglik = preds.assign(sample_id=preds["sample_id"].astype(str)).set_index(["model", "task", "sample_id"])
+        loglik = preds.assign(sample_id=preds["sample_id"].astype(str)).set_index(
+            ["model", "task", "sample_id"]).sort_index()
         rows, chosen = [], {}
         for task in tasks:
             ladder = []
