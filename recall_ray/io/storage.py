@@ -69,6 +69,11 @@ def _filesystem_of(root: str) -> pafs.FileSystem:
     return pafs.FileSystem.from_uri(root)[0]
 
 
+def _bucket_filesystem(parts) -> pafs.FileSystem:
+    """The (kept) filesystem of a split URI's scheme://bucket, with its query options."""
+    return _filesystem_of(f"{parts.scheme}://{parts.netloc}" + (f"?{parts.query}" if parts.query else ""))
+
+
 def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI."""
     path = str(path)
@@ -78,8 +83,7 @@ def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
             return pafs.FileSystem.from_uri(path)
         check_uri(path)
         if parts.scheme in BUCKET_SCHEMES:  # the path inside is bucket/key
-            fs = _filesystem_of(f"{parts.scheme}://{parts.netloc}" + (f"?{parts.query}" if parts.query else ""))
-            return fs, f"{parts.netloc}{parts.path}".rstrip("/")
+            return _bucket_filesystem(parts), f"{parts.netloc}{parts.path}".rstrip("/")
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), str(Path(path).resolve())
 
@@ -215,7 +219,7 @@ def publish(staging: str, dest: str, overwrite: bool) -> None:
     refuse_existing_output(dest, overwrite)
     fs, path = filesystem(dest)
     _, spath = filesystem(staging)
-    if output_exists(dest):
+    if overwrite and output_exists(dest):  # without overwrite, refuse_existing_output found none
         fs.delete_dir(path)
     move_dir(fs, spath, path)
 
@@ -353,7 +357,7 @@ def check_model_location(uri: str) -> None:
         raise StorageError(f"no credentials for {parts.scheme}://{parts.netloc}: set AWS_ACCESS_KEY_ID and"
                            " AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a store other than AWS), or AWS_PROFILE,"
                            " in the environment of the job")
-    fs = _filesystem_of(f"{parts.scheme}://{parts.netloc}" + (f"?{parts.query}" if parts.query else ""))
+    fs = _bucket_filesystem(parts)
     try:
         found = fs.get_file_info(parts.netloc).type != pafs.FileType.NotFound
     except OSError as e:  # access denied, an endpoint that does not answer: the store's own words, one line
