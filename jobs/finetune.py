@@ -17,7 +17,6 @@ training itself failed).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -30,13 +29,13 @@ pin_checkout(REPO)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", required=True, help="base model: Hugging Face model directory or builtin:<name>")
+    p.add_argument("--base", required=True, help="base model: Hugging Face model directory, its s3:// URI, or builtin:<name>")
     p.add_argument("--data", required=True, help="task data: JSONL file")
     p.add_argument("--template", required=True, help="prompt template name (recall_ray.core.templates.TEMPLATES)")
-    p.add_argument("--out", required=True, help="adapter output directory (must not exist)")
+    p.add_argument("--out", required=True, help="adapter output directory or s3:// URI (must not exist)")
     p.add_argument("--run-dir", default=None,
                    help="job.log and Ray Train's run and checkpoints (ray_train/) go here (default: <out>.run; on a"
-                   " multi-node cluster a shared path)")
+                   " multi-node cluster a shared path or a bucket's URI)")
     p.add_argument("--task", default=None, help="task name recorded in recall_ray.json (default: the template)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="finetune.KEY=VALUE",
                    help="override a FinetuneConfig field, e.g. --set finetune.steps=100 (repeatable)")
@@ -73,21 +72,20 @@ def main(argv: list[str] | None = None) -> int:
         from recall_ray.config import RayConfig
         from recall_ray.core.templates import check_trainable, load_task_records
         from recall_ray.io.models import resolve_path
+        from recall_ray.io.storage import RunDir
 
         check_trainable(args.template)  # the general-ability sets are never trained on
         cfg = build_finetune_config(args.overrides)
-        if os.path.lexists(args.out):
-            raise FileExistsError(f"adapter output {args.out} already exists: remove it or choose another --out")
         base = resolve_path(args.base)  # a builtin name, as the merge job takes it
         records = load_task_records(args.data, args.template, max_samples=cfg.max_samples)
-        validate_inputs(base, records, cfg, args.out)  # before Ray (or torch) is imported
-        run_dir = args.run_dir or f"{os.path.abspath(args.out).rstrip('/')}.run"
-        os.makedirs(run_dir, exist_ok=True)
+        validate_inputs(base, records, cfg, args.out)  # before Ray (or torch) is imported: --out is free
+        # a local path or a bucket's URI (s3://...), for the base, --out and --run-dir alike
+        run_dir = RunDir(args.run_dir or f"{args.out.rstrip('/')}.run").location()
         logging.getLogger("recall_ray.finetune").info("run directory %s", run_dir, extra={"run_dir": run_dir})
         from recall_ray.cluster.runtime import ray_runtime
 
         with ray_runtime(RayConfig()):
-            return finetune_lora(base, records, cfg, args.out, os.path.join(run_dir, "ray_train"),
+            return finetune_lora(base, records, cfg, args.out, f"{run_dir}/ray_train",
                                  task=args.task or args.template)
 
     status, out = guarded("finetune", args.verbose, run)

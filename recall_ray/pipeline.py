@@ -129,8 +129,6 @@ def preflight(cfg: RunConfig) -> Plan:
         # merged models from there (io.models.load_causal_lm copies one to its node's cache)
         ev = cfg.evaluate
         eval_items = eval_preflight([base], ev.tasks, ev.data_dir, ev.split, ev.max_samples, ev.protocol, ev.templates)
-    if new is None and "://" in cfg.run_dir:
-        raise PipelineError("fine-tuning writes its adapter locally: use a local run_dir, or give `new_model`")
     return Plan(cfg, base, experts, new, records, _file_hash(cfg.task.data), modelset if new else None, eval_items)
 
 
@@ -252,20 +250,21 @@ class Stage:
 
 
 def _finetune(run: Run, _: str | None) -> dict:
-    import shutil
-
     from .cluster.finetune import finetune_lora
 
     cfg = run.cfg
     out = _finetune_dir(run)
-    shutil.rmtree(out, ignore_errors=True)  # a stale adapter from other settings
+    if run.run_dir.exists("finetune/adapter"):  # a stale adapter from other settings
+        run.run_dir.delete("finetune/adapter")
     records = load_task_records(cfg.task.data, cfg.task.template, cfg.finetune.max_samples)
-    finetune_lora(run.plan.base.path, records, cfg.finetune, out, str(Path(cfg.run_dir, "finetune", "ray_train").resolve()))
+    # Ray Train's run and checkpoints go to the run directory too: on a bucket, where every
+    # node of a cluster without a shared disk reaches them
+    finetune_lora(run.plan.base.path, records, cfg.finetune, out, run.run_dir.location("finetune/ray_train"))
     return {"adapter": out}
 
 
 def _finetune_dir(run: Run) -> str:
-    return str(Path(run.cfg.run_dir, "finetune", "adapter").resolve())
+    return run.run_dir.location("finetune/adapter")
 
 
 def _reps_new(run: Run, _: str | None) -> dict:

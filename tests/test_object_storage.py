@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, REPO, S3_ENV, tiny_run_tree
+from conftest import DATA, REPO, S3_ENV, small_finetune_cfg, tiny_run_tree
 from recall_ray.io.models import ModelTensors, resolve_model
 from recall_ray.io.safetensors_io import content_fingerprint, list_weight_files, model_fingerprint, tensor_infos
 
@@ -155,3 +155,41 @@ def test_the_job_with_everything_on_the_bucket_gives_the_local_bytes(tmp_path, s
     assert "merge" in log and S3_ENV["AWS_SECRET_ACCESS_KEY"] not in log + proc.stderr + proc.stdout
     # what was copied to a local cache for transformers is said, with the size
     assert re.search(r"copying \d+ file\(s\) of s3://recall-ray-test/models/base \([\d.]+ MB\) to the local cache", log)
+
+
+def test_the_job_fine_tunes_its_new_model_with_everything_on_the_bucket(s3_store, two_runs, ray_session):
+    """No new model given, the base, run_dir and output on the bucket: Ray Train keeps its run
+    and checkpoints in the bucket's run directory, the adapter is built on the driver and
+    uploaded whole, and the stages read it from there. Its tensors are the bytes of the same
+    fine-tune run from local directories (`two_runs`' plain run: same records and settings);
+    a rerun reuses it."""
+    from recall_ray.config import build_config
+    from recall_ray.io.storage import RemotePath
+    from recall_ray.pipeline import run_pipeline
+
+    settings = {k: v for k, v in small_finetune_cfg().model_dump().items()
+                if k in ("steps", "batch_size", "r", "alpha", "learning_rate", "max_length", "seed")}
+    cfg = build_config({
+        "run_dir": s3_store.uri("runs/finetune"), "output": s3_store.uri("out/finetune"),
+        "base": {"path": s3_store.uri("models/base")},
+        "experts": [{"name": "e0", "path": s3_store.uri("models/e0")}],
+        "task": {"data": str(DATA / "sst2" / "train.jsonl"), "template": "sst2", "max_samples": 20},
+        "typical": {"k": 3},
+        "finetune": {**settings, "max_samples": 16},
+    })
+    result = run_pipeline(cfg)
+    adapter = RemotePath(f"{cfg.run_dir}/finetune/adapter")
+    local = Path(two_runs[1][0])
+    assert sorted(p.name for p in adapter.iterdir()) == sorted(p.name for p in local.iterdir())
+    assert (adapter / "adapter_model.safetensors").read_bytes() == (local / "adapter_model.safetensors").read_bytes()
+    assert not result.timings["finetune"]["skipped"]
+    assert set(result.table["model"]) == {"base", "e0", "new"}
+    manifest = json.loads(RemotePath(f"{cfg.run_dir}/manifest.json").read_text())
+    assert manifest["inputs"]["models"]["new"] == {**manifest["inputs"]["models"]["new"], "kind": "adapter",
+                                                   "path": str(adapter), "base_check": "fingerprint"}
+    assert "base_check" not in manifest["inputs"]["models"]["e0"]  # a full model: nothing to tie
+    assert (RemotePath(cfg.output_dir) / "model.safetensors.index.json").is_file()
+    assert any(p.name.startswith("checkpoint") or p.name.startswith("finetune-")
+               for p in RemotePath(f"{cfg.run_dir}/finetune/ray_train").iterdir())  # Ray Train's run, on the bucket
+    again = run_pipeline(cfg)
+    assert again.timings["finetune"]["skipped"] and again.timings["merge"]["skipped"]

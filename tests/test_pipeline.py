@@ -117,29 +117,6 @@ def test_changed_setting_recomputes_only_downstream(run, tmp_path):
     assert not t["weights"]["skipped"] and not t["merge"]["skipped"]
 
 
-def test_pipeline_fine_tunes_the_new_model_when_none_is_given(tmp_path, tiny_dir, tiny_experts, ray_session):
-    cfg = build_config({
-        "run_dir": str(tmp_path / "run"),
-        "base": {"path": str(tiny_dir)},
-        "experts": [{"name": "e0", "path": str(tiny_experts[0])}],
-        "task": {"data": str(DATA / "sst2" / "train.jsonl"), "template": "sst2", "max_samples": 20},
-        "typical": {"k": 3},
-        "finetune": {"steps": 2, "batch_size": 4, "max_samples": 16},
-    })
-    result = run_pipeline(cfg)
-    adapter = Path(cfg.run_dir) / "finetune" / "adapter"
-    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "recall_ray.json").is_file()
-    assert not result.timings["finetune"]["skipped"]
-    assert set(result.table["model"]) == {"base", "e0", "new"}
-    manifest = json.loads((Path(cfg.run_dir) / "manifest.json").read_text())
-    assert manifest["inputs"]["models"]["new"]["kind"] == "adapter"
-    assert manifest["inputs"]["models"]["new"]["base_check"] == "fingerprint"  # its recall_ray.json names the base
-    assert "base_check" not in manifest["inputs"]["models"]["e0"]  # a full model: nothing to tie
-    assert (Path(result.output) / "model.safetensors.index.json").is_file()
-    again = run_pipeline(cfg)
-    assert again.timings["finetune"]["skipped"] and again.timings["merge"]["skipped"]
-
-
 def test_run_dir_and_output_as_filesystem_uris(tmp_path, tiny_dir, tiny_experts, ray_session):
     """run_dir and output given as pyarrow URIs (file:// here, s3:// on a cluster)."""
     cfg = build_config({

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 from ..config import FinetuneConfig
 from ..core.lora import META_FILE
 from ..core.sft import batch_schedule, collate, shard, tokenize_records
+from ..io.storage import is_uri, local_copy, model_path, output_exists, put_tree, staged, staging_location
 from .faults import fault_point
 
 logger = logging.getLogger("recall_ray.finetune")
@@ -263,7 +264,7 @@ def train_loop_per_worker(config: dict) -> None:
     _worker_logging()
     cfg = FinetuneConfig.model_validate(config["cfg"])
     torch.set_num_threads(config["threads"])  # Ray's OMP_NUM_THREADS may have set fewer at import
-    base_dir: str = config["base_dir"]
+    base_dir: str = local_copy(config["base_dir"])  # a bucket's base: one copy per node, in its cache
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -390,9 +391,11 @@ def validate_inputs(base_dir: str, records: Sequence[dict], cfg: FinetuneConfig,
     if cfg.snapshot_every and snapshot_dir is None:
         raise ValueError("finetune.snapshot_every needs a snapshot directory (finetune_lora(snapshot_dir=...),"
                          " jobs/train_adapters.py sets one)")
+    if snapshot_dir is not None and is_uri(snapshot_dir):
+        raise ValueError(f"snapshot directory {snapshot_dir} must be a local path (a shared volume on a cluster)")
     if snapshot_dir is not None and cfg.deepspeed is not None:
         raise ValueError("snapshots are not supported with DeepSpeed (its ZeRO-3 state is sharded): unset one of them")
-    if not (Path(base_dir) / "config.json").is_file():
+    if not (model_path(base_dir) / "config.json").is_file():
         raise ValueError(f"base model {base_dir} has no config.json: pass a Hugging Face model directory")
     if not records:
         raise ValueError("no training records: check the task data file and template")
@@ -411,7 +414,7 @@ def validate_inputs(base_dir: str, records: Sequence[dict], cfg: FinetuneConfig,
         if not Path(cfg.deepspeed).is_file():
             raise ValueError(f"DeepSpeed config {cfg.deepspeed} does not exist")
     _validate_ewc(base_dir, cfg, ewc_fisher, ewc_lambda)
-    if os.path.lexists(out_dir):
+    if output_exists(out_dir):
         raise FileExistsError(f"adapter output {out_dir} already exists: remove it or choose another --out")
 
 
@@ -426,10 +429,6 @@ def training_error_summary(err: BaseException) -> str:
         cause, where = getattr(err, "controller_failure", None) or err, ""
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
     return f"{where}{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def ladder_key(fingerprint: str, records: Sequence[dict], cfg: FinetuneConfig, ewc_fisher: str | None,
@@ -472,7 +471,8 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     `cfg.steps` optimizer steps (DDP keeps the ranks' adapters identical). Ray Train keeps its
     run and checkpoint under `storage_dir/<run_name>/checkpoint_*/`: a local path on one
     machine; on a multi-node cluster a shared filesystem path or a pyarrow URI (s3://...),
-    since workers on other nodes upload there. `out_dir` is on the driver's filesystem.
+    since workers on other nodes upload there. `base_dir` and `out_dir` may be URIs too (each
+    worker copies a bucket's base to its node's cache; the adapter is uploaded whole when complete).
     Returns `out_dir`, which holds adapter_config.json, adapter_model.safetensors and
     recall_ray.json. Raises FileExistsError when out_dir already exists, ValueError for bad
     inputs (before any Ray work), FinetuneError when training fails.
@@ -498,10 +498,10 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
 
     from ..io.safetensors_io import content_fingerprint
 
-    base_dir = os.path.abspath(base_dir)  # workers may not share the driver's cwd
-    out_dir = os.path.abspath(out_dir)
+    local = lambda path: path if is_uri(path) else os.path.abspath(path)  # workers may not share our cwd
+    base_dir, out_dir = local(base_dir), local(out_dir)
     ewc_fisher = os.path.abspath(ewc_fisher) if ewc_fisher is not None else None
-    snapshot_dir = os.path.abspath(snapshot_dir) if snapshot_dir is not None else None
+    snapshot_dir = local(snapshot_dir) if snapshot_dir is not None else None
     validate_inputs(base_dir, records, cfg, out_dir, ewc_fisher, ewc_lambda, snapshot_dir)
     records = [{"prompt": r["prompt"], "target": r["target"]} for r in records[:cfg.max_samples]]
     fingerprint = content_fingerprint(base_dir)  # fails early on a directory without weights
@@ -510,7 +510,7 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
 
     threads = worker_cpus(cfg, ray.cluster_resources().get("CPU", 1.0))
     run_name = run_name or f"finetune-{task}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    storage = storage_dir if _is_uri(storage_dir) else os.path.abspath(storage_dir)
+    storage = local(storage_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "base_dir": base_dir, "records": records,
@@ -553,11 +553,10 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
                 with open(label + ".tmp", "w") as fh:
                     json.dump({**meta, "steps": step, "final_loss": loss}, fh, indent=2)
                 os.replace(label + ".tmp", label)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    # Build the output next to its final place (same filesystem) and rename it in only when
-    # complete, so a crash never leaves a half-written adapter that looks finished.
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    # Build the output in a staging folder beside its final place (same filesystem) and move
+    # it in only when complete, so a crash never leaves a half-written adapter that looks
+    # finished. On an object store the adapter is built here and uploaded to the staging.
+    tmp = tempfile.mkdtemp(prefix="recall-ray-adapter-") if is_uri(out_dir) else staging_location(out_dir)
     try:
         with result.checkpoint.as_directory() as ckpt_dir:
             for entry in sorted(os.listdir(ckpt_dir)):
@@ -570,9 +569,15 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
                 raise RuntimeError(f"checkpoint {result.checkpoint.path} lacks {required}")
         with open(os.path.join(tmp, META_FILE), "w") as fh:
             json.dump(meta, fh, indent=2)
-        if os.path.lexists(out_dir):  # created by someone else while we trained
+        if output_exists(out_dir):  # created by someone else while we trained
             raise FileExistsError(f"adapter output {out_dir} appeared during training: not overwriting it")
-        os.replace(tmp, out_dir)
+        if is_uri(out_dir):
+            with staged(out_dir, overwrite=False) as staging:
+                for entry in sorted(os.listdir(tmp)):
+                    put_tree(os.path.join(tmp, entry), staging, entry)
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

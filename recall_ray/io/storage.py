@@ -101,6 +101,11 @@ class RunDir:
     def path(self, rel: str = "") -> str:
         return f"{self.base}/{rel}" if rel else self.base
 
+    def location(self, rel: str = "") -> str:
+        """Location of rel for another process: a URI stays a URI, a local path is absolute
+        (Ray's workers and Ray Train need not share the driver's working directory)."""
+        return self.uri(rel) if is_uri(self.root) else self.path(rel)
+
     def exists(self, rel: str) -> bool:
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
 
@@ -212,6 +217,19 @@ def put_file(local_file: str, location: str, name: str) -> None:
         os.remove(local_file)
     else:
         shutil.move(local_file, str(Path(location) / name))
+
+
+def put_tree(local: str, location: str, name: str) -> None:
+    """Copy a local file or folder to location/name on a local path or an object store
+    (the local side is left as it is)."""
+    if os.path.isdir(local):
+        for entry in sorted(os.listdir(local)):
+            put_tree(os.path.join(local, entry), f"{location.rstrip('/')}/{name}", entry)
+        return
+    fs, path = filesystem(f"{location.rstrip('/')}/{name}")
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with open(local, "rb") as src, fs.open_output_stream(path) as dst:
+        shutil.copyfileobj(src, dst, length=16 << 20)
 
 
 def publish(staging: str, dest: str, overwrite: bool) -> None:
