@@ -193,3 +193,25 @@ def test_the_job_fine_tunes_its_new_model_with_everything_on_the_bucket(s3_store
                for p in RemotePath(f"{cfg.run_dir}/finetune/ray_train").iterdir())  # Ray Train's run, on the bucket
     again = run_pipeline(cfg)
     assert again.timings["finetune"]["skipped"] and again.timings["merge"]["skipped"]
+
+
+def test_a_whole_model_copied_to_the_cache_says_how_far_it_is(s3_store, tiny_dir, tmp_path, monkeypatch, capsys):
+    """transformers reads only local files: a whole model from the bucket is copied to the
+    cache once, with a progress line in MB as it goes (every line here: no time between
+    them), and the copy holds the model's bytes; a second call reuses it, silently."""
+    import recall_ray.io.storage as storage
+
+    monkeypatch.setenv("RECALL_RAY_CACHE", str(tmp_path))
+    monkeypatch.setattr(storage, "COPY_PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(storage, "COPY_CHUNK", 1 << 16)
+    monkeypatch.setattr(storage, "COPY_UNIT", (10**4, "x 10 kB"))  # the tiny model is 0.4 MB
+    uri = s3_store.uri("models/base")
+    copy = Path(storage.local_copy(uri))
+    lines = capsys.readouterr().out.splitlines()
+    total = sum(p.stat().st_size for p in tiny_dir.iterdir() if p.is_file())
+    units = -(-total // 10**4)
+    done = [int(re.fullmatch(rf"copy of {uri} to the cache: (\d+)/{units} x 10 kB .*", line).group(1)) for line in lines]
+    assert len(done) >= 5 and done == sorted(done) and done[-1] == units and " kB in " in lines[-1]
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == \
+        {p.name: p.read_bytes() for p in tiny_dir.iterdir() if p.is_file()}
+    assert storage.local_copy(uri) == str(copy) and capsys.readouterr().out == ""

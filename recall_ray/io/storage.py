@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import posixpath
 import shutil
@@ -399,6 +400,11 @@ def _aws_credentials_available() -> bool:
     return botocore.session.get_session().get_credentials() is not None
 
 
+COPY_CHUNK = 16 << 20
+COPY_PROGRESS_EVERY_S = 30.0
+COPY_UNIT = (10**6, "MB")  # bytes, name: the copy's progress counts in it
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("RECALL_RAY_CACHE", "~/.cache/recall-ray")).expanduser()
 
@@ -426,13 +432,24 @@ def local_copy(uri: str, names: list[str] | None = None) -> str:
     total = sum(i.size for _, i in wanted)
     log.info("copying %d file(s) of %s (%.1f MB) to the local cache %s: transformers reads only local files",
              len(wanted), uri, total / 1e6, dest)
+    from ..progress import Progress
+
+    # a 7B model's copy takes minutes: a line every COPY_PROGRESS_EVERY_S (in a Ray worker, to
+    # the job's log), as the job's stages do
+    unit, label = COPY_UNIT
+    progress = Progress(f"copy of {uri} to the cache", math.ceil(total / unit), label, every_s=COPY_PROGRESS_EVERY_S)
+    copied = 0
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{tag}.tmp-", dir=dest.parent))
     try:
         for rel, info in wanted:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             with src.fs.open_input_stream(info.path) as f, open(tmp / rel, "wb") as out:
-                shutil.copyfileobj(f, out, length=16 << 20)
+                while chunk := f.read(COPY_CHUNK):
+                    out.write(chunk)
+                    copied += len(chunk)
+                    progress.update(math.ceil(copied / unit) - progress.done)
+        progress.close()
         os.replace(tmp, dest)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
