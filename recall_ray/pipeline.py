@@ -571,7 +571,8 @@ def _extract(models: list[ResolvedModel], items: list[dict], run: Run, rels: lis
     report = extract(models, items, run.run_dir, rels, max_length=run.cfg.task.max_length,
                      exclude_first_token=r.exclude_first_token, dtype=r.dtype, batch_size=r.batch_size,
                      num_actors=r.num_actors, stage=stage, check_finite=fc is not None,
-                     on_checked=fc.checked if fc else None, weights_owner=fc.owner if fc else None)
+                     on_checked=fc.checked if fc else None, weights_owner=fc.owner if fc else None,
+                     tested=fc.tested | fc.before if fc else ())
     if fc is not None:
         fc.seconds += report.check_seconds
     return report

@@ -131,6 +131,31 @@ def test_slot_swap_checks_the_adapter_and_counts_its_reads(tmp_path, tiny_dir):
     assert swap.bytes_read == tensor_bytes(tmp_path / "a1") + sum(map(nbytes, q)) + sum(map(nbytes, v))
 
 
+def test_slot_does_not_test_weights_an_earlier_stage_tested(tmp_path, tiny_dir):
+    """A LoRA expert's base, tested by an earlier stage (reps_new's load of a LoRA new model),
+    is not tested again by each actor of the next stage that loads it: a NaN planted in the
+    base is not looked for there, while the adapter's own tensors still are; without the
+    earlier test, the same load finds it."""
+    from recall_ray.io.models import read_adapter
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    _poison(base, "model.safetensors", "model.layers.0.mlp.down_proj.weight", float("nan"))
+    make_lora(base, tmp_path / "a")
+    lb = sorted(n for n in read_adapter(tmp_path / "a").infos if "lora_B" in n)[0]
+    _poison(tmp_path / "a", "adapter_model.safetensors", lb, float("inf"))
+    m = resolve_model("a", str(tmp_path / "a"), str(base))
+    reads = {}
+    for tested in ((), (m.weights_dir,)):
+        slot = LoadedModelSlot([m], torch.float32, "cpu", padding_side="right", check_finite=True, tested=tested)
+        slot.get(0)
+        reads[tested] = slot.take_read(0)
+    assert reads[()].weights_nonfinite == ["model.layers.0.mlp.down_proj.weight"]
+    assert reads[(m.weights_dir,)].weights_nonfinite == []
+    assert reads[()].adapter_nonfinite == reads[(m.weights_dir,)].adapter_nonfinite == [f"{tmp_path / 'a'}:{lb}"]
+    assert reads[()].bytes_read == reads[(m.weights_dir,)].bytes_read  # read all the same, for the forwards
+
+
 def test_each_input_read_twice_with_full_experts(tiny_run, tiny_dir, tiny_experts):
     """The finished tiny job (base, e0, new; one representation actor on 2 cores): the
     representation loads read each model's tensors once, the merge once more, and no

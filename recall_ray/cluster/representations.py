@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -49,13 +49,15 @@ class RepresentationExtractor:
     The output then carries the `model` column (for a partitioned write)."""
 
     def __init__(self, model: ResolvedModel | Sequence[ResolvedModel], max_length: int, exclude_first_token: bool,
-                 dtype: str, num_threads: int | None = None, read_weights: bool = False, check_finite: bool = False):
+                 dtype: str, num_threads: int | None = None, read_weights: bool = False, check_finite: bool = False,
+                 tested: Sequence[str] = ()):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.many = not isinstance(model, ResolvedModel)
         self.slot = LoadedModelSlot(list(model) if self.many else [model], getattr(torch, dtype), self.device,
-                                    padding_side="right", read_weights=read_weights, check_finite=check_finite)
+                                    padding_side="right", read_weights=read_weights, check_finite=check_finite,
+                                    tested=tested)
         self.max_length = max_length
         self.exclude_first_token = exclude_first_token
         if not self.many:
@@ -169,7 +171,7 @@ def extract(models: list[ResolvedModel], items: list[dict], run_dir: RunDir, rel
             exclude_first_token: bool, dtype: str, batch_size: int, num_actors: int | str,
             stage: str = "representations", check_finite: bool = False,
             on_checked: Callable[[str], None] | None = None,
-            weights_owner: dict[str, str] | None = None) -> ExtractReport:
+            weights_owner: dict[str, str] | None = None, tested: Collection[str] = ()) -> ExtractReport:
     """Run `items` (sample_idx, sample_id, and prompt + target or text) through each of `models` with one Ray Data
     actor pool and write each model's per-layer representations to Parquet at its `rels[i]`
     (staged, then moved). Several models share the pool: rows sorted by model, one model
@@ -178,7 +180,8 @@ def extract(models: list[ResolvedModel], items: list[dict], run_dir: RunDir, rel
 
     With `check_finite` the actors test every tensor they load for NaN/Inf (the job's
     NaN/Inf check, folded into this read): `on_checked(weight_set)` is called the first time
-    a weight set (a full model's weights directory, or an adapter's directory) is tested. If
+    a weight set (a full model's weights directory, or an adapter's directory) is tested; the
+    full weights of the directories in `tested` (an earlier stage tested them) are not. If
     any model's weights are not finite, nothing is moved into place, the staging is removed
     once the pool has stopped, and a CheckpointError (validate.raise_if_nonfinite) names the model (a tensor
     of the full weights under `weights_owner[weights_dir]`, the full model that holds them,
@@ -200,7 +203,8 @@ def extract(models: list[ResolvedModel], items: list[dict], run_dir: RunDir, rel
         fn_constructor_args=(run_dir.uri(tmp),),
         fn_constructor_kwargs={"model": models if many else models[0], "max_length": max_length,
                                "exclude_first_token": exclude_first_token, "dtype": dtype,
-                               "num_threads": pool.threads, "check_finite": check_finite},
+                               "num_threads": pool.threads, "check_finite": check_finite,
+                               "tested": sorted(tested)},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=pool.size),
@@ -229,8 +233,9 @@ def extract(models: list[ResolvedModel], items: list[dict], run_dir: RunDir, rel
             for k in entry:
                 entry[k] = sorted(set(entry[k]) | set(found.get(k, [])))
             # the weight sets this load tested: the full weights it read, the adapter's own
-            tested = ([m.weights_dir] if read else []) + ([m.path] if m.kind == "adapter" else [])
-            for ws in tested:
+            sets = ([m.weights_dir] if read and m.weights_dir not in tested else []) + \
+                ([m.path] if m.kind == "adapter" else [])
+            for ws in sets:
                 if ws not in report.tested:
                     report.tested.add(ws)
                     if on_checked is not None:

@@ -18,7 +18,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Collection, Literal, Sequence
 
 from ..core.errors import CheckpointError
 from ..core.lora import META_FILE, Adapter, fold_lora, lora_delta, parse_adapter
@@ -255,18 +255,21 @@ def _fold(tensors: "ModelTensors", name: str, base_weight: torch.Tensor, own: di
 
 
 def load_causal_lm_read(model: ResolvedModel, dtype: torch.dtype | None = None, device: str = "cpu",
-                        check_finite: bool = False):
+                        check_finite: bool = False, check_weights: bool = True):
     """`load_causal_lm`, with every tensor read by this project's reader (each byte once,
     counted) and, with `check_finite`, tested for NaN/Inf as it is read: the representation
     stage's loads are the job's NaN/Inf check (docs/design.md, "Bad input"), so the inputs
-    are not read a third time for it. Float32 unless `dtype`. Returns (model, WeightsRead)."""
+    are not read a third time for it. `check_weights` False: the full weights' test was
+    done already (an adapter's base tested by an earlier stage), only an adapter's own
+    tensors are tested. Float32 unless `dtype`. Returns (model, WeightsRead)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.auto_factory import _get_model_class
 
     tensors = ModelTensors(model)
     read = WeightsRead(weights_read=True)
-    state = _read_checked(tensors.reader, tensors.infos, tensors.infos, check_finite, read.weights_nonfinite, read)
+    state = _read_checked(tensors.reader, tensors.infos, tensors.infos, check_finite and check_weights,
+                          read.weights_nonfinite, read)
     read.bytes_read += tensors.reader.bytes_read
     if tensors.adapter is not None:  # folded exactly as load_causal_lm does
         own = _adapter_tensors(tensors, check_finite, read)
@@ -302,11 +305,15 @@ class LoadedModelSlot:
     not a model load."""
 
     def __init__(self, models: Sequence[ResolvedModel], dtype: torch.dtype, device: str, padding_side: str,
-                 truncation_side: str | None = None, read_weights: bool = False, check_finite: bool = False):
+                 truncation_side: str | None = None, read_weights: bool = False, check_finite: bool = False,
+                 tested: Collection[str] = ()):
         self.models = list(models)
         # read_weights: load through this project's reader (load_causal_lm_read), keeping
-        # what each load or swap read in `reads` (`take_read`); check_finite: and test it
+        # what each load or swap read in `reads` (`take_read`); check_finite: and test it,
+        # but for the full weights in `tested` (weights directories an earlier stage tested:
+        # a LoRA expert's base is not tested again by every actor that loads it)
         self.read_weights, self.check_finite = read_weights or check_finite, check_finite
+        self.tested = frozenset(tested)
         self.reads: dict[int, WeightsRead] = {}
         self.dtype, self.device = dtype, device
         self.padding_side, self.truncation_side = padding_side, truncation_side
@@ -325,7 +332,8 @@ class LoadedModelSlot:
             else:
                 self.lm = None  # drop the previous model first: peak memory stays one model
                 if self.read_weights:
-                    self.lm, self.reads[index] = load_causal_lm_read(new, self.dtype, self.device, self.check_finite)
+                    self.lm, self.reads[index] = load_causal_lm_read(new, self.dtype, self.device, self.check_finite,
+                                                                     new.weights_dir not in self.tested)
                 else:
                     self.lm = load_causal_lm(new, dtype=self.dtype, device=self.device)
             if self.tok is None or held is None or held.tokenizer_dir != new.tokenizer_dir:
