@@ -11,8 +11,9 @@ it is better on its own task and worse on the probe, each by a one-sided exact s
 p < 0.05 (IWSLT: its reference log-likelihood per token, since exact match is 0 for every
 model); each expert takes its smallest accepted rung, else its largest (recall_ray.core.budget).
 The chosen adapters are copied to the config's `out/<task>/` (adapter files and
-recall_ray.json); budget.csv / budget.md / scores.csv / predictions.jsonl go to --out and,
-with --publish, are copied there too.
+recall_ray.json); budget.csv / budget.md go to --out, the scores (scores.csv / scores.md /
+predictions.jsonl) to --out/eval/, each model's cached per task under --out/eval_cache/ (a
+rerun with the next expert scores only its rungs); with --publish, all are copied there too.
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         from recall_ray.cluster.runtime import ray_runtime
         from recall_ray.config import ConfigError, FinetuneConfig, RayConfig, load_tree
         from recall_ray.core.budget import Rung, choose_rung, paired_counts_of
-        from recall_ray.evaluate import evaluate_models, preflight, write_result
-        from recall_ray.io.models import resolve_model, resolve_path
+        from recall_ray.evaluate import evaluation_stage, preflight
+        from recall_ray.io.models import ModelTensors, resolve_model, resolve_path
+        from recall_ray.io.storage import RunDir
+        from recall_ray.manifest import Manifest
         from recall_ray.io.splits import load_split
         from recall_ray.studies.common import eval_hits, read_predictions
 
@@ -80,15 +83,22 @@ def main(argv: list[str] | None = None) -> int:
         only = {label: [task, args.general] for task in tasks for label, _, _ in rungs_of[task]}
         items = preflight(models, every, REPO / "data", "validation", None)
         out = Path(args.out or REPO / "runs" / "budget" / stem)
+        # a resumable stage whose scores are cached per model content and task (evaluate.
+        # evaluation_stage): the base and the rungs of experts chosen before are not scored
+        # again when the next expert's ladder lands
+        run_dir = RunDir(str(out))
+        manifest = Manifest(run_dir, {"config": args.config, "general": args.general, "tasks": tasks})
+        manifest.record_inputs({"models": {m.label: m.path for m in models}})
+        keys = {m.label: ModelTensors(m).fingerprint() for m in models}
         with ray_runtime(RayConfig()):
-            result = evaluate_models(models, every, REPO / "data", "validation", items=items, only=only)
-        write_result(result, out, {"split": "validation", "general": args.general,
-                                   "models": {m.label: m.path for m in models}})
+            evaluation_stage(manifest, run_dir, "", models, every, REPO / "data", "validation", None, 16, "auto",
+                             keys, only, items=items)
+        scored = out / "eval"
 
         # sorted once: a partial .loc on an unsorted MultiIndex warns (pandas' PerformanceWarning,
         # on the console) at every rung
-        hits = eval_hits(out / "predictions.jsonl").set_index(["model", "task", "sample_id"])["hit"].sort_index()
-        preds = read_predictions(out / "predictions.jsonl")
+        hits = eval_hits(scored / "predictions.jsonl").set_index(["model", "task", "sample_id"])["hit"].sort_index()
+        preds = read_predictions(scored / "predictions.jsonl")
         loglik = preds.assign(sample_id=preds["sample_id"].astype(str)).set_index(
             ["model", "task", "sample_id"]).sort_index()
         rows, chosen = [], {}
@@ -125,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.publish:
             pub = Path(args.publish)
             pub.mkdir(parents=True, exist_ok=True)
-            for name in ("budget.csv", "budget.md", "scores.csv", "scores.md"):
+            for name in ("budget.csv", "budget.md"):
                 shutil.copy2(out / name, pub / name)
+            for name in ("scores.csv", "scores.md", "predictions.jsonl"):
+                shutil.copy2(scored / name, pub / name)
         return table, dest_root
 
     status, result = guarded("choose_budget", args.verbose, run)
