@@ -1,5 +1,5 @@
-"""What each job prints, run as a user runs it (its own process, its own local Ray or the
-cluster's, tiny models, a few steps): its progress lines and its result on the console, nothing of Ray's
+"""What each job prints, run as a user runs it (its own process, joining the cluster's Ray as
+under `ray job submit`, tiny models, a few steps): its progress lines and its result on the console, nothing of Ray's
 or its workers' (their records and output go to the job's log file), and its working files
 where its own arguments say. The merge job's console: tests/test_faults.py's driver test."""
 
@@ -53,12 +53,13 @@ class Finished:
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory, tiny_dir, tiny_experts, ray_session) -> dict[str, tuple[Path, Finished]]:
-    """The jobs, each in its own process, started together. Three start their own local Ray
-    (what a laptop user sees); most of their time is Ray's start-up, which on 2 cores is
-    CPU-bound and overlaps only in part (in the suite the five jobs took 133 s, the three
-    alone one after the other about 114 s). The scenario and selection jobs join the test
-    session's Ray (what a cluster user sees): more local Rays starting at once time out on
-    2 cores."""
+    """The jobs, each in its own process, one after the other, each joining the test session's
+    Ray (RAY_ADDRESS, what a user of `ray job submit` sees). A job that starts its own local
+    Ray prints through the same code (cluster.runtime.ray_runtime, cli.setup_logging): that
+    console is tests/test_faults.py's driver test, the merge job's. Starting a local Ray per
+    job here cost about 25 s of 2 CPUs each (133 s for these jobs, three of them with their
+    own Ray), and side by side on the session's 2 CPUs the joined jobs' pools cannot start
+    (Ray Data warns "Cluster resources are not enough" on the console)."""
     join = ray_session.get_runtime_context().gcs_address
     dirs = {name: tmp_path_factory.mktemp(f"job_{name}")
             for name in ("finetune", "evaluate", "train_adapters", "scenario", "select_settings")}
@@ -81,39 +82,27 @@ def jobs(tmp_path_factory, tiny_dir, tiny_experts, ray_session) -> dict[str, tup
                  "parameters": [{"name": "lam", "methods": ["task_arithmetic"],
                                  "values": [{"baselines.lam": 0.5}]}]}
     (dirs["select_settings"] / "selection.yaml").write_text(json.dumps(selection))
-    procs = {
-        "finetune": start_job(
-            "finetune", "--base", str(tiny_dir), "--data", str(DATA / "sst2" / "train.jsonl"), "--template", "sst2",
-            "--out", str(ft / "adapters" / "mine"), "--set", "finetune.steps=2", "--set", "finetune.batch_size=2",
-            "--set", "finetune.max_samples=8", "--set", "finetune.max_length=48", "--set", "finetune.r=2", cwd=ft),
-        "evaluate": start_job(
-            "evaluate", "--base", str(tiny_dir), "--model", f"e0={tiny_experts[0]}", "--tasks", "sst2",
-            "--max-samples", "4", "--out", str(dirs["evaluate"] / "eval"), cwd=dirs["evaluate"]),
-        "train_adapters": start_job(
-            "train_adapters", "--config", str(dirs["train_adapters"] / "adapters.yaml"), "--run-dir",
-            str(dirs["train_adapters"] / "work"), cwd=dirs["train_adapters"]),
-        "scenario": start_job("scenario", "--config", str(dirs["scenario"] / "scenario.yaml"), cwd=dirs["scenario"],
-                              join=join),
+    commands = {
+        "finetune": ("finetune", "--base", str(tiny_dir), "--data", str(DATA / "sst2" / "train.jsonl"), "--template",
+                     "sst2", "--out", str(ft / "adapters" / "mine"), "--set", "finetune.steps=2", "--set",
+                     "finetune.batch_size=2", "--set", "finetune.max_samples=8", "--set", "finetune.max_length=48",
+                     "--set", "finetune.r=2"),
+        "evaluate": ("evaluate", "--base", str(tiny_dir), "--model", f"e0={tiny_experts[0]}", "--tasks", "sst2",
+                     "--max-samples", "4", "--out", str(dirs["evaluate"] / "eval")),
+        "train_adapters": ("train_adapters", "--config", str(dirs["train_adapters"] / "adapters.yaml"), "--run-dir",
+                           str(dirs["train_adapters"] / "work")),
+        "scenario": ("scenario", "--config", str(dirs["scenario"] / "scenario.yaml")),
+        "select_settings": ("select_settings", "--config", str(dirs["select_settings"] / "selection.yaml")),
     }
     done = {}
-    try:
-        # the joined jobs one after the other: side by side on the session's 2 CPUs, Ray Data
-        # warns on the console that a pool cannot start ("Cluster resources are not enough")
-        def finish(name: str) -> None:
-            out, err = procs[name].communicate(timeout=600)  # read as it runs: a full pipe would block it
-            done[name] = (dirs[name], Finished(procs[name].returncode, out, err))
-
-        finish("scenario")
-        procs["select_settings"] = start_job("select_settings", "--config",
-                                             str(dirs["select_settings"] / "selection.yaml"),
-                                             cwd=dirs["select_settings"], join=join)
-        for name in procs:
-            if name not in done:
-                finish(name)
-    finally:
-        for proc in procs.values():
+    for name, command in commands.items():
+        proc = start_job(*command, cwd=dirs[name], join=join)
+        try:
+            out, err = proc.communicate(timeout=600)  # read as it runs: a full pipe would block it
+        finally:
             if proc.poll() is None:
                 proc.kill()
+        done[name] = (dirs[name], Finished(proc.returncode, out, err))
     return done
 
 
