@@ -49,6 +49,7 @@ class RunLogHandler(logging.Handler):
         self.held: list[str] = []
         self.path: str | None = None
         self.file = None
+        self.uploaded = 0  # records of `held` already in a URI run directory's log
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.levelno < logging.INFO and record.name.split(".")[0] == "ray":
@@ -65,9 +66,10 @@ class RunLogHandler(logging.Handler):
                 self.file.writelines(self.held)
                 self.held = []
             else:
-                # uploaded when the process ends: registered now, after pyarrow's own exit hook
-                # that shuts its S3 client down, so that it runs first (atexit runs in reverse);
-                # logging's shutdown, which would close this handler, runs after both
+                # uploaded when the job ends (guarded) and, for records that come after, when
+                # the process ends: registered now, after pyarrow's own exit hook that shuts its
+                # S3 client down, so that it runs first (atexit runs in reverse); logging's
+                # shutdown, which would close this handler, runs after both
                 import atexit
 
                 atexit.register(self.upload)
@@ -86,14 +88,22 @@ class RunLogHandler(logging.Handler):
         super().close()
 
     def upload(self) -> None:
-        """A URI run directory's log: one upload of every record, when the job ends."""
-        if self.path is not None and "://" in self.path and self.held:
-            from .io.storage import filesystem
+        """A URI run directory's log: every record so far, written whole (an object store
+        cannot append), when the job ends and again at exit if records came after. A log
+        that cannot be written is said in one line: the job's own outcome stands."""
+        if self.path is None or "://" not in self.path or len(self.held) == self.uploaded:
+            return
+        from .io.storage import filesystem
 
+        try:
             fs, path = filesystem(self.path)
             with fs.open_output_stream(path) as f:
                 f.write("".join(self.held).encode())
-            self.held = []
+            self.uploaded = len(self.held)
+        except OSError as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            print(f"warning: the job's log could not be written to {self.path}: {first}", file=sys.stderr)
+            self.uploaded = len(self.held)  # said once, not again at exit
 
 
 def setup_logging(verbose: bool) -> None:
@@ -102,11 +112,17 @@ def setup_logging(verbose: bool) -> None:
     -v the console shows the records too."""
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
+    for old in [h for h in root.handlers if getattr(h, "job_handler", False)]:
+        # a second job in the same process (a notebook, a test) replaces the first's handlers
+        root.removeHandler(old)
+        old.close()
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if verbose else logging.WARNING)
     console.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+    run_log = RunLogHandler()
+    console.job_handler = run_log.job_handler = True
     root.addHandler(console)
-    root.addHandler(RunLogHandler())
+    root.addHandler(run_log)
     for noisy in ("filelock", "urllib3", "matplotlib", "PIL", "fsspec", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not verbose:
@@ -134,6 +150,12 @@ def guarded(job: str, verbose: bool, body: Callable[[], Any]) -> tuple[int, Any]
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"{job}: error: {type(e).__name__}: {first}", file=sys.stderr)
         return (BAD_INPUT if is_bad_input(e) else FAILED), None
+    finally:
+        # a run directory on a bucket gets its log now, while the job's storage is surely
+        # there, not only at exit
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, RunLogHandler):
+                handler.upload()
 
 
 def publish_step(job: str, verbose: bool, publish: Callable[[], list[str]], dest: str) -> int:

@@ -109,9 +109,10 @@ def test_representation_actor_killed_mid_stage_gives_identical_parquet(tmp_path,
     events = extract([model], items, RunDir(str(tmp_path / "killed")), ["reps/m"], max_length=48,
                      exclude_first_token=False, dtype="float32", batch_size=8, num_actors=1).events
     assert reached.exists()
-    # the restart is said once (cluster.events); the batches it held were retried in some order
+    # the restart is said once (cluster.events), naming the first part written after it: the
+    # batches the actor held are retried in no fixed order, and Ray Data need not hand the
+    # actor its blocks in order either (CI saw part 0 come after the restart)
     assert [(e["kind"], e["restarts"], e["retries_left"]) for e in events] == [("actor_restart", 1, "unlimited")]
-    assert events[0]["shard"] in ("part-000000008.parquet", "part-000000016.parquet")
     writer = RepresentationWriter(str(tmp_path / "calm"), model, 48, False, "float32")
     for start in range(0, 24, 8):
         chunk = items[start:start + 8]
@@ -119,6 +120,7 @@ def test_representation_actor_killed_mid_stage_gives_identical_parquet(tmp_path,
                 for k in ("sample_idx", "sample_id", "text")})
     calm, killed = hashes(tmp_path / "calm"), hashes(tmp_path / "killed" / "reps" / "m")
     assert len(calm) == 3 and killed == calm
+    assert events[0]["shard"] in calm
 
 
 def test_full_output_filesystem_is_a_clear_error_and_leaves_nothing(tmp_path, three, ray_session):

@@ -29,6 +29,56 @@ def test_progress_prints_one_line_per_stage_when_not_a_terminal():
     assert len(lines) == 1 and lines[0].startswith("typical: 31/31 layers in ")
 
 
+def test_a_run_directory_uri_gets_every_record_when_the_job_ends_and_again_after(tmp_path, capsys):
+    """A URI run directory (file:// here; a bucket alike) cannot be appended to: the job's
+    end (guarded) writes every record so far, and a later upload (the exit hook) writes them
+    all again with the later ones, never only the later ones. A log that cannot be written
+    is one warning line, and the job's status stands."""
+    from recall_ray.cli import RunLogHandler, guarded
+
+    root = logging.getLogger()
+    h = RunLogHandler()
+    root.addHandler(h)
+    logging.getLogger("recall_ray.x").setLevel(logging.DEBUG)
+    run_dir = f"file://{tmp_path}"
+    try:
+        def body():
+            logging.getLogger("recall_ray.x").info("run directory", extra={"run_dir": run_dir})
+            logging.getLogger("recall_ray.x").info("during the job")
+            return "done"
+
+        assert guarded("t", False, body) == (0, "done")
+        assert (tmp_path / "job.log").read_text().splitlines()[1].endswith("during the job")
+        logging.getLogger("recall_ray.x").info("after the job")
+        h.upload()
+        lines = (tmp_path / "job.log").read_text().splitlines()
+        assert [line.split(": ", 1)[1] for line in lines] == ["run directory", "during the job", "after the job"]
+
+        h.path = f"file://{tmp_path}/missing/dir/job.log"  # a parent that does not exist
+        logging.getLogger("recall_ray.x").info("one more")
+        h.upload()
+        h.upload()  # nothing new: no second warning
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"warning: the job's log could not be written to {h.path}: "), err
+    finally:
+        root.removeHandler(h)
+
+
+def test_a_second_job_in_the_same_process_replaces_the_first_jobs_handlers():
+    from recall_ray.cli import RunLogHandler, setup_logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        setup_logging(False)
+        setup_logging(False)
+        added = [h for h in root.handlers if h not in before]
+        assert len(added) == 2 and sum(isinstance(h, RunLogHandler) for h in added) == 1
+    finally:
+        for h in [h for h in root.handlers if h not in before]:
+            root.removeHandler(h)
+
+
 def test_run_log_holds_records_until_the_run_directory_exists(tmp_path):
     from recall_ray.cli import RunLogHandler
 
