@@ -246,7 +246,9 @@ def test_driver_killed_during_the_merge_resumes_the_unfinished_shards(tmp_path, 
     takes that output as its own, and the model equals an undisturbed run's bit for bit. On
     the way, what the person running it reads: one progress line per stage, the weight table
     and the timings on the console, no Ray Data progress dumps or records there; the detail
-    in the run directory's job.log."""
+    in the run directory's job.log. The two reruns join the test session's Ray, as a driver
+    lost on a cluster is rerun there (`ray job submit`): a local Ray each would cost two more
+    Ray starts (issue 22: the suite's time)."""
     from recall_ray.config import build_config
     from recall_ray.pipeline import run_pipeline
 
@@ -279,14 +281,13 @@ def test_driver_killed_during_the_merge_resumes_the_unfinished_shards(tmp_path, 
     stage = json.loads((tmp_path / "job" / "manifest.json").read_text())["stages"]["merge"]
     assert stage["status"] == "running"  # killed mid-stage
     (faults / "merge-after-publish").write_text("exit")  # the rerun dies between the move and the record
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
-    _kill_session(ray_tmp)
+    joined = {**env, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=joined, cwd=tmp_path)
     assert again.returncode == 137 and (faults / "merge-after-publish.reached").exists(), again.stderr[-3000:]
     stage = json.loads((tmp_path / "job" / "manifest.json").read_text())["stages"]["merge"]
     out = Path(stage["result"]["output"])
     assert stage["status"] == "publishing" and out.is_dir()  # in place, not recorded done
-    third = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
-    _kill_session(ray_tmp)
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=joined, cwd=tmp_path)
     assert third.returncode == 0, third.stderr[-3000:]
     manifest = json.loads((tmp_path / "job" / "manifest.json").read_text())
     stage = manifest["stages"]["merge"]
