@@ -284,6 +284,12 @@ class RunConfig(RecallSections):
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     ray: RayConfig = RayConfig()
+    # Run directories of other RECALL runs whose finished representation and typical-sample
+    # stages this run copies when their keys equal its own (the same models, data and
+    # settings): a study's runs that differ only in the similarity or in whether the base is
+    # weighted share every forward pass. A directory not there yet, or a stage with another
+    # key, is simply not used.
+    reuse_from: list[str] = []
 
     @model_validator(mode="after")
     def _unique_names(self) -> "RunConfig":

@@ -302,8 +302,12 @@ def _reps_other(run: Run, label: str | None) -> dict:
     key, so adding an expert computes that expert alone): the first pending model's stage
     runs the pool for all of them."""
     if run.pending_reps is None:
-        pending = [m for m in run.models if m.label in _others(run) and not run.manifest.done(
-            f"reps_{m.label}", stable_hash(_reps_other_key(run, m.label)))]
+        def computed(m: ResolvedModel) -> bool:  # here, or in a run this one copies from
+            name, key = f"reps_{m.label}", stable_hash(_reps_other_key(run, m.label))
+            outputs = [run.run_dir.uri(run.reps_rel(m.label))]
+            return run.manifest.done(name, key) or _done_elsewhere(run, name, key, outputs) is not None
+
+        pending = [m for m in run.models if m.label in _others(run) and not computed(m)]
         typical_items = [run.items[i] for i in run.typical_idx]
         report = _extract(pending, typical_items, run, [run.reps_rel(m.label) for m in pending],
                           f"reps of {_names(m.label for m in pending)}")
@@ -474,12 +478,70 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
+# The stages that only the models, the task data and the representation and typical settings
+# decide (their keys say so): another run with the same key made the same files.
+REUSABLE = ("reps_new", "typical", "reps_{item}")
+# What a copied stage's record leaves out: what the other run's own work read and survived.
+NOT_COPIED = ("bytes_read", "events", "pool_models", "pool_of")
+
+
+def _done_elsewhere(run: Run, name: str, key: str, outputs: list[str]) -> str | None:
+    """The first run directory of cfg.reuse_from whose manifest records stage `name` done with
+    `key` and holds every one of this stage's outputs (at the same place inside it); None
+    when there is none."""
+    here = run.run_dir.root
+    for other in run.cfg.reuse_from:
+        other = other.rstrip("/")
+        if other == here:
+            continue
+        stage = recorded_stages(other).get(name)
+        if stage and stage.get("status") == "done" and stage.get("key") == key:
+            src = RunDir(other)  # there: its manifest is
+            if all(src.exists(_rel(run, o)) for o in outputs):
+                return other
+    return None
+
+
+def _rel(run: Run, location: str) -> str:
+    """An output's path inside this run's directory (the same inside every run's)."""
+    root = run.run_dir.uri() + "/"
+    if not location.startswith(root):
+        raise ValueError(f"{location} is not inside the run directory {root}")
+    return location[len(root):]
+
+
+def _copy_stage(run: Run, name: str, other: str, outputs: list[str]) -> dict:
+    """Copy stage `name`'s outputs from run directory `other` into this run's; its record
+    (without what that run's own work read) says where they came from."""
+    from pyarrow.fs import FileType, copy_files
+
+    src = RunDir(other)
+    for location in outputs:
+        rel = _rel(run, location)
+        if run.run_dir.exists(rel):  # a stale output of other settings
+            run.run_dir.delete(rel)
+        if src.fs.get_file_info(src.path(rel)).type == FileType.Directory:
+            run.run_dir.fs.create_dir(run.run_dir.path(rel), recursive=True)
+        copy_files(src.path(rel), run.run_dir.path(rel), source_filesystem=src.fs,
+                   destination_filesystem=run.run_dir.fs)
+    result = recorded_stages(other)[name].get("result") or {}
+    log.info("stage %s: the same key is done in %s; its outputs copied", name, other)
+    return {**{k: v for k, v in result.items() if k not in NOT_COPIED}, "copied_from": other}
+
+
 def run_stage(run: Run, stage: Stage, item: str | None = None) -> StageRun:
-    """Run one stage (one item of it) through the manifest, keeping its key parts."""
+    """Run one stage (one item of it) through the manifest, keeping its key parts. A reusable
+    stage that another run of cfg.reuse_from finished with the same key is copied from it."""
     name = stage.name.format(item=item)
     parts = stage.key(run, item)
     run.parts[name] = parts
-    done = run.manifest.run(name, parts, stage.outputs(run, item), lambda: stage.compute(run, item))
+    outputs = stage.outputs(run, item)
+
+    def compute():
+        other = _done_elsewhere(run, name, stable_hash(parts), outputs) if stage.name in REUSABLE else None
+        return _copy_stage(run, name, other, outputs) if other else stage.compute(run, item)
+
+    done = run.manifest.run(name, parts, outputs, compute)
     run.runs[name] = done
     return done
 

@@ -117,6 +117,53 @@ def test_changed_setting_recomputes_only_downstream(run, tmp_path):
     assert not t["weights"]["skipped"] and not t["merge"]["skipped"]
 
 
+def test_a_run_copies_the_representations_another_run_made_with_the_same_key(run, tmp_path):
+    """A run that weighs without the base and with another sigma, given tiny_run's directory
+    in reuse_from (after one that does not exist), copies its reps_new, typical and reps
+    stages: the same bytes, recorded as copied, with none of the other run's bytes_read; no
+    representation pool runs. Its weights are the float64 reference on the copied
+    representations. A stage of another key is not taken from there."""
+    from types import SimpleNamespace
+
+    from recall_ray.io.storage import RunDir
+    from recall_ray.manifest import stable_hash
+    from recall_ray.pipeline import _done_elsewhere
+
+    cfg, _ = run
+    a = Path(cfg.run_dir)
+    tree = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("output", "evaluate")}
+    tree.update(run_dir=str(tmp_path / "b"), include_base=False, similarity={"sigma": 2.0},
+                reuse_from=[str(tmp_path / "nowhere"), str(a)])
+    b = run_pipeline(build_config(tree))
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())["stages"]
+    for stage in ("reps_new", "typical", "reps_base", "reps_e0"):
+        record = manifest[stage]["result"]
+        assert record["copied_from"] == str(a) and "bytes_read" not in record, (stage, record)
+        assert not b.timings[stage]["skipped"]
+    for rel in ("typical.parquet", "reps/new", "reps/base", "reps/e0"):
+        here, there = tmp_path / "b" / rel, a / rel
+        files = sorted(p.relative_to(there) for p in ([there] if there.is_file() else there.rglob("*")) if p.is_file())
+        assert files and all((here / f if f != Path(".") else here).read_bytes() == (there / f).read_bytes()
+                             for f in files), rel
+    typ = pd.read_parquet(a / "typical.parquet")["sample_idx"].tolist()
+    table = pd.read_csv(tmp_path / "b" / "weights.csv")
+    for i in range(3):
+        reps = {lbl: pd.read_parquet(a / "reps" / lbl).set_index("sample_idx") for lbl in ("e0", "new")}
+        x = {lbl: np.stack([np.asarray(df.loc[s_, f"layer_{i}"], dtype=np.float64) for s_ in typ])
+             for lbl, df in reps.items()}
+        sims = np.array([np.mean(np.exp(-((x["new"] - x[lbl]) ** 2).sum(1) / (2 * 2.0**2))) for lbl in ("e0", "new")])
+        got = table[table["layer"] == i].set_index("model").loc[["e0", "new"]]
+        np.testing.assert_allclose(got["weight"].to_numpy(), np.exp(sims) / np.exp(sims).sum(), rtol=1e-6)
+        assert "base" not in set(table["model"])
+    # another key, or a directory without the stage: not taken
+    fake = SimpleNamespace(run_dir=RunDir(str(tmp_path / "c")), cfg=SimpleNamespace(reuse_from=[str(a)]))
+    out = [fake.run_dir.uri("typical.parquet")]
+    key = json.loads((a / "manifest.json").read_text())["stages"]["typical"]["key"]
+    assert _done_elsewhere(fake, "typical", key, out) == str(a)
+    assert _done_elsewhere(fake, "typical", stable_hash(["another key"]), out) is None
+    assert _done_elsewhere(fake, "no_such_stage", key, out) is None
+
+
 def test_run_dir_and_output_as_filesystem_uris(tmp_path, tiny_dir, tiny_experts, ray_session):
     """run_dir and output given as pyarrow URIs (file:// here, s3:// on a cluster)."""
     cfg = build_config({

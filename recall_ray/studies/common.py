@@ -85,11 +85,14 @@ def check_inputs(tasks: list[str], run_dir: str, base: str, data_dir: str, recal
 
 
 def recall_run_config(r: RecallSettings, ray: RayConfig, run_dir: str, base: str, experts: list[dict],
-                      new_model: dict, include_base: bool, task: str, data_dir: str) -> RunConfig:
+                      new_model: dict, include_base: bool, task: str, data_dir: str,
+                      reuse_from: list[str] = ()) -> RunConfig:
     """The jobs/merge.py config of one RECALL merge inside a study: the new task's train
     split only (never its validation tail), RECALL's sections taken from `r` as they are (they
-    were validated once, with the study's config)."""
+    were validated once, with the study's config). `reuse_from`: the study's other RECALL
+    run directories, whose representations it copies where they are the same."""
     return RunConfig.model_validate({
+        "reuse_from": list(reuse_from),
         "run_dir": run_dir,
         "overwrite": True,  # the study owns its run directory
         "base": {"name": "base", "path": base},

@@ -113,17 +113,25 @@ def expert_path(cfg: ScenarioConfig, task: str) -> str:
     return str(Path(cfg.experts) / task)
 
 
+def recall_dir(cfg: ScenarioConfig, v: Variant, row: str | None = None) -> str:
+    """Where the RECALL merge of variant v (of its row `row`) runs."""
+    return f"{cfg.run_dir.rstrip('/')}/{v.name}{'' if row is None else f'/recall_{row}'}/recall"
+
+
 def recall_config(cfg: ScenarioConfig, v: Variant, row: str | None = None) -> RunConfig:
     """The RECALL merge of one variant: the main row's, or that of `row`, a name of
-    cfg.recall_variants (its own run directory <variant>/recall_<row>/recall)."""
-    settings, where = cfg.recall, v.name
+    cfg.recall_variants (its own run directory <variant>/recall_<row>/recall). It copies the
+    representations the scenario's other RECALL merges computed on the same models and data
+    (a row differs in its similarity only; with and without the base, in the weights only)."""
+    settings = cfg.recall
     if row is not None:
         settings = cfg.recall.model_copy(update={"similarity": cfg.recall_variants[row].similarity})
-        where = f"{v.name}/recall_{row}"
+    others = [recall_dir(cfg, w, r) for w in variants(cfg) for r in [None, *recall_rows(cfg, w)]]
     return recall_run_config(
-        settings, cfg.ray, f"{cfg.run_dir.rstrip('/')}/{where}/recall", cfg.base,
+        settings, cfg.ray, recall_dir(cfg, v, row), cfg.base,
         [{"name": t, "path": expert_path(cfg, t)} for t in v.experts],
-        {"name": v.new_task, "path": expert_path(cfg, v.new_task)}, v.include_base, v.new_task, cfg.data_dir)
+        {"name": v.new_task, "path": expert_path(cfg, v.new_task)}, v.include_base, v.new_task, cfg.data_dir,
+        [d for d in others if d != recall_dir(cfg, v, row)])
 
 
 def recall_rows(cfg: ScenarioConfig, v: Variant) -> list[str]:

@@ -160,10 +160,15 @@ def _merge_config(cfg: SequentialConfig, step: int, task: str, label: str, previ
     """Step `step`'s merge of chain `label`: the previous merge and the adapter fine-tuned
     from it, the base weighted beside them when `with_base`; at step 1 (no previous merge)
     the base and the adapter."""
+    here = f"{cfg.run_dir.rstrip('/')}/step{step}/{label}/recall"
+    # the step's other chains: where they merge the same previous model and adapter (the two
+    # protocols share step 1 and E_2), their representations are the same
+    others = [f"{cfg.run_dir.rstrip('/')}/step{step}/{line}/recall" for line, *_ in cfg.chain_lines()]
     return recall_run_config(
-        cfg.recall, cfg.ray, f"{cfg.run_dir.rstrip('/')}/step{step}/{label}/recall", cfg.base,
+        cfg.recall, cfg.ray, here, cfg.base,
         [{"name": "previous", "path": previous}] if previous else [],
-        {"name": task, "path": adapter, "adapter_base": start}, previous is None or with_base, task, cfg.data_dir)
+        {"name": task, "path": adapter, "adapter_base": start}, previous is None or with_base, task, cfg.data_dir,
+        [d for d in others if d != here])
 
 
 def kept_delta(steps: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
