@@ -149,6 +149,21 @@ def reference_group(name: str, num_layers: int) -> int:
     return num_layers
 
 
+@pytest.fixture(autouse=True)
+def _job_logging_goes_with_its_test():
+    """A job run in-process (its main()) puts the job's log handlers on the root logger
+    (cli.setup_logging); they go with the test, so that a later test's records do not land
+    in that job's log, nor in an upload at exit to a test bucket that is gone by then."""
+    import logging
+
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "job_handler", False)]:
+        root.removeHandler(handler)
+        handler.path = None  # a URI log: nothing to upload at exit
+        handler.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_base"))
