@@ -178,8 +178,11 @@ def project(rates: dict, a: dict, n: int = 48, lora: bool = False) -> dict:
     # swapping adapters, since a GPU per expert would read the base 64 times for 0.4 s of compute
     actors = min(gpus, n + 1) if not lora else a["nodes"]
     reps_bytes = reads["reps"] * (inputs - expert_bytes) if not lora else actors * model_bytes + n * expert_bytes
+    # what the actors test as they read: with LoRA experts the base was tested by reps_new's
+    # load, and the others' actors are told so (pipeline.FiniteCheck, models.LoadedModelSlot)
+    tested_others = reps_bytes if not lora else n * expert_bytes
     stages["reps_others"] = {"bytes": reps_bytes, "io_s": io(reps_bytes),
-                             "compute_s": fwd_others / (gpu_flops * actors) + check(reps_bytes, actors),
+                             "compute_s": fwd_others / (gpu_flops * actors) + check(tested_others, actors),
                              "flop": fwd_others}
     merge_cpus = a["nodes"] * a["merge_actors_per_node"]
     merge_in = reads["merge"] * inputs if not lora else model_bytes + n * expert_bytes
