@@ -100,7 +100,7 @@ class RunLogHandler(logging.Handler):
             with fs.open_output_stream(path) as f:
                 f.write("".join(self.held).encode())
             self.uploaded = len(self.held)
-        except OSError as e:
+        except Exception as e:  # any failure (storage, a bad URI): the log must not change the job's outcome
             first = (str(e).strip().splitlines() or [""])[0]
             print(f"warning: the job's log could not be written to {self.path}: {first}", file=sys.stderr)
             self.uploaded = len(self.held)  # said once, not again at exit
