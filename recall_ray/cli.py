@@ -112,10 +112,7 @@ def setup_logging(verbose: bool) -> None:
     -v the console shows the records too."""
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
-    for old in [h for h in root.handlers if getattr(h, "job_handler", False)]:
-        # a second job in the same process (a notebook, a test) replaces the first's handlers
-        root.removeHandler(old)
-        old.close()
+    remove_job_logging()  # a second job in the same process (a notebook, a test) replaces the first's
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if verbose else logging.WARNING)
     console.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
@@ -129,6 +126,17 @@ def setup_logging(verbose: bool) -> None:
         # model loading bars, here and in the workers of a local Ray runtime (which inherit it)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def remove_job_logging(upload: bool = True) -> None:
+    """Take setup_logging's handlers off the root logger and close them: a URI run
+    directory's log is uploaded first, unless `upload` is False (its storage is gone)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "job_handler", False)]:
+        root.removeHandler(handler)
+        if isinstance(handler, RunLogHandler) and not upload:
+            handler.path = None  # nothing for close() or the exit hook to upload
+        handler.close()
 
 
 def is_bad_input(err: BaseException) -> bool:

@@ -485,10 +485,10 @@ REUSABLE = ("reps_new", "typical", "reps_{item}")
 NOT_COPIED = ("bytes_read", "events", "pool_models", "pool_of")
 
 
-def _done_elsewhere(run: Run, name: str, key: str, outputs: list[str]) -> str | None:
-    """The first run directory of cfg.reuse_from whose manifest records stage `name` done with
-    `key` and holds every one of this stage's outputs (at the same place inside it); None
-    when there is none."""
+def _done_elsewhere(run: Run, name: str, key: str, outputs: list[str]) -> tuple[str, dict] | None:
+    """(run directory, its record of the stage) for the first directory of cfg.reuse_from
+    whose manifest records stage `name` done with `key` and that holds every one of this
+    stage's outputs (at the same place inside it); None when there is none."""
     here = run.run_dir.root
     for other in run.cfg.reuse_from:
         other = other.rstrip("/")
@@ -498,7 +498,7 @@ def _done_elsewhere(run: Run, name: str, key: str, outputs: list[str]) -> str | 
         if stage and stage.get("status") == "done" and stage.get("key") == key:
             src = RunDir(other)  # there: its manifest is
             if all(src.exists(_rel(run, o)) for o in outputs):
-                return other
+                return other, stage
     return None
 
 
@@ -510,11 +510,12 @@ def _rel(run: Run, location: str) -> str:
     return location[len(root):]
 
 
-def _copy_stage(run: Run, name: str, other: str, outputs: list[str]) -> dict:
-    """Copy stage `name`'s outputs from run directory `other` into this run's; its record
-    (without what that run's own work read) says where they came from."""
+def _copy_stage(run: Run, name: str, found: tuple[str, dict], outputs: list[str]) -> dict:
+    """Copy stage `name`'s outputs from the run directory `_done_elsewhere` found into this
+    run's; its record (without what that run's own work read) says where they came from."""
     from pyarrow.fs import FileType, copy_files
 
+    other, stage = found
     src = RunDir(other)
     for location in outputs:
         rel = _rel(run, location)
@@ -524,7 +525,7 @@ def _copy_stage(run: Run, name: str, other: str, outputs: list[str]) -> dict:
             run.run_dir.fs.create_dir(run.run_dir.path(rel), recursive=True)
         copy_files(src.path(rel), run.run_dir.path(rel), source_filesystem=src.fs,
                    destination_filesystem=run.run_dir.fs)
-    result = recorded_stages(other)[name].get("result") or {}
+    result = stage.get("result") or {}
     log.info("stage %s: the same key is done in %s; its outputs copied", name, other)
     return {**{k: v for k, v in result.items() if k not in NOT_COPIED}, "copied_from": other}
 
@@ -538,8 +539,8 @@ def run_stage(run: Run, stage: Stage, item: str | None = None) -> StageRun:
     outputs = stage.outputs(run, item)
 
     def compute():
-        other = _done_elsewhere(run, name, stable_hash(parts), outputs) if stage.name in REUSABLE else None
-        return _copy_stage(run, name, other, outputs) if other else stage.compute(run, item)
+        found = _done_elsewhere(run, name, stable_hash(parts), outputs) if stage.name in REUSABLE else None
+        return _copy_stage(run, name, found, outputs) if found else stage.compute(run, item)
 
     done = run.manifest.run(name, parts, outputs, compute)
     run.runs[name] = done

@@ -154,14 +154,10 @@ def _job_logging_goes_with_its_test():
     """A job run in-process (its main()) puts the job's log handlers on the root logger
     (cli.setup_logging); they go with the test, so that a later test's records do not land
     in that job's log, nor in an upload at exit to a test bucket that is gone by then."""
-    import logging
+    from recall_ray.cli import remove_job_logging
 
     yield
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if getattr(h, "job_handler", False)]:
-        root.removeHandler(handler)
-        handler.path = None  # a URI log: nothing to upload at exit
-        handler.close()
+    remove_job_logging(upload=False)
 
 
 @pytest.fixture(scope="session")

@@ -126,12 +126,13 @@ def recall_config(cfg: ScenarioConfig, v: Variant, row: str | None = None) -> Ru
     settings = cfg.recall
     if row is not None:
         settings = cfg.recall.model_copy(update={"similarity": cfg.recall_variants[row].similarity})
+    here = recall_dir(cfg, v, row)
     others = [recall_dir(cfg, w, r) for w in variants(cfg) for r in [None, *recall_rows(cfg, w)]]
     return recall_run_config(
-        settings, cfg.ray, recall_dir(cfg, v, row), cfg.base,
+        settings, cfg.ray, here, cfg.base,
         [{"name": t, "path": expert_path(cfg, t)} for t in v.experts],
         {"name": v.new_task, "path": expert_path(cfg, v.new_task)}, v.include_base, v.new_task, cfg.data_dir,
-        [d for d in others if d != recall_dir(cfg, v, row)])
+        [d for d in others if d != here])
 
 
 def recall_rows(cfg: ScenarioConfig, v: Variant) -> list[str]:

@@ -160,15 +160,17 @@ def _merge_config(cfg: SequentialConfig, step: int, task: str, label: str, previ
     """Step `step`'s merge of chain `label`: the previous merge and the adapter fine-tuned
     from it, the base weighted beside them when `with_base`; at step 1 (no previous merge)
     the base and the adapter."""
-    here = f"{cfg.run_dir.rstrip('/')}/step{step}/{label}/recall"
+    def recall_dir(line: str) -> str:
+        return f"{cfg.run_dir.rstrip('/')}/step{step}/{line}/recall"
+
     # the step's other chains: where they merge the same previous model and adapter (the two
     # protocols share step 1 and E_2), their representations are the same
-    others = [f"{cfg.run_dir.rstrip('/')}/step{step}/{line}/recall" for line, *_ in cfg.chain_lines()]
+    others = [recall_dir(line) for line, *_ in cfg.chain_lines() if line != label]
     return recall_run_config(
-        cfg.recall, cfg.ray, here, cfg.base,
+        cfg.recall, cfg.ray, recall_dir(label), cfg.base,
         [{"name": "previous", "path": previous}] if previous else [],
         {"name": task, "path": adapter, "adapter_base": start}, previous is None or with_base, task, cfg.data_dir,
-        [d for d in others if d != here])
+        others)
 
 
 def kept_delta(steps: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
