@@ -122,6 +122,7 @@ def run_one(kind: str, n: int, out: Path) -> dict:
     """The job with n experts (n - 1 old ones and the new model) on a simulated cluster."""
     import pyarrow.parquet as pq
     import ray
+    from ray._common.utils import get_default_ray_temp_dir
     from ray.cluster_utils import Cluster
 
     from recall_ray.cluster.pools import inference_pool, merge_pool
@@ -137,6 +138,9 @@ def run_one(kind: str, n: int, out: Path) -> dict:
     tmp = tempfile.mkdtemp(prefix="rr_scale_", dir="/tmp")
     # no dashboard: on a busy machine its start-up can time the cluster's start out, and
     # nothing here uses it
+    # Cluster.add_node writes to <default Ray temp dir>/ray_current_cluster whatever temp_dir
+    # it is given: on a machine where Ray never ran, that directory must be made first
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": tmp, "include_dashboard": False,
                                                            "object_store_memory": 200 * 1024**2})
     for _ in range(2):

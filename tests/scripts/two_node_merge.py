@@ -26,8 +26,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 def three_node_cluster(tmp: str):
     """A simulated cluster on this machine: a head with no CPUs (so every task and actor
     runs on a worker) and two worker nodes of one CPU each, its own Ray runtime."""
+    from ray._common.utils import get_default_ray_temp_dir
     from ray.cluster_utils import Cluster
 
+    # Cluster.add_node writes the head's address to <default temp dir>/ray_current_cluster
+    # whatever temp_dir it was given, and fails on a fresh machine where no Ray ever made that
+    # directory (a test run alone there, before anything else started Ray).
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": tmp,
                                                            "object_store_memory": 128 * 1024**2})
     for _ in range(2):
