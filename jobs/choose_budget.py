@@ -13,7 +13,9 @@ model); each expert takes its smallest accepted rung, else its largest (recall_r
 The chosen adapters are copied to the config's `out/<task>/` (adapter files and
 recall_ray.json); budget.csv / budget.md go to --out, the scores (scores.csv / scores.md /
 predictions.jsonl) to --out/eval/, each model's cached per task under --out/eval_cache/ (a
-rerun with the next expert scores only its rungs); with --publish, all are copied there too.
+rerun with the next expert scores only its rungs); with --publish, all are written there too,
+over what is there: rows of tasks and models this run did not score stay, so a run of one new
+expert on a machine without the earlier ladders completes the published tables.
 """
 
 from __future__ import annotations
@@ -133,12 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(dest)
             os.replace(tmp, dest)
         if args.publish:
-            pub = Path(args.publish)
-            pub.mkdir(parents=True, exist_ok=True)
-            for name in ("budget.csv", "budget.md"):
-                shutil.copy2(out / name, pub / name)
-            for name in ("scores.csv", "scores.md", "predictions.jsonl"):
-                shutil.copy2(scored / name, pub / name)
+            publish(Path(args.publish), table, scored)
         return table, dest_root
 
     status, result = guarded("choose_budget", args.verbose, run)
@@ -148,6 +145,34 @@ def main(argv: list[str] | None = None) -> int:
     print(table.to_string(index=False))
     print(f"\nchosen adapters copied to {dest_root}/<task>")
     return 0
+
+
+def publish(pub: Path, table, scored: Path) -> None:
+    """budget.csv / budget.md and the scores (scores.csv / scores.md / predictions.jsonl) into
+    `pub`, over what an earlier run published there: its rows of other tasks and models stay
+    (studies.common.replace_rows), so that experts trained and chosen on different machines,
+    one run each, end in one table; this run's rows (the base's included) replace theirs."""
+    import pandas as pd
+
+    from recall_ray.evaluate import EvalResult, result_files
+    from recall_ray.studies.common import read_predictions, replace_rows
+
+    pub.mkdir(parents=True, exist_ok=True)
+    scores = pd.read_csv(scored / "scores.csv")
+    preds = read_predictions(scored / "predictions.jsonl")
+    if (pub / "budget.csv").exists():
+        table = replace_rows(pd.read_csv(pub / "budget.csv"), table, ["task"])
+    if (pub / "scores.csv").exists():
+        scores = replace_rows(pd.read_csv(pub / "scores.csv"), scores, ["model", "task"])
+        preds = replace_rows(read_predictions(pub / "predictions.jsonl"), preds, ["model", "task"])
+    files = {"budget.csv": table.to_csv(index=False, float_format="%.4g"),
+             "budget.md": table.to_markdown(index=False, floatfmt=".4g") + "\n"}
+    written = result_files(EvalResult(scores, preds))
+    files.update({name: written[name] for name in ("scores.csv", "scores.md", "predictions.jsonl")})
+    for name, text in files.items():  # each whole, then moved into place
+        tmp = pub / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, pub / name)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -49,3 +51,66 @@ def test_paired_counts_of_hits_and_of_log_likelihoods():
     assert paired_counts_of(lp_e, lp_b) == (2, 1)  # ties count for neither
     with pytest.raises(ValueError, match="one length"):
         paired_counts_of(lp_e, lp_b[:3])
+
+
+def _preds(rows: list[tuple[str, str, str, str]]) -> str:
+    """predictions.jsonl lines: (model, task, sample_id, prediction)."""
+    import json
+
+    return "".join(json.dumps({"model": m, "task": t, "sample_id": i, "protocol": "loglik", "generation": p,
+                               "prediction": p, "references": [p], "option_logprobs": None,
+                               "ref_logprob": None}) + "\n" for m, t, i, p in rows)
+
+
+def test_publish_keeps_what_an_earlier_run_published_and_replaces_what_this_one_scored(tmp_path):
+    """A later choose_budget run (one new expert, the base scored again, on a machine without
+    the earlier ladders) published over an earlier one: the earlier expert's rows stay, byte
+    for byte; the base's rows on the tasks scored again are this run's; the new expert's
+    rows are added; publishing the same run twice changes nothing."""
+    import importlib.util
+    from pathlib import Path
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("job_choose_budget",
+                                                  Path(__file__).resolve().parents[1] / "jobs" / "choose_budget.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    cols = ["task", "model", "steps", "own_better", "own_worse", "p_learns", "general_worse", "general_better",
+            "p_forgets", "accepted", "chosen", "rule_met"]
+    pub, scored = tmp_path / "pub", tmp_path / "scored"
+    pub.mkdir()
+    scored.mkdir()
+    earlier = pd.DataFrame([["sst2", "sst2@1ep", 225, 83, 8, 3.788e-17, 30, 11, 0.002162, True, True, True]],
+                           columns=cols)
+    earlier.to_csv(pub / "budget.csv", index=False, float_format="%.4g")
+    (pub / "scores.csv").write_text("model,task,metric,value,n,protocol,template\n"
+                                    "base,sst2,accuracy,53.0000,2,loglik,sst2\n"
+                                    "base,arc_easy,acc,50.0000,2,loglik,arc_easy\n"
+                                    "sst2@1ep,sst2,accuracy,100.0000,2,loglik,sst2\n")
+    (pub / "predictions.jsonl").write_text(_preds([("base", "sst2", "1", "positive"), ("base", "arc_easy", "1", "0"),
+                                                   ("sst2@1ep", "sst2", "1", "negative")]))
+    (scored / "scores.csv").write_text("model,task,metric,value,n,protocol,template\n"
+                                       "base,race,accuracy,25.0000,2,loglik,race\n"
+                                       "base,arc_easy,acc,51.0000,2,loglik,arc_easy\n"
+                                       "race@1ep,race,accuracy,75.0000,2,loglik,race\n")
+    (scored / "predictions.jsonl").write_text(_preds([("base", "race", "1", "A"), ("base", "arc_easy", "1", "1"),
+                                                      ("race@1ep", "race", "1", "B")]))
+    table = pd.DataFrame([["race", "race@1ep", 225, 40, 10, 1e-6, 20, 5, 0.002, True, True, True]], columns=cols)
+    job.publish(pub, table, scored)
+
+    budget = pd.read_csv(pub / "budget.csv")
+    assert list(budget["model"]) == ["sst2@1ep", "race@1ep"]
+    assert (pub / "budget.csv").read_text().splitlines()[1] == "sst2,sst2@1ep,225,83,8,3.788e-17,30,11,0.002162,True,True,True"
+    scores = pd.read_csv(pub / "scores.csv").set_index(["model", "task"])["value"]
+    assert scores.to_dict() == {("base", "sst2"): 53.0, ("sst2@1ep", "sst2"): 100.0, ("base", "race"): 25.0,
+                                ("base", "arc_easy"): 51.0, ("race@1ep", "race"): 75.0}
+    preds = [(r["model"], r["task"], r["prediction"]) for r in map(json.loads, (pub / "predictions.jsonl").read_text().splitlines())]
+    assert preds == [("base", "sst2", "positive"), ("sst2@1ep", "sst2", "negative"), ("base", "race", "A"),
+                     ("base", "arc_easy", "1"), ("race@1ep", "race", "B")]
+    md = (pub / "scores.md").read_text()
+    assert all(m in md for m in ("| base ", "| sst2@1ep ", "| race@1ep "))
+    before = {f.name: f.read_bytes() for f in pub.iterdir()}
+    job.publish(pub, table, scored)
+    assert {f.name: f.read_bytes() for f in pub.iterdir()} == before
+    assert not list(pub.glob(".*"))  # no staging file left

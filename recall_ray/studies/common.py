@@ -381,6 +381,19 @@ def read_predictions(path: Path) -> pd.DataFrame:
     return pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
 
 
+def replace_rows(old: pd.DataFrame, new: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """`old` without the rows whose `keys` values occur in `new`, then `new`: a later run's
+    table published over an earlier one's, that keeps what only the earlier run measured (a
+    fresh machine holds none of the earlier experts' ladders; it scores the new expert and the
+    base again, and the base's new rows replace its old ones)."""
+    missing = [k for k in keys if k not in old.columns or k not in new.columns]
+    if missing:
+        raise ValueError(f"replace_rows: key columns {missing} are not in both tables")
+    taken = set(new[keys].astype(str).itertuples(index=False, name=None))
+    kept = [tuple(r) not in taken for r in old[keys].astype(str).itertuples(index=False, name=None)]
+    return pd.concat([old[kept], new], ignore_index=True)
+
+
 def eval_hits(predictions: Path) -> pd.DataFrame:
     """Per sample, whether the model scored on the task's primary metric (core.metrics
     .sample_hits), from an evaluation's predictions.jsonl: model, task, sample_id, hit."""
