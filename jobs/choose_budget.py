@@ -151,7 +151,9 @@ def publish(pub: Path, table, scored: Path) -> None:
     """budget.csv / budget.md and the scores (scores.csv / scores.md / predictions.jsonl) into
     `pub`, over what an earlier run published there: its rows of other tasks and models stay
     (studies.common.replace_rows), so that experts trained and chosen on different machines,
-    one run each, end in one table; this run's rows (the base's included) replace theirs."""
+    one run each, end in one table; this run's rows (the base's included) replace theirs. A
+    budget row is one rung: a later run that holds only an expert's newer rungs (a snapshot
+    carried to a new machine) keeps the earlier rungs' rows."""
     import pandas as pd
 
     from recall_ray.evaluate import EvalResult, result_files
@@ -161,7 +163,7 @@ def publish(pub: Path, table, scored: Path) -> None:
     scores = pd.read_csv(scored / "scores.csv")
     preds = read_predictions(scored / "predictions.jsonl")
     if (pub / "budget.csv").exists():
-        table = replace_rows(pd.read_csv(pub / "budget.csv"), table, ["task"])
+        table = replace_rows(pd.read_csv(pub / "budget.csv"), table, ["task", "model"])
     if (pub / "scores.csv").exists():
         scores = replace_rows(pd.read_csv(pub / "scores.csv"), scores, ["model", "task"])
         preds = replace_rows(read_predictions(pub / "predictions.jsonl"), preds, ["model", "task"])

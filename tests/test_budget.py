@@ -98,9 +98,12 @@ def test_publish_keeps_what_an_earlier_run_published_and_replaces_what_this_one_
                                                       ("race@1ep", "race", "1", "B")]))
     table = pd.DataFrame([["race", "race@1ep", 225, 40, 10, 1e-6, 20, 5, 0.002, True, True, True]], columns=cols)
     job.publish(pub, table, scored)
+    # a later run of the same expert that holds only its newer rung keeps the earlier rung's row
+    newer = pd.DataFrame([["race", "race@2ep", 450, 40, 9, 1e-6, 21, 5, 0.001, True, False, True]], columns=cols)
+    job.publish(pub, newer, tmp_path / "scored")
 
     budget = pd.read_csv(pub / "budget.csv")
-    assert list(budget["model"]) == ["sst2@1ep", "race@1ep"]
+    assert list(budget["model"]) == ["sst2@1ep", "race@1ep", "race@2ep"]
     assert (pub / "budget.csv").read_text().splitlines()[1] == "sst2,sst2@1ep,225,83,8,3.788e-17,30,11,0.002162,True,True,True"
     scores = pd.read_csv(pub / "scores.csv").set_index(["model", "task"])["value"]
     assert scores.to_dict() == {("base", "sst2"): 53.0, ("sst2@1ep", "sst2"): 100.0, ("base", "race"): 25.0,
@@ -111,6 +114,6 @@ def test_publish_keeps_what_an_earlier_run_published_and_replaces_what_this_one_
     md = (pub / "scores.md").read_text()
     assert all(m in md for m in ("| base ", "| sst2@1ep ", "| race@1ep "))
     before = {f.name: f.read_bytes() for f in pub.iterdir()}
-    job.publish(pub, table, scored)
+    job.publish(pub, newer, scored)
     assert {f.name: f.read_bytes() for f in pub.iterdir()} == before
     assert not list(pub.glob(".*"))  # no staging file left
