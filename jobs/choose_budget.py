@@ -163,8 +163,14 @@ def publish(pub: Path, table, scored: Path) -> None:
     scores = pd.read_csv(scored / "scores.csv")
     preds = read_predictions(scored / "predictions.jsonl")
     if (pub / "budget.csv").exists():
-        table = replace_rows(pd.read_csv(pub / "budget.csv"), table, ["task", "model"])
-    if (pub / "scores.csv").exists():
+        earlier = pd.read_csv(pub / "budget.csv")
+        # this run chose its tasks' rungs: an earlier rung kept beside them is not chosen any more
+        met = dict(zip(table["task"], table["rule_met"]))
+        mine = earlier["task"].isin(list(met))
+        earlier["chosen"] = earlier["chosen"] & ~mine
+        earlier["rule_met"] = [met.get(t, m) for t, m in zip(earlier["task"], earlier["rule_met"])]
+        table = replace_rows(earlier, table, ["task", "model"])
+    if (pub / "scores.csv").exists() and (pub / "predictions.jsonl").exists():
         scores = replace_rows(pd.read_csv(pub / "scores.csv"), scores, ["model", "task"])
         preds = replace_rows(read_predictions(pub / "predictions.jsonl"), preds, ["model", "task"])
     files = {"budget.csv": table.to_csv(index=False, float_format="%.4g"),

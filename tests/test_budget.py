@@ -99,11 +99,13 @@ def test_publish_keeps_what_an_earlier_run_published_and_replaces_what_this_one_
     table = pd.DataFrame([["race", "race@1ep", 225, 40, 10, 1e-6, 20, 5, 0.002, True, True, True]], columns=cols)
     job.publish(pub, table, scored)
     # a later run of the same expert that holds only its newer rung keeps the earlier rung's row
-    newer = pd.DataFrame([["race", "race@2ep", 450, 40, 9, 1e-6, 21, 5, 0.001, True, False, True]], columns=cols)
+    newer = pd.DataFrame([["race", "race@2ep", 450, 40, 9, 1e-6, 21, 5, 0.001, True, True, False]], columns=cols)
     job.publish(pub, newer, tmp_path / "scored")
 
     budget = pd.read_csv(pub / "budget.csv")
     assert list(budget["model"]) == ["sst2@1ep", "race@1ep", "race@2ep"]
+    # one chosen rung per task, the later run's, and its verdict on the rule for every rung of it
+    assert list(budget["chosen"]) == [True, False, True] and list(budget["rule_met"]) == [True, False, False]
     assert (pub / "budget.csv").read_text().splitlines()[1] == "sst2,sst2@1ep,225,83,8,3.788e-17,30,11,0.002162,True,True,True"
     scores = pd.read_csv(pub / "scores.csv").set_index(["model", "task"])["value"]
     assert scores.to_dict() == {("base", "sst2"): 53.0, ("sst2@1ep", "sst2"): 100.0, ("base", "race"): 25.0,
