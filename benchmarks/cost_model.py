@@ -164,9 +164,11 @@ def project(rates: dict, a: dict, n: int = 48, lora: bool = False) -> dict:
     check = lambda b, actors: b / (rates["check_bytes_per_cpu_s"] * actors)  # noqa: E731
     reads = rates["reads_per_input"]
     stages = {}
-    # preflight's fingerprints: two samples of at most 4 KiB per tensor (291 in Llama-2-7B);
-    # an adapter's fingerprint covers its base's files too
-    samples = 291 * 2 * 4096 * (1 + n * (2 if lora else 1))
+    # the fingerprints, in a new run directory: full experts' come from the representation
+    # loads (nothing read for them); a LoRA expert swapped into an actor rather than loaded
+    # reads two pieces of at most 4 KiB of each of its 128 tensors (r 16 on q and v of 32
+    # layers), and the base's 291 tensors are read so once for all of them (validate.Fingerprints)
+    samples = 291 * 2 * 4096 + n * 128 * 2 * 4096 if lora else 0
     stages["preflight"] = {"bytes": samples, "io_s": io(samples), "compute_s": 0.0}
     fwd_new = a["task_samples"] * a["tokens_per_sample"] * flop_token
     new_bytes = model_bytes + expert_bytes if lora else reads["reps"] * expert_bytes
@@ -220,7 +222,7 @@ def main() -> int:
              f" ({rates['check_seconds_at_largest_n']:.1f} s in all)",
              f"- reads of each input (full experts, N = {rates['largest_n']}): representation loads"
              f" {rates['reads_per_input']['reps']:.3f}, merge {rates['reads_per_input']['merge']:.3f}; all stages"
-             f" {rates['read_multiple']['total']:.3f}x the inputs, with preflight's fingerprint samples",
+             f" {rates['read_multiple']['total']:.3f}x the inputs, fingerprints included",
              f"- representation forward: {rates['forward_flop_per_cpu_s'] / 1e9:.1f} GFLOP per CPU-second"
              f" ({rates['typical_tokens_per_model']} tokens per model, {rates['per_expert_s']['reps_others_lora']:.2f} s"
              f" per LoRA expert on {rates['reps_threads']} threads)",

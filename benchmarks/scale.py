@@ -12,8 +12,10 @@ benchmarks/results/scale/<kind>-<N>.json: every stage's seconds, the merge actor
 driver's peak RSS, the tensor bytes each stage read, where the merge ran. The representation
 stages' and the merge's bytes are measured by their readers (the manifest's records); the
 NaN/Inf check reads nothing of its own (its tests run inside the representation loads, and
-`finite_check` is their summed seconds); preflight's fingerprints read two samples of at most
-4 KiB per tensor (recall_ray.io.safetensors_io.files_fingerprint), counted from the headers. The
+`finite_check` is their summed seconds); the fingerprints read nothing of their own where the
+representation loads give them (a new run directory), else two pieces of at most 4 KiB per
+tensor (recall_ray.validate.Fingerprints, its count in the manifest's inputs); a LoRA base's
+check reads each tensor's first row (counted from the headers). The
 total is also given as a multiple of the inputs' tensor bytes (the base and every expert
 once); safetensors headers, read by every process that opens a model, are left out. --report
 fits each stage's seconds to a + b * N (the per-expert marginal cost b) and writes scale.md,
@@ -183,7 +185,7 @@ def run_one(kind: str, n: int, out: Path) -> dict:
     pool_bytes = [st["result"]["bytes_read"] for k, st in stages.items()
                   if k.startswith("reps_") and "pool_models" in (st.get("result") or {})]
     bytes_read = {
-        "preflight": _preflight_bytes(kind, base, experts),
+        "preflight": manifest["inputs"]["fingerprint_bytes_read"] + _base_check_bytes(kind, base),
         "reps_new": stages["reps_new"]["result"]["bytes_read"],  # measured by the actors' readers
         "reps_others": sum(sum(b.values()) for b in pool_bytes),
         "merge": sum(s["bytes_read"] for s in merge["shards"]),
@@ -226,27 +228,16 @@ def _tensor_bytes(model_dir: Path) -> int:
     return sum(i.nbytes for i in tensor_infos(sorted(Path(model_dir).glob("*.safetensors"))).values())
 
 
-def _preflight_bytes(kind: str, base: Path, experts: list[Path]) -> int:
-    """Tensor bytes preflight reads (recall_ray.validate.check_models): each model's
-    fingerprint; an adapter's covers its base's files too, and its base's content
-    fingerprint (core.lora's base check, once per base) reads each tensor's first row."""
+def _base_check_bytes(kind: str, base: Path) -> int:
+    """Tensor bytes preflight reads to check that LoRA experts fit their base
+    (recall_ray.validate.check_models: the base's content fingerprint, each tensor's first
+    row, once per base); none for full experts."""
     if kind == "full":
-        return sum(_fingerprint_bytes(d) for d in [base, *experts])
+        return 0
     from recall_ray.io.safetensors_io import tensor_infos
 
-    first_rows = sum(i.nbytes // i.shape[0] if i.shape and i.shape[0] else i.nbytes
-                     for i in tensor_infos(sorted(base.glob("*.safetensors"))).values())
-    return _fingerprint_bytes(base) * (1 + len(experts)) + sum(_fingerprint_bytes(d) for d in experts) + first_rows
-
-
-def _fingerprint_bytes(model_dir: Path) -> int:
-    """What preflight's fingerprint of a model reads of its tensor data: the first and the
-    last FINGERPRINT_SAMPLE_BYTES of each tensor, once for a tensor that small."""
-    from recall_ray.io.safetensors_io import FINGERPRINT_SAMPLE_BYTES, tensor_infos
-
-    infos = tensor_infos(sorted(Path(model_dir).glob("*.safetensors"))).values()
-    return sum(min(FINGERPRINT_SAMPLE_BYTES, i.nbytes) * (2 if i.nbytes > FINGERPRINT_SAMPLE_BYTES else 1)
-               for i in infos)
+    return sum(i.nbytes // i.shape[0] if i.shape and i.shape[0] else i.nbytes
+               for i in tensor_infos(sorted(base.glob("*.safetensors"))).values())
 
 
 def swap_seconds(base: Path, adapters: list[Path]) -> float:

@@ -127,9 +127,12 @@ class Manifest:
         return StageRun(key, result, reused)
 
     def run(self, name: str, key_parts: Any, outputs: list[str], fn: Callable[[], Any]) -> StageRun:
-        """Run `fn` unless the stage is done with the same key; record status and timing."""
-        key = stable_hash(key_parts)
-        if self.done(name, key):
+        """Run `fn` unless the stage is done with the same key; record status and timing.
+        `key_parts` may be a function, called once `fn` has run: for a stage that nothing
+        recorded can match (a new run directory), whose key needs what its own work reads."""
+        later = callable(key_parts)
+        key = None if later else stable_hash(key_parts)
+        if not later and self.done(name, key):
             stage = self.data["stages"][name]
             if stage["status"] == "publishing":  # published by a run that stopped before recording it
                 log.warning("stage %s: its output was moved into place by an interrupted run (%s); recorded as"
@@ -153,7 +156,10 @@ class Manifest:
             self.save()
             raise
         seconds = time.perf_counter() - t0
-        self.data["stages"][name].update(status="done", finished=_now(), seconds=round(seconds, 3), result=result)
+        if later:
+            key = stable_hash(key_parts())
+        self.data["stages"][name].update(status="done", key=key, finished=_now(), seconds=round(seconds, 3),
+                                         result=result)
         self.data["stages"][name].pop("staging", None)
         if isinstance(result, dict):
             self._add_events(name, result.get("events") or [])

@@ -207,6 +207,10 @@ class Run:
     table: pd.DataFrame | None = None  # the weights table
     pending_reps: list[ResolvedModel] | None = None  # models whose reps one shared pool computes
     finite: FiniteCheck | None = None  # the NaN/Inf check (merge.check_finite), done by the reps stages
+    # nothing here or in cfg.reuse_from can be reused (a new run directory): the representation
+    # stages run before their keys are made, so that the models' fingerprints come from their
+    # loads (every tensor read anyway) instead of a read of their own
+    keys_after_reads: bool = False
 
     @property
     def cfg(self) -> RunConfig:
@@ -222,6 +226,11 @@ class Run:
 
     def fp(self, label: str) -> str:
         return self.modelset.fingerprints[label]
+
+    def learn_fingerprints(self, models: list[ResolvedModel], found: dict[int, str]) -> None:
+        """The fingerprints a representation pool's loads made (ExtractReport.fingerprints)."""
+        for q, fp in found.items():
+            self.modelset.fingerprints.learn(models[q].label, fp)
 
     def reps_rel(self, label: str) -> str:
         return f"reps/{label}"
@@ -269,6 +278,7 @@ def _finetune_dir(run: Run) -> str:
 
 def _reps_new(run: Run, _: str | None) -> dict:
     report = _extract([run.new], run.items, run, [run.reps_rel(run.new.label)], "reps_new")
+    run.learn_fingerprints([run.new], report.fingerprints)
     return {"bytes_read": report.bytes_read[0], **({"events": report.events} if report.events else {})}
 
 
@@ -307,10 +317,11 @@ def _reps_other(run: Run, label: str | None) -> dict:
             outputs = [run.run_dir.uri(run.reps_rel(m.label))]
             return run.manifest.done(name, key) or _done_elsewhere(run, name, key, outputs) is not None
 
-        pending = [m for m in run.models if m.label in _others(run) and not computed(m)]
+        pending = [m for m in run.models if m.label in _others(run) and (run.keys_after_reads or not computed(m))]
         typical_items = [run.items[i] for i in run.typical_idx]
         report = _extract(pending, typical_items, run, [run.reps_rel(m.label) for m in pending],
                           f"reps of {_names(m.label for m in pending)}")
+        run.learn_fingerprints(pending, report.fingerprints)
         run.pending_reps = pending
         # tensor bytes each model's loads read (all of the pool's actors)
         return {"pool_models": [m.label for m in pending],
@@ -481,6 +492,8 @@ STAGES: tuple[Stage, ...] = (
 # The stages that only the models, the task data and the representation and typical settings
 # decide (their keys say so): another run with the same key made the same files.
 REUSABLE = ("reps_new", "typical", "reps_{item}")
+# The stages whose loads read every tensor of their models (and so give their fingerprints)
+KEYS_AFTER_READS = ("reps_new", "reps_{item}")
 # What a copied stage's record leaves out: what the other run's own work read and survived.
 NOT_COPIED = ("bytes_read", "events", "pool_models", "pool_of")
 
@@ -534,9 +547,15 @@ def run_stage(run: Run, stage: Stage, item: str | None = None) -> StageRun:
     """Run one stage (one item of it) through the manifest, keeping its key parts. A reusable
     stage that another run of cfg.reuse_from finished with the same key is copied from it."""
     name = stage.name.format(item=item)
+    outputs = stage.outputs(run, item)
+    if run.keys_after_reads and stage.name in KEYS_AFTER_READS:
+        # nothing to reuse: its key is made once its loads have given the fingerprints
+        done = run.manifest.run(name, lambda: stage.key(run, item), outputs, lambda: stage.compute(run, item))
+        run.parts[name] = stage.key(run, item)
+        run.runs[name] = done
+        return done
     parts = stage.key(run, item)
     run.parts[name] = parts
-    outputs = stage.outputs(run, item)
 
     def compute():
         found = _done_elsewhere(run, name, stable_hash(parts), outputs) if stage.name in REUSABLE else None
@@ -554,7 +573,7 @@ def _after(run: Run, stage: Stage) -> None:
     if stage.name == "reps_{item}" and run.finite is not None:  # every model's weights were read: checked
         fc = run.finite
         fc.tested_before()
-        run.manifest.record("finite_check", [run.modelset.fingerprints], fc.seconds, not fc.tested,
+        run.manifest.record("finite_check", [run.modelset.fingerprints.all()], fc.seconds, not fc.tested,
                             {"done_by": "the representation stages' loads", "weight_sets": len(fc.total),
                              "tested_now": len(fc.tested), "tested_before": len(fc.before)})
     elif stage.name == "typical":
@@ -602,13 +621,23 @@ def _run(cfg: RunConfig, plan: Plan) -> PipelineResult:
     run.modelset = plan.modelset or check_models(run.models, cfg.architecture, cfg.merge.head_group)
     if cfg.merge.check_finite:  # done by the representation stages' loads
         run.finite = FiniteCheck(run.models)
-    manifest.record_inputs({
-        "models": {m.label: {"kind": m.kind, "path": m.path, "fingerprint": run.fp(m.label),
-                             **({"base_check": run.modelset.base_checks[m.label]}
-                                if m.label in run.modelset.base_checks else {})}
-                   for m in run.models},
-        "task_data": {"path": str(Path(cfg.task.data).resolve()), "sha256": plan.data_hash},
-    })
+    run.keys_after_reads = not (set(manifest.data["stages"]) - {"finetune"}) and not cfg.reuse_from
+
+    def record_inputs() -> None:
+        models = {m.label: {"kind": m.kind, "path": m.path, "fingerprint": run.fp(m.label),
+                            **({"base_check": run.modelset.base_checks[m.label]}
+                               if m.label in run.modelset.base_checks else {})}
+                  for m in run.models}
+        manifest.record_inputs({
+            "models": models,
+            "task_data": {"path": str(Path(cfg.task.data).resolve()), "sha256": plan.data_hash},
+            # what the fingerprints read of the tensors for themselves (none when the
+            # representation loads gave them all)
+            "fingerprint_bytes_read": run.modelset.fingerprints.bytes_read,
+        })
+
+    if not run.keys_after_reads:
+        record_inputs()
     # prompt and target apart: the representation stage cuts them as the fine-tune does (core.sft.keep_end)
     run.items = [{"sample_idx": i, "sample_id": r["sample_id"], "text": r["prompt"] + r["target"],
                   "prompt": r["prompt"], "target": r["target"]} for i, r in enumerate(plan.records)]
@@ -619,6 +648,8 @@ def _run(cfg: RunConfig, plan: Plan) -> PipelineResult:
         for item in (stage.items(run) if stage.items else [None]):
             run_stage(run, stage, item)
         _after(run, stage)
+        if run.keys_after_reads and stage.name == "reps_{item}":  # every fingerprint is known now
+            record_inputs()
 
     scores = _evaluate(run, None) if _evaluating(run) else None
     merge = run.runs["merge"].result or {}

@@ -6,6 +6,7 @@ weights with NaN/Inf, which the representation stage's loads find (docs/design.m
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from .core.architectures import Architecture, Grouping, architecture_for, assign_groups
@@ -24,6 +25,59 @@ class ModelMismatchError(ValueError):
     """Models that cannot be merged with each other."""
 
 
+class Fingerprints(Mapping[str, str]):
+    """label -> the model's fingerprint (ModelTensors.fingerprint: the identity its stage keys
+    are built from), made when first asked for: either given by a load that read every tensor
+    anyway (`learn`, the representation stages') or read for itself (two small pieces of every
+    tensor; `bytes_read` counts them). So a job whose keys can wait for its loads reads no
+    input byte a third time for them.
+
+    Not JSON: a key needs every fingerprint (`all()`), never the few known so far."""
+
+    def __init__(self, models: Sequence[ResolvedModel]):
+        self._models = {m.label: m for m in models}
+        self._known: dict[str, str] = {}
+        self._weights: dict[str, str] = {}  # weights dir -> its part (a LoRA base's, read once for its adapters)
+        self.bytes_read = 0  # tensor bytes read for fingerprints that no load gave
+
+    def __getitem__(self, label: str) -> str:
+        if label not in self._known:
+            m = self._models[label]  # KeyError for a label not in the set
+            t = ModelTensors(m)
+            weights = self._weights.get(m.weights_dir)
+            if weights is None:
+                weights = self._weights[m.weights_dir] = t.weights_fingerprint()
+                self.bytes_read += t.fingerprint_bytes()
+            elif t.adapter is not None:
+                self.bytes_read += t.fingerprint_bytes(weights=False)
+            self._known[label] = t.fingerprint(weights_fp=weights)
+        return self._known[label]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._models)
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def learn(self, label: str, fingerprint: str) -> None:
+        """The fingerprint a load that read every tensor of model `label` made of the pieces
+        it read (models.WeightsRead.fingerprint)."""
+        known = self._known.setdefault(label, fingerprint)
+        if known != fingerprint:
+            raise CheckpointError(f"model {label!r} ({self._models[label].path}) changed while the job read it: its"
+                                  " weights are not those it was checked with; rerun once they are no longer written")
+
+    def all(self) -> dict[str, str]:
+        """Every model's fingerprint, as a plain dict (for keys)."""
+        return {label: self[label] for label in self._models}
+
+    def __str__(self) -> str:  # stable_hash turns what is not JSON into str: refuse, loudly
+        raise TypeError("Fingerprints is not a key: use .all()")
+
+    def __repr__(self) -> str:
+        return f"Fingerprints(known={self._known!r}, of={list(self._models)!r})"
+
+
 @dataclass(frozen=True)
 class ModelSet:
     models: list[ResolvedModel]
@@ -31,7 +85,7 @@ class ModelSet:
     hf_config: dict
     grouping: Grouping
     infos: dict[str, TensorInfo]  # of the first model (all agree)
-    fingerprints: dict[str, str]  # label -> weights (+ adapter) fingerprint
+    fingerprints: Fingerprints  # label -> weights (+ adapter) fingerprint, made when first needed
     base_checks: dict[str, str]  # adapter label -> how it was tied to its base (core.lora.BASE_CHECKS)
 
 
@@ -63,7 +117,6 @@ def check_models(models: list[ResolvedModel], architecture_path: str | None = No
 
     tensors = [ModelTensors(m) for m in models]
     base_fp_cache: dict[str, str] = {}
-    fingerprints: dict[str, str] = {}
     base_checks: dict[str, str] = {}
     ref_infos = tensors[0].infos
     for m, t in zip(models, tensors):
@@ -73,7 +126,6 @@ def check_models(models: list[ResolvedModel], architecture_path: str | None = No
             check_adapter_fits(t.adapter, t.infos, base_fp_cache[m.base_path], m.base_path)  # shapes, fingerprint
             base_checks[m.label] = base_check(t.adapter, base_names(m.base_path), m.label, m.base_name_check)
         _check_same_tensors(models[0].label, ref_infos, m.label, t.infos)
-        fingerprints[m.label] = t.fingerprint()
 
     grouping = assign_groups(
         ref_infos.keys(), arch, arch.num_layers(ref_cfg),
@@ -82,7 +134,7 @@ def check_models(models: list[ResolvedModel], architecture_path: str | None = No
     non_float = [n for n in grouping.groups if not ref_infos[n].is_float]
     if non_float:
         raise ModelMismatchError(f"non-floating-point tensors in layer groups are not mergeable: {non_float[:5]}")
-    return ModelSet(models, arch, ref_cfg, grouping, ref_infos, fingerprints, base_checks)
+    return ModelSet(models, arch, ref_cfg, grouping, ref_infos, Fingerprints(models), base_checks)
 
 
 def base_names(model_dir: str) -> list[str]:

@@ -290,6 +290,8 @@ def tiny_run(tmp_path_factory, tiny_dir, tiny_experts, ray_session):
     root = tmp_path_factory.mktemp("pipeline")
     cfg = build_config(tiny_run_tree(str(root / "run"), str(tiny_dir), str(tiny_experts[0]), str(tiny_experts[1])))
     result = run_pipeline(cfg)
+    # as the run in a new directory left it (tests rerun the job in the same directory)
+    shutil.copy(root / "run" / "manifest.json", root / "first_manifest.json")
     return cfg, result
 
 

@@ -159,9 +159,12 @@ def test_slot_does_not_test_weights_an_earlier_stage_tested(tmp_path, tiny_dir):
 def test_each_input_read_twice_with_full_experts(tiny_run, tiny_dir, tiny_experts):
     """The finished tiny job (base, e0, new; one representation actor on 2 cores): the
     representation loads read each model's tensors once, the merge once more, and no
-    stage reads them for the NaN/Inf check."""
+    stage reads them for the NaN/Inf check or for the fingerprints (in a new run directory
+    the keys are made from the pieces the loads kept)."""
     cfg, _ = tiny_run
     stages = json.loads((Path(cfg.run_dir) / "manifest.json").read_text())["stages"]
+    first = json.loads((Path(cfg.run_dir).parent / "first_manifest.json").read_text())
+    assert first["inputs"]["fingerprint_bytes_read"] == 0
     sizes = {"base": tensor_bytes(tiny_dir), "e0": tensor_bytes(tiny_experts[0]),
              "new": tensor_bytes(tiny_experts[1])}
     assert stages["reps_new"]["result"]["bytes_read"] == sizes["new"]

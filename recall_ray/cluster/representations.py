@@ -109,7 +109,7 @@ class RepresentationWriter(RepresentationExtractor, RestartNote):
 
         models = batch["model"].astype(np.int64) if self.many else np.zeros(len(batch["sample_idx"]), dtype=np.int64)
         out: dict[str, list] = {"model": [], "rows": [], "loaded": [], "bytes_read": [], "check_seconds": [],
-                                "weights_read": [], "nonfinite": [], "part": []}
+                                "weights_read": [], "nonfinite": [], "part": [], "fingerprint": []}
         for q in dict.fromkeys(int(m) for m in models):  # usually one model per batch
             sel = np.flatnonzero(models == q)
             self.slot.get(q)  # loads (or swaps in) model q: its weights read, and checked, here
@@ -124,6 +124,7 @@ class RepresentationWriter(RepresentationExtractor, RestartNote):
             out["check_seconds"].append(read.check_seconds if read else 0.0)
             out["weights_read"].append(bool(read and read.weights_read))
             out["nonfinite"].append(bad)
+            out["fingerprint"].append((read.fingerprint or "") if read else "")
         return {"model": np.array(out["model"], dtype=np.int32), "rows": np.array(out["rows"], dtype=np.int64),
                 "loaded": np.array(out["loaded"], dtype=bool),
                 "bytes_read": np.array(out["bytes_read"], dtype=np.int64),
@@ -131,6 +132,7 @@ class RepresentationWriter(RepresentationExtractor, RestartNote):
                 "weights_read": np.array(out["weights_read"], dtype=bool),
                 "nonfinite": np.array(out["nonfinite"], dtype=object),
                 "part": np.array(out["part"], dtype=object),
+                "fingerprint": np.array(out["fingerprint"], dtype=object),
                 # Ray restarted this actor: said on its first batch after it
                 "restarted": np.array([self.restart_note()] + [""] * (len(out["model"]) - 1), dtype=object)}
 
@@ -165,6 +167,9 @@ class ExtractReport:
     checked: dict[int, dict] = field(default_factory=dict)  # model index -> {"weights": [...], "adapter": [...]}
     tested: set[str] = field(default_factory=set)  # weight sets tested: weights dirs and adapter dirs
     events: list[dict] = field(default_factory=list)  # actors Ray restarted on the way (cluster.events)
+    # model index -> its fingerprint (ModelTensors.fingerprint), from a load that read every
+    # tensor: the job's stage keys without a read of their own
+    fingerprints: dict[int, str] = field(default_factory=dict)
 
 
 def extract(models: list[ResolvedModel], items: list[dict], run_dir: RunDir, rels: list[str], *, max_length: int,
@@ -220,12 +225,14 @@ def extract(models: list[ResolvedModel], items: list[dict], run_dir: RunDir, rel
         for note, part in zip(out["restarted"], out["part"]):
             if note:
                 report_pool_restart(report.events, log, stage, str(note), "representation actor", str(part))
-        for q, loaded, nbytes, secs, read, found_json in zip(out["model"], out["loaded"], out["bytes_read"],
-                                                             out["check_seconds"], out["weights_read"],
-                                                             out["nonfinite"]):
+        for q, loaded, nbytes, secs, read, found_json, fp in zip(out["model"], out["loaded"], out["bytes_read"],
+                                                                 out["check_seconds"], out["weights_read"],
+                                                                 out["nonfinite"], out["fingerprint"]):
             q, m = int(q), models[int(q)]
             report.bytes_read[q] += int(nbytes)
             report.check_seconds += float(secs)
+            if fp:
+                report.fingerprints.setdefault(q, str(fp))
             if not (check_finite and loaded):
                 continue
             found = json.loads(found_json) if found_json else {}

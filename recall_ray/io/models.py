@@ -27,6 +27,7 @@ from .safetensors_io import (
     LazyTensorReader,
     TensorInfo,
     files_fingerprint,
+    fingerprint_pieces,
     list_weight_files,
     tensor_infos,
 )
@@ -114,13 +115,14 @@ def resolve_model(label: str, path: str, base_path: str, allow_pickle: bool = Fa
 class ModelTensors:
     """Lazy, by-name access to one model's parameters (adapter deltas folded in float32)."""
 
-    def __init__(self, model: ResolvedModel):
+    def __init__(self, model: ResolvedModel, keep_fingerprint_pieces: bool = False):
         self.model = model
         self.weight_files = list_weight_files(model.weights_dir, allow_pickle=model.allow_pickle)
         self.infos: dict[str, TensorInfo] = tensor_infos(self.weight_files)
-        self.reader = LazyTensorReader(self.infos)
+        # keep_fingerprint_pieces: a load that reads every tensor gives `fingerprint_of_reads`
+        self.reader = LazyTensorReader(self.infos, keep_fingerprint_pieces)
         self.adapter: Adapter | None = read_adapter(model.path) if model.kind == "adapter" else None
-        self.adapter_reader = LazyTensorReader(self.adapter.infos) if self.adapter else None
+        self.adapter_reader = LazyTensorReader(self.adapter.infos, keep_fingerprint_pieces) if self.adapter else None
 
     def get(self, name: str) -> torch.Tensor:
         """The parameter; adapter targets come back folded, as float32."""
@@ -145,10 +147,42 @@ class ModelTensors:
         return lora_delta(self.adapter_reader.get(tgt.lora_a), self.adapter_reader.get(tgt.lora_b), tgt.scale,
                           fan_in_fan_out=bool(self.adapter.config.get("fan_in_fan_out")))
 
-    def fingerprint(self) -> str:
-        fp = files_fingerprint(self.weight_files)
+    def fingerprint(self, weights_fp: str | None = None) -> str:
+        """The model's identity in stage keys (safetensors_io.files_fingerprint of its weights,
+        and of its adapter's): two small pieces of every tensor are read. `weights_fp`: the
+        weights' own part when it is known (a LoRA base that its other adapters share), so
+        that only the adapter's pieces are read."""
+        return self._fingerprint(None, None, weights_fp)
+
+    def fingerprint_of_reads(self) -> str | None:
+        """`fingerprint()`, from the pieces this object's readers kept (keep_fingerprint_pieces)
+        while they read every tensor: no byte is read for it. None when some tensor was not
+        read whole (a LoRA swap reads only its targets) or a file is a pickle."""
+        if self.reader.fingerprint_pieces is None:
+            return None
+        try:
+            return self._fingerprint(self.reader.fingerprint_pieces,
+                                     self.adapter_reader.fingerprint_pieces if self.adapter else None)
+        except KeyError:
+            return None
+
+    def weights_fingerprint(self) -> str:
+        """The weights' own part of `fingerprint()` (all of it for a full model)."""
+        return files_fingerprint(self.weight_files)
+
+    def fingerprint_bytes(self, weights: bool = True) -> int:
+        """The tensor bytes `fingerprint()` reads: its pieces (a pickle file: all of it);
+        without `weights`, the adapter's alone (`fingerprint(weights_fp=...)`)."""
+        infos = [*(self.infos.values() if weights else ()), *(self.adapter.infos.values() if self.adapter else ())]
+        pickles = {i.file for i in infos if i.offset < 0}
+        return sum(n for i in infos if i.offset >= 0 for _, n in fingerprint_pieces(i.offset, i.nbytes)) + \
+            sum(model_path(f).stat().st_size for f in pickles)
+
+    def _fingerprint(self, pieces, adapter_pieces, weights_fp: str | None = None) -> str:
+        fp = weights_fp or files_fingerprint(self.weight_files, pieces)
         if self.adapter is not None:
-            fp = hashlib.sha256((fp + files_fingerprint(list_weight_files(self.adapter.path))).encode()).hexdigest()
+            own = files_fingerprint(list_weight_files(self.adapter.path), adapter_pieces)
+            fp = hashlib.sha256((fp + own).encode()).hexdigest()
         return fp
 
 
@@ -196,6 +230,9 @@ class WeightsRead:
     adapter_nonfinite: list[str] = field(default_factory=list)
     bytes_read: int = 0
     check_seconds: float = 0.0
+    # the model's fingerprint (ModelTensors.fingerprint), from the pieces of this read, when
+    # it read every tensor (a full load; not a LoRA swap)
+    fingerprint: str | None = None
 
     @property
     def finite(self) -> bool:
@@ -266,7 +303,7 @@ def load_causal_lm_read(model: ResolvedModel, dtype: torch.dtype | None = None, 
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.auto_factory import _get_model_class
 
-    tensors = ModelTensors(model)
+    tensors = ModelTensors(model, keep_fingerprint_pieces=True)
     read = WeightsRead(weights_read=True)
     state = _read_checked(tensors.reader, tensors.infos, tensors.infos, check_finite and check_weights,
                           read.weights_nonfinite, read)
@@ -275,6 +312,7 @@ def load_causal_lm_read(model: ResolvedModel, dtype: torch.dtype | None = None, 
         own = _adapter_tensors(tensors, check_finite, read)
         for name in tensors.adapter.targets:
             state[name] = _fold(tensors, name, state[name], own)
+    read.fingerprint = tensors.fingerprint_of_reads()
     # the weights were read in place above; transformers wants its config from a local folder
     config = AutoConfig.from_pretrained(local_copy(model.weights_dir, CONFIG_FILES))
     # the concrete class: from_pretrained takes a state_dict only without a path to read

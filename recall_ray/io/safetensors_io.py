@@ -177,13 +177,25 @@ def tensor_infos(files: Iterable[Path | str]) -> dict[str, TensorInfo]:
 FINGERPRINT_SAMPLE_BYTES = 4096
 
 
-def files_fingerprint(files: Iterable[Path]) -> str:
+def fingerprint_pieces(offset: int, nbytes: int) -> tuple[tuple[int, int], ...]:
+    """The (offset, length) pieces of one tensor's data that its file's fingerprint hashes:
+    its first and last FINGERPRINT_SAMPLE_BYTES (one piece when it is that small). `offset`
+    is where the tensor's data starts, in any frame (the file's, or the data section's)."""
+    n = min(FINGERPRINT_SAMPLE_BYTES, nbytes)
+    return tuple((at, n) for at in dict.fromkeys((offset, offset + nbytes - n)))
+
+
+def files_fingerprint(files: Iterable[Path], pieces: Mapping[tuple[str, int], bytes] | None = None) -> str:
     """sha256 over each file's name, size, safetensors header and, for every tensor, the
     first and last FINGERPRINT_SAMPLE_BYTES of its data. The stage keys of a run are built
     from it, so it must change when a model is retrained in place with the same shapes (the
     header alone would not): a fine-tune moves the first and last rows of every tensor it
     trains (a folded LoRA is dense in its weights; new token embeddings sit at the end).
-    Reads two small pieces per tensor, never the whole file. Pickle files hash their bytes."""
+    Reads two small pieces per tensor, never the whole file. Pickle files hash their bytes.
+
+    `pieces`: those pieces already in memory, by (str(file), offset in the file)
+    (`LazyTensorReader.fingerprint_pieces`: a read of every tensor kept them), so that no
+    tensor byte is read again; KeyError when one is missing."""
     h = hashlib.sha256()
     for f in sorted(map(model_path, files)):
         h.update(f.name.encode())
@@ -193,13 +205,19 @@ def files_fingerprint(files: Iterable[Path]) -> str:
             h.update(raw)
             start = 8 + len(raw)
             spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+            if pieces is not None:
+                for b, e in spans:
+                    for at, n in fingerprint_pieces(start + b, e - b):
+                        h.update(pieces[(str(f), at)] if n else b"")  # an empty tensor is not read
+                continue
             with f.open("rb") as fh:
                 for b, e in spans:
-                    n = min(FINGERPRINT_SAMPLE_BYTES, e - b)
-                    for at in dict.fromkeys((b, e - n)):  # one read when the tensor is small
-                        fh.seek(start + at)
+                    for at, n in fingerprint_pieces(start + b, e - b):
+                        fh.seek(at)
                         h.update(fh.read(n))
         else:
+            if pieces is not None:
+                raise KeyError(f"{f}: a pickle file is fingerprinted from its bytes, not from pieces")
             with f.open("rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
@@ -236,11 +254,15 @@ class LazyTensorReader:
     memory. Reading into a fresh tensor keeps the footprint to the tensors alive now.
     """
 
-    def __init__(self, infos: dict[str, TensorInfo]):
+    def __init__(self, infos: dict[str, TensorInfo], keep_fingerprint_pieces: bool = False):
         self._infos = infos
         self._files: dict[str, object] = {}
         self._pickled: dict[str, dict] = {}
         self.bytes_read = 0  # tensor bytes read from the files so far (what a merge costs in I/O)
+        # keep_fingerprint_pieces: each whole tensor read leaves the pieces files_fingerprint
+        # hashes, so that a load that reads every tensor also gives the model's fingerprint
+        # without a read of its own (the job's stage keys, from the representation loads)
+        self.fingerprint_pieces: dict[tuple[str, int], bytes] | None = {} if keep_fingerprint_pieces else None
 
     def _read(self, info: TensorInfo, shape: tuple[int, ...], nbytes: int) -> torch.Tensor:
         import torch
@@ -252,11 +274,15 @@ class LazyTensorReader:
         if f is None:
             f = self._files[info.file] = open_for_reads(info.file)
         f.seek(info.offset)  # one range request per tensor on an object store
-        got = f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        data = t.reshape(-1).view(torch.uint8).numpy()
+        got = f.readinto(memoryview(data))
         self.bytes_read += got
         if got != nbytes:
             raise CheckpointError(f"{info.file}: tensor {info.name} is cut short ({got} of {nbytes} bytes): the file is"
                                   " truncated; re-download or re-save the model")
+        if self.fingerprint_pieces is not None and nbytes == info.nbytes:  # the whole tensor
+            for at, n in fingerprint_pieces(info.offset, nbytes):
+                self.fingerprint_pieces[(info.file, at)] = data[at - info.offset:at - info.offset + n].tobytes()
         return t
 
     def _pickle(self, info: TensorInfo) -> torch.Tensor:

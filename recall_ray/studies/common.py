@@ -141,7 +141,7 @@ def merge_all(rc: RunConfig, methods: list[str], baselines: BaselineConfig, data
     losses = None
     if "losses" in needs:
         examples = load_split(data_dir, plan.cfg.task.template, "train", max_samples=baselines.cocktail_examples)
-        key = [ms.fingerprints, [(r["prompt"], r["target"]) for r in examples], rc.task.max_length]
+        key = [ms.fingerprints.all(), [(r["prompt"], r["target"]) for r in examples], rc.task.max_length]
         losses = manifest.run(f"{prefix}/cocktail_losses", key, [],
                               lambda: model_losses(models, examples, rc.task.max_length)).result
     for name in methods:
