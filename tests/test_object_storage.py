@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DATA, REPO, S3_ENV, small_finetune_cfg, tiny_run_tree
-from recall_ray.io.models import ModelTensors, resolve_model
+from recall_ray.io.models import ModelTensors, load_causal_lm_read, resolve_model
 from recall_ray.io.safetensors_io import content_fingerprint, list_weight_files, model_fingerprint, tensor_infos
 
 
@@ -31,6 +31,9 @@ def test_a_model_on_the_bucket_reads_as_on_disk_by_range_reads(s3_store, tiny_di
     assert torch.equal(remote.get(name), local[name])
     assert remote.reader.bytes_read == remote.infos[name].nbytes < (tiny_dir / "model.safetensors").stat().st_size / 4
     assert tensor_infos(list_weight_files(uri))[name].offset == tensor_infos(list_weight_files(tiny_dir))[name].offset
+    # a load from the bucket makes the same fingerprint of the pieces it read (the job's keys)
+    _, read = load_causal_lm_read(resolve_model("base", uri, uri))
+    assert read.fingerprint == model_fingerprint(tiny_dir)
 
 
 def _load_job(name: str):
