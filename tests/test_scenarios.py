@@ -505,13 +505,33 @@ def test_the_committed_tables_use_the_jobs_default_similarity():
     from recall_ray.config import SimilarityConfig
 
     default = SimilarityConfig().key()
-    for name in ("single", "multi", "sequential", "sequential_paper"):
+    names = sorted(p.stem for p in (REPO / "configs" / "scenarios").glob("*.yaml"))
+    assert {"single", "multi", "sequential", "sequential_paper", "forgetting_single", "forgetting_multi"} <= set(names)
+    for name in names:
         cfg = load_scenario(str(REPO / "configs" / "scenarios" / f"{name}.yaml"))
         assert cfg.recall.similarity.key() == default, name
         assert cfg.recall.max_length_for("race") == cfg.recall.max_length_for("squad_v2") == 256, name
     multi = load_scenario(str(REPO / "configs" / "scenarios" / "multi.yaml"))
     assert set(multi.recall_variants) == {"validated", "shift", "relative_distance"}
     assert "dare_average_with_base" in multi.methods and "dare_average" in multi.methods
+
+
+def test_the_long_experts_scenarios_are_the_short_ones_plus_the_general_sets():
+    """The two expert sets are compared under one protocol: each forgetting_* config is its
+    short-expert twin but for the experts, the run directory and the general-ability sets
+    (every one of them, at all 500 records)."""
+    from recall_ray.core.templates import GENERAL_TASKS
+
+    for name in ("single", "multi"):
+        short = load_scenario(str(REPO / "configs" / "scenarios" / f"{name}.yaml")).model_dump()
+        long = load_scenario(str(REPO / "configs" / "scenarios" / f"forgetting_{name}.yaml")).model_dump()
+        assert long["experts"] == "adapters/forgetting" and long["run_dir"] != short["run_dir"]
+        assert sorted(long["evaluate"].pop("general_tasks")) == sorted(GENERAL_TASKS)
+        assert long["evaluate"]["general_max_samples"] is None
+        short["evaluate"].pop("general_tasks")
+        for k in ("experts", "run_dir"):
+            long.pop(k), short.pop(k)
+        assert long == short, name
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "scenarios").glob("*.yaml")))
