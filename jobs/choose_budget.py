@@ -10,6 +10,8 @@ train.jsonl, never trained on): each rung on its own task and on the general-abi
 it is better on its own task and worse on the probe, each by a one-sided exact sign test at
 p < 0.05 (IWSLT: its reference log-likelihood per token, since exact match is 0 for every
 model); each expert takes its smallest accepted rung, else its largest (recall_ray.core.budget).
+A rung that went on from an earlier rung's adapter alone (train_adapters --warm-start: the
+optimizer restarted) names that rung's step in the table's warm_start column.
 The chosen adapters are copied to the config's `out/<task>/` (adapter files and
 recall_ray.json); budget.csv / budget.md go to --out, the scores (scores.csv / scores.md /
 predictions.jsonl) to --out/eval/, each model's cached per task under --out/eval_cache/ (a
@@ -115,11 +117,12 @@ def main(argv: list[str] | None = None) -> int:
                 ladder.append(Rung(steps, own_better=ob, own_worse=ow, general_worse=gb, general_better=ga))
             pick, met = choose_rung(ladder)
             chosen[task] = next(path for _, s, path in rungs_of[task] if s == pick.steps)
-            for (label, steps, _), r in zip(rungs_of[task], ladder):
+            for (label, steps, path), r in zip(rungs_of[task], ladder):
                 rows.append({"task": task, "model": label, "steps": steps, "own_better": r.own_better,
                              "own_worse": r.own_worse, "p_learns": r.p_learns, "general_worse": r.general_worse,
                              "general_better": r.general_better, "p_forgets": r.p_forgets,
-                             "accepted": r.accepted(), "chosen": steps == pick.steps, "rule_met": met})
+                             "accepted": r.accepted(), "chosen": steps == pick.steps, "rule_met": met,
+                             "warm_start": warm_start_of(path)})
         table = pd.DataFrame(rows)
         table.to_csv(out / "budget.csv", index=False, float_format="%.4g")
         (out / "budget.md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
@@ -147,6 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def warm_start_of(adapter: str) -> str:
+    """"" for a rung trained without a break in its optimizer's state; for one that went on
+    from an earlier rung's adapter alone (train_adapters --warm-start), that rung's step."""
+    import json
+
+    from recall_ray.cluster.finetune import WARM_START
+
+    record = json.loads((Path(adapter) / "recall_ray.json").read_text()).get(WARM_START)
+    return "" if record is None else str(record["step"])
+
+
 def publish(pub: Path, table, scored: Path) -> None:
     """budget.csv / budget.md and the scores (scores.csv / scores.md / predictions.jsonl) into
     `pub`, over what an earlier run published there: its rows of other tasks and models stay
@@ -170,6 +184,8 @@ def publish(pub: Path, table, scored: Path) -> None:
         earlier["chosen"] = earlier["chosen"] & ~mine
         earlier["rule_met"] = [met.get(t, m) for t, m in zip(earlier["task"], earlier["rule_met"])]
         table = replace_rows(earlier, table, ["task", "model"])
+        if "warm_start" in table:  # rows published before the column: no warm start then
+            table["warm_start"] = table["warm_start"].fillna("").astype(str).str.replace(r"\.0$", "", regex=True)
     if (pub / "scores.csv").exists() and (pub / "predictions.jsonl").exists():
         scores = replace_rows(pd.read_csv(pub / "scores.csv"), scores, ["model", "task"])
         preds = replace_rows(read_predictions(pub / "predictions.jsonl"), preds, ["model", "task"])

@@ -17,7 +17,10 @@ checkpoints (ray_train/) go to --run-dir (default runs/adapter_training).
 A budget ladder: with `finetune.snapshot_every: N`, every N-th step's adapter is kept in
 runs/ladders/<config name>/<task>/step-NNNNNNN/ (a loadable adapter with its recall_ray.json),
 and a later run of the same config with more `steps` (and --force) goes on from the newest
-snapshot instead of starting over (recall_ray.cluster.finetune.finetune_lora).
+snapshot instead of starting over (recall_ray.cluster.finetune.finetune_lora). On a machine
+without the ladder's snapshots, `--force --warm-start` goes on from the existing adapter
+(<out>/<task>, an earlier rung) instead of from step 0: its weights, the optimizer's moments
+restarted at zero (they are kept only in the snapshots); its recall_ray.json records warm_start.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--tasks", nargs="+", help="train only these tasks of the config")
     p.add_argument("--force", action="store_true", help="retrain adapters that already exist")
+    p.add_argument("--warm-start", action="store_true",
+                   help="with --force and a ladder (snapshot_every): when the ladder has no snapshot at or past the"
+                        " existing adapter's steps, go on from that adapter with the optimizer restarted")
     p.add_argument("--run-dir", default=str(REPO / "runs" / "adapter_training"),
                    help="job.log and Ray Train's runs and checkpoints (ray_train/)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -69,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = FinetuneConfig(**{**spec.get("finetune", {}), **(tasks[task] or {})})
             records = load_split(REPO / "data", task, spec.get("split", "train"), max_samples=cfg.max_samples)
             plans.append((task, cfg, records))
+            if args.warm_start and not (args.force and cfg.snapshot_every):
+                raise ConfigError(f"--warm-start goes on from an existing adapter along a ladder: it needs --force"
+                                  f" and finetune.snapshot_every (task {task} has {cfg.snapshot_every})")
         base = resolve_path(spec["base"])
         out_root = REPO / spec["out"]
         Path(args.run_dir).mkdir(parents=True, exist_ok=True)
@@ -78,15 +88,26 @@ def main(argv: list[str] | None = None) -> int:
         with ray_runtime(RayConfig()):
             for task, cfg, records in plans:
                 out = out_root / task
+                warm = None
                 if out.exists():
                     if not args.force:
                         print(f"{out} exists; skipping (use --force to retrain)")
                         continue
+                    if args.warm_start:  # kept beside the run: --force makes room for the new adapter
+                        warm = Path(tempfile.mkdtemp(prefix=f"warm-start-{task}-", dir=args.run_dir))
+                        shutil.copytree(out, warm / task)
                     shutil.rmtree(out)
                 t0 = time.perf_counter()
                 ladder = REPO / "runs" / "ladders" / Path(args.config).stem / task if cfg.snapshot_every else None
-                finetune_lora(str(base), records, cfg, str(out), str(Path(args.run_dir, "ray_train")), task=task,
-                              snapshot_dir=str(ladder) if ladder else None)
+                try:
+                    finetune_lora(str(base), records, cfg, str(out), str(Path(args.run_dir, "ray_train")), task=task,
+                                  snapshot_dir=str(ladder) if ladder else None,
+                                  warm_start=str(warm / task) if warm else None)
+                finally:
+                    if warm is not None:
+                        if not out.exists():  # the run failed: the adapter it would have replaced goes back
+                            shutil.move(warm / task, out)
+                        shutil.rmtree(warm, ignore_errors=True)
                 print(f"{task}: adapter in {out} ({time.perf_counter() - t0:.0f}s, {len(records)} records)", flush=True)
 
     return guarded("train_adapters", args.verbose, run)[0]

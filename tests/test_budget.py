@@ -119,3 +119,14 @@ def test_publish_keeps_what_an_earlier_run_published_and_replaces_what_this_one_
     job.publish(pub, newer, scored)
     assert {f.name: f.read_bytes() for f in pub.iterdir()} == before
     assert not list(pub.glob(".*"))  # no staging file left
+    # a rung that went on from the 2-epoch adapter alone says so; rows published before the
+    # column have none, and publishing again changes nothing
+    warm = pd.DataFrame([["race", "race@3ep", 675, 41, 9, 1e-6, 30, 5, 1e-4, True, True, True, "450"]],
+                        columns=cols + ["warm_start"])
+    job.publish(pub, warm, scored)
+    budget = pd.read_csv(pub / "budget.csv", keep_default_na=False, dtype={"warm_start": str})
+    assert list(zip(budget["model"], budget["warm_start"])) == [("sst2@1ep", ""), ("race@1ep", ""), ("race@2ep", ""),
+                                                                ("race@3ep", "450")]
+    before = {f.name: f.read_bytes() for f in pub.iterdir()}
+    job.publish(pub, warm, scored)
+    assert {f.name: f.read_bytes() for f in pub.iterdir()} == before

@@ -246,12 +246,17 @@ def test_a_worker_killed_mid_training_resumes_from_its_checkpoint(two_runs, tiny
     assert sorted(p.name for p in Path(out).iterdir()) == sorted(p.name for p in Path(plain).iterdir())
 
 
-def test_a_longer_run_goes_on_from_the_ladders_snapshot(two_runs, tiny_dir, sst2_records, tmp_path):
+def test_a_longer_run_goes_on_from_the_ladders_snapshot_or_a_warm_start(two_runs, tiny_dir, sst2_records, tmp_path):
     """A 2-step run snapshots every step; a 3-step run given the same snapshot directory
     trains step 3 alone (step 1 is trapped to fail) and ends with the undisturbed 3-step
-    run's adapter, bit for bit. Each snapshot holds a loadable adapter of its step."""
+    run's adapter, bit for bit. Each snapshot holds a loadable adapter of its step.
+    Warm-started from the 2-step adapter alone, in an empty ladder, a 3-step run trains step
+    3 alone too (steps 1 and 2 trapped); its adapter and the ladder's step-3 snapshot record
+    the warm start, and it is not the uninterrupted run's (Adam's moments restarted)."""
+    import hashlib
+
     from conftest import FAULTS
-    from recall_ray.cluster.finetune import snapshot_path, snapshot_steps
+    from recall_ray.cluster.finetune import WARM_START, snapshot_path, snapshot_steps
 
     _, (plain, _), _ = two_runs
     snaps = tmp_path / "snaps"
@@ -272,6 +277,88 @@ def test_a_longer_run_goes_on_from_the_ladders_snapshot(two_runs, tiny_dir, sst2
     assert (Path(out) / "adapter_model.safetensors").read_bytes() == \
         (Path(plain) / "adapter_model.safetensors").read_bytes()
     assert [p.name for p in snaps.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+    two, warm_snaps = tmp_path / "two", tmp_path / "warm"
+    for k in (1, 2):
+        (FAULTS / f"finetune-step-{k}").write_text("ENOSPC")
+    try:
+        out = finetune_lora(str(tiny_dir), sst2_records, small_finetune_cfg(snapshot_every=1), str(tmp_path / "w3"),
+                            str(tmp_path / "ray"), task="sst2", snapshot_dir=str(warm_snaps), warm_start=str(two))
+    finally:
+        for k in (1, 2):
+            (FAULTS / f"finetune-step-{k}").unlink(missing_ok=True)
+    assert snapshot_steps(str(warm_snaps)) == [2, 3]
+    weights = (two / "adapter_model.safetensors").read_bytes()
+    assert (Path(snapshot_path(str(warm_snaps), 2)) / "adapter_model.safetensors").read_bytes() == weights
+    record = json.loads((Path(out) / META_FILE).read_text())[WARM_START]
+    assert record["step"] == 2 and record["adapter_sha256"] == hashlib.sha256(weights).hexdigest()
+    assert json.loads((Path(snapshot_path(str(warm_snaps), 3)) / META_FILE).read_text())[WARM_START] == record
+    assert WARM_START not in json.loads((Path(snapshot_path(str(warm_snaps), 2)) / META_FILE).read_text())
+    assert (Path(out) / "adapter_model.safetensors").read_bytes() != \
+        (Path(plain) / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="a warm start needs a snapshot directory"):
+        finetune_lora(str(tiny_dir), sst2_records, small_finetune_cfg(), str(tmp_path / "x"), str(tmp_path / "ray"),
+                      task="sst2", warm_start=str(two))
+
+
+def _saved_adapter(tiny_dir, cfg, out: Path, steps: int, **meta) -> dict:
+    """A LoRA adapter of the tiny model with random (non-zero) weights, saved as finetune_lora
+    saves one, with its recall_ray.json; returns its trainable tensors by parameter name."""
+    from recall_ray.cluster.finetune import _load_lora_model
+
+    model = _load_lora_model(str(tiny_dir), cfg)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    model.save_pretrained(str(out), safe_serialization=True)
+    (out / META_FILE).write_text(json.dumps({"base_fingerprint": "fp", "task": "sst2", "steps": steps,
+                                             "final_loss": 0.5, "seed": cfg.seed, **meta}))
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_warm_start_restores_the_adapters_weights_and_restarts_the_optimizer(tiny_dir, tmp_path):
+    """The snapshot seeded from an adapter puts back exactly its weights (bit for bit, every
+    LoRA tensor) and no optimizer moments or generator state; it is refused where the adapter
+    is not an earlier rung of the training, and not written over a snapshot at or past it."""
+    import hashlib
+
+    from recall_ray.cluster.finetune import (RESUME_FILE, SNAPSHOT_META, WARM_START, _load_lora_model, _restore,
+                                             ladder_warm_start, seed_snapshot, snapshot_path, warm_start_record)
+
+    cfg = small_finetune_cfg(steps=5, snapshot_every=1)
+    saved = _saved_adapter(tiny_dir, cfg, tmp_path / "rung", steps=2)
+    record = warm_start_record(str(tmp_path / "rung"), cfg, "fp", "sst2")
+    assert record["step"] == 2 and record["loss"] == 0.5
+    assert record["adapter_sha256"] == hashlib.sha256((tmp_path / "rung" / "adapter_model.safetensors").read_bytes()
+                                                      ).hexdigest()
+    snaps = tmp_path / "snaps"
+    snaps.mkdir()
+    assert seed_snapshot(str(snaps), str(tmp_path / "rung"), record)
+    assert not seed_snapshot(str(snaps), str(tmp_path / "rung"), record)  # the ladder is at step 2 already
+    state = torch.load(Path(snapshot_path(str(snaps), 2)) / RESUME_FILE, weights_only=False)
+    model = _load_lora_model(str(tiny_dir), cfg)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    assert _restore(state, model, optimizer) == (3, 0.5)
+    restored = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert sorted(restored) == sorted(saved) and len(saved) > 0
+    for n, t in saved.items():
+        assert torch.equal(restored[n], t), n
+    assert optimizer.state_dict()["state"] == {}
+    meta = json.loads((Path(snapshot_path(str(snaps), 2)) / SNAPSHOT_META).read_text())
+    assert meta[WARM_START] == record
+    assert ladder_warm_start(str(snaps), 2) is None  # the seeded snapshot is the adapter itself
+    assert ladder_warm_start(str(snaps), 3) == record
+
+    with pytest.raises(ValueError, match=r"seed 0 \(this training: 1\)"):
+        warm_start_record(str(tmp_path / "rung"), small_finetune_cfg(steps=5, seed=1), "fp", "sst2")
+    with pytest.raises(ValueError, match="base 'fp'"):
+        warm_start_record(str(tmp_path / "rung"), cfg, "other", "sst2")
+    with pytest.raises(ValueError, match="fewer than finetune.steps"):
+        warm_start_record(str(tmp_path / "rung"), small_finetune_cfg(steps=2), "fp", "sst2")
+    with pytest.raises(ValueError, match="lacks adapter_config.json"):
+        warm_start_record(str(tmp_path / "snaps"), cfg, "fp", "sst2")
 
 
 def test_a_snapshot_directory_of_another_training_is_refused(ray_session, tiny_dir, sst2_records, tmp_path):

@@ -143,10 +143,21 @@ def _restore(state: dict, peft_model: torch.nn.Module, optimizer: torch.optim.Op
 
     params = dict(peft_model.named_parameters())
     with torch.no_grad():
-        for n, t in state["params"].items():
-            params[n].copy_(t.to(params[n].device))
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
+        if state.get("adapter_weights") is not None:  # a warm start (`seed_snapshot`): an adapter's tensors
+            from peft import set_peft_model_state_dict
+
+            loaded = set_peft_model_state_dict(peft_model, state["adapter_weights"])
+            trainable = sum(p.requires_grad for p in params.values())
+            if loaded.unexpected_keys or len(state["adapter_weights"]) != trainable:
+                raise ValueError(f"the warm start's adapter has {len(state['adapter_weights'])} tensors for this"
+                                 f" model's {trainable} LoRA weights (unexpected: {loaded.unexpected_keys[:3]})")
+        else:
+            for n, t in state["params"].items():
+                params[n].copy_(t.to(params[n].device))
+    if state["optimizer"] is not None:  # None after a warm start: the optimizer's moments start at zero
+        optimizer.load_state_dict(state["optimizer"])
+    if state["rng"] is not None:  # None after a warm start: the generator keeps the run's seed
+        torch.set_rng_state(state["rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return int(state["step"]) + 1, float(state["loss"])
@@ -203,6 +214,82 @@ def _snapshot(model: torch.nn.Module, peft_model: torch.nn.Module, optimizer: to
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+WARM_START = "warm_start"  # snapshot.json / recall_ray.json: the ladder went on from an adapter alone
+
+
+def warm_start_record(adapter_dir: str, cfg: FinetuneConfig, fingerprint: str, task: str,
+                      ewc_lambda: float = 0.0) -> dict:
+    """Check that `adapter_dir` (a finished adapter with its recall_ray.json) is an earlier rung
+    of the training `cfg` describes, and return what a warm start from it records: its step,
+    last loss and the sha256 of its weights. Raises ValueError naming what differs."""
+    import hashlib
+
+    for name in ("adapter_config.json", "adapter_model.safetensors", META_FILE):
+        if not os.path.isfile(os.path.join(adapter_dir, name)):
+            raise ValueError(f"warm start {adapter_dir} lacks {name}: pass an adapter written by finetune_lora")
+    with open(os.path.join(adapter_dir, META_FILE)) as fh:
+        meta = json.load(fh)
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as fh:
+        acfg = json.load(fh)
+    found = {"base": meta.get("base_fingerprint"), "task": meta.get("task"), "seed": meta.get("seed"),
+             "ewc_lambda": float(meta.get("ewc", {}).get("lambda", 0.0)), "r": acfg.get("r"),
+             "alpha": float(acfg.get("lora_alpha", 0)), "target_modules": sorted(acfg.get("target_modules") or [])}
+    wanted = {"base": fingerprint, "task": task, "seed": cfg.seed, "ewc_lambda": float(ewc_lambda), "r": cfg.r,
+              "alpha": float(cfg.alpha), "target_modules": sorted(cfg.target_modules)}
+    differ = [f"{k} {found[k]!r} (this training: {wanted[k]!r})" for k in wanted if found[k] != wanted[k]]
+    if differ:
+        raise ValueError(f"warm start {adapter_dir} is not a rung of this training: its " + "; ".join(differ))
+    step = int(meta["steps"])
+    if not 0 < step < cfg.steps:
+        raise ValueError(f"warm start {adapter_dir} was trained {step} steps: a warm start goes on from fewer"
+                         f" than finetune.steps ({cfg.steps})")
+    with open(os.path.join(adapter_dir, "adapter_model.safetensors"), "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    return {"step": step, "loss": float(meta["final_loss"]), "adapter_sha256": digest,
+            "optimizer": "moments restarted at zero", "dropout_generator": "reseeded"}
+
+
+def seed_snapshot(snapshot_dir: str, adapter_dir: str, record: dict) -> bool:
+    """Make `adapter_dir` (checked by `warm_start_record`, which gave `record`) the ladder's
+    snapshot of its step, unless the ladder already holds a snapshot at or past that step.
+    The snapshot's state holds the adapter's weights but no optimizer or generator state
+    (they were not kept with the adapter): a run going on from it restarts Adam's moments,
+    so it is not the uninterrupted run, and every adapter after it records `warm_start`.
+    Returns whether it was seeded."""
+    import torch
+    from safetensors.torch import load_file
+
+    step = record["step"]
+    if any(s >= step for s in snapshot_steps(snapshot_dir)):
+        return False
+    tmp = tempfile.mkdtemp(prefix=f".{SNAPSHOT_DIR}{step:07d}.tmp-", dir=snapshot_dir)
+    try:
+        for name in ("adapter_config.json", "adapter_model.safetensors", META_FILE):
+            shutil.copy2(os.path.join(adapter_dir, name), os.path.join(tmp, name))
+        weights = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+        torch.save({"step": step, "loss": record["loss"], "rng": None, "cuda_rng": None, "params": None,
+                    "adapter_weights": weights, "optimizer": None}, os.path.join(tmp, RESUME_FILE))
+        with open(os.path.join(tmp, SNAPSHOT_META), "w") as fh:
+            json.dump({"step": step, "loss": record["loss"], WARM_START: record}, fh)
+        os.replace(tmp, snapshot_path(snapshot_dir, step))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return True
+
+
+def ladder_warm_start(snapshot_dir: str, upto: int) -> dict | None:
+    """The warm start (`seed_snapshot`) that the ladder's adapter of `upto` steps descends
+    from: the newest seeded snapshot below `upto` (the seeded one itself is the adapter it
+    was made from, exactly), or None."""
+    for step in reversed([s for s in snapshot_steps(snapshot_dir) if s < upto]):
+        with open(os.path.join(snapshot_path(snapshot_dir, step), SNAPSHOT_META)) as fh:
+            record = json.load(fh).get(WARM_START)
+        if record is not None:
+            return record
+    return None
 
 
 def _resume_states() -> list:
@@ -463,7 +550,8 @@ def _claim_snapshot_dir(snapshot_dir: str, key: str) -> None:
 
 def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_dir: str, storage_dir: str,
                   *, task: str = "task", run_name: str | None = None, ewc_fisher: str | None = None,
-                  ewc_lambda: float = 0.0, snapshot_dir: str | None = None) -> str:
+                  ewc_lambda: float = 0.0, snapshot_dir: str | None = None,
+                  warm_start: str | None = None) -> str:
     """Fine-tune a LoRA adapter of `base_dir` on `records` ({"prompt", "target"} dicts, e.g.
     from `load_task_records`; the first `cfg.max_samples` are used) and write it to `out_dir`.
 
@@ -492,6 +580,14 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     steps found there: a run to 450 steps after one to 225 trains only steps 226-450, and
     ends with the same adapter as one run of 450 steps. The directory records the training's
     key (`ladder_key`): a directory of another training is refused.
+
+    Warm start: with `warm_start` (an adapter this training wrote at fewer steps, e.g. the
+    committed rung of a ladder whose snapshots are on a machine that is gone) and a
+    `snapshot_dir` holding no snapshot at or past its step, the run goes on from its weights
+    (`seed_snapshot`) with the optimizer's moments at zero and the dropout generator
+    reseeded; the batch order is the uninterrupted run's. The adapter is therefore not the
+    uninterrupted run's, and its recall_ray.json says so (`warm_start`: the step, loss and
+    weights' sha256 it went on from).
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -505,8 +601,15 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     validate_inputs(base_dir, records, cfg, out_dir, ewc_fisher, ewc_lambda, snapshot_dir)
     records = [{"prompt": r["prompt"], "target": r["target"]} for r in records[:cfg.max_samples]]
     fingerprint = content_fingerprint(base_dir)  # fails early on a directory without weights
+    if warm_start is not None and snapshot_dir is None:
+        raise ValueError("a warm start needs a snapshot directory (finetune.snapshot_every and"
+                         " finetune_lora(snapshot_dir=...))")
+    record = warm_start_record(warm_start, cfg, fingerprint, task, ewc_lambda) if warm_start is not None else None
     if snapshot_dir is not None:
         _claim_snapshot_dir(snapshot_dir, ladder_key(fingerprint, records, cfg, ewc_fisher, ewc_lambda))
+    if record is not None and seed_snapshot(snapshot_dir, warm_start, record):
+        logger.warning("going on from %s (step %d) with the optimizer's moments restarted: the adapter will not"
+                       " be the uninterrupted run's (recall_ray.json records warm_start)", warm_start, record["step"])
 
     threads = worker_cpus(cfg, ray.cluster_resources().get("CPU", 1.0))
     run_name = run_name or f"finetune-{task}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -550,9 +653,14 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
             if not os.path.isfile(label):
                 with open(os.path.join(snapshot_path(snapshot_dir, step), SNAPSHOT_META)) as fh:
                     loss = json.load(fh)["loss"]
+                warm = ladder_warm_start(snapshot_dir, step)
                 with open(label + ".tmp", "w") as fh:
-                    json.dump({**meta, "steps": step, "final_loss": loss}, fh, indent=2)
+                    json.dump({**meta, "steps": step, "final_loss": loss, **({WARM_START: warm} if warm else {})},
+                              fh, indent=2)
                 os.replace(label + ".tmp", label)
+        warm = ladder_warm_start(snapshot_dir, cfg.steps)
+        if warm is not None:
+            meta[WARM_START] = warm
     # Build the output in a staging folder beside its final place (same filesystem) and move
     # it in only when complete, so a crash never leaves a half-written adapter that looks
     # finished. On an object store the adapter is built here and uploaded to the staging.
