@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                              "own_worse": r.own_worse, "p_learns": r.p_learns, "general_worse": r.general_worse,
                              "general_better": r.general_better, "p_forgets": r.p_forgets,
                              "accepted": r.accepted(), "chosen": steps == pick.steps, "rule_met": met,
-                             "warm_start": warm_start_of(path)})
+                             "warm_start": warm_start_of(str(Path(path).parent), steps)})
         table = pd.DataFrame(rows)
         table.to_csv(out / "budget.csv", index=False, float_format="%.4g")
         (out / "budget.md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
@@ -150,14 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def warm_start_of(adapter: str) -> str:
-    """"" for a rung trained without a break in its optimizer's state; for one that went on
-    from an earlier rung's adapter alone (train_adapters --warm-start), that rung's step."""
-    import json
+def warm_start_of(ladder: str, steps: int) -> str:
+    """"" for a rung of `ladder` trained without a break in its optimizer's state; for one that
+    went on from an earlier rung's adapter alone (train_adapters --warm-start), that rung's step."""
+    from recall_ray.cluster.finetune import ladder_warm_start
 
-    from recall_ray.cluster.finetune import WARM_START
-
-    record = json.loads((Path(adapter) / "recall_ray.json").read_text()).get(WARM_START)
+    record = ladder_warm_start(ladder, steps)
     return "" if record is None else str(record["step"])
 
 
