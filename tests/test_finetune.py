@@ -351,6 +351,12 @@ def test_a_warm_start_restores_the_adapters_weights_and_restarts_the_optimizer(t
     assert ladder_warm_start(str(snaps), 2) is None  # the seeded snapshot is the adapter itself
     assert ladder_warm_start(str(snaps), 3) == record
 
+    # a warm start of an adapter that was itself warm-started keeps the earlier record
+    meta = json.loads((tmp_path / "rung" / META_FILE).read_text())
+    (tmp_path / "rung" / META_FILE).write_text(json.dumps({**meta, WARM_START: {"step": 1}}))
+    assert warm_start_record(str(tmp_path / "rung"), cfg, "fp", "sst2") == {**record, "after": {"step": 1}}
+    (tmp_path / "rung" / META_FILE).write_text(json.dumps(meta))
+
     with pytest.raises(ValueError, match=r"seed 0 \(this training: 1\)"):
         warm_start_record(str(tmp_path / "rung"), small_finetune_cfg(steps=5, seed=1), "fp", "sst2")
     with pytest.raises(ValueError, match="base 'fp'"):

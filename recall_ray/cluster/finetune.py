@@ -223,7 +223,8 @@ def warm_start_record(adapter_dir: str, cfg: FinetuneConfig, fingerprint: str, t
                       ewc_lambda: float = 0.0) -> dict:
     """Check that `adapter_dir` (a finished adapter with its recall_ray.json) is an earlier rung
     of the training `cfg` describes, and return what a warm start from it records: its step,
-    last loss and the sha256 of its weights. Raises ValueError naming what differs."""
+    last loss and the sha256 of its weights (and, under "after", the warm start the adapter
+    itself came from, if any). Raises ValueError naming what differs."""
     import hashlib
 
     for name in ("adapter_config.json", "adapter_model.safetensors", META_FILE):
@@ -247,8 +248,11 @@ def warm_start_record(adapter_dir: str, cfg: FinetuneConfig, fingerprint: str, t
                          f" than finetune.steps ({cfg.steps})")
     with open(os.path.join(adapter_dir, "adapter_model.safetensors"), "rb") as fh:
         digest = hashlib.sha256(fh.read()).hexdigest()  # an adapter: a few MB
-    return {"step": step, "loss": float(meta["final_loss"]), "adapter_sha256": digest,
-            "optimizer": "moments restarted at zero", "dropout_generator": "reseeded"}
+    record = {"step": step, "loss": float(meta["final_loss"]), "adapter_sha256": digest,
+              "optimizer": "moments restarted at zero", "dropout_generator": "reseeded"}
+    if meta.get(WARM_START) is not None:  # a warm start of a warm start: the earlier one is kept
+        record["after"] = meta[WARM_START]
+    return record
 
 
 def seed_snapshot(snapshot_dir: str, adapter_dir: str, record: dict) -> bool:
