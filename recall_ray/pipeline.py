@@ -55,7 +55,7 @@ class PipelineResult:
     timings: dict[str, dict]
     typical_count: int
     saturated: list[int]
-    merge_key: str  # the key of the merge stage: what decided the merged model's contents
+    merge_key: str  # what decided the merged model's contents (not its place): the same in any run directory
     merge_peak_rss_mb: float | None = None
     merge_peak_anon_mb: float | None = None
     scores: pd.DataFrame | None = None  # evaluation (model, task, metric, value, n), when asked for
@@ -462,10 +462,17 @@ def _weights_key(run: Run, _: str | None) -> list:
             run.cfg.similarity.key(), run.cfg.include_base]
 
 
-def _merge_key(run: Run, _: str | None) -> list:
+def _merged_content(run: Run) -> list:
+    """What decides the merged model's contents, not where it is written: the key its scores
+    are cached by (PipelineResult.merge_key), the same in any run directory."""
     return [run.parts["weights"], stable_hash(_recall_weights(run).round(12).tolist()),
-            run.cfg.merge.key(), run.cfg.output_dir,
-            [run.fp(m.label) for m in run.models]]
+            run.cfg.merge.key(), [run.fp(m.label) for m in run.models]]
+
+
+def _merge_key(run: Run, _: str | None) -> list:
+    # the stage's key adds the output's place: a merge recorded done at another place
+    # (Manifest.done checks the outputs it recorded) is not this run's output
+    return [*_merged_content(run), run.cfg.output_dir]
 
 
 def _evaluating(run: Run) -> bool:
@@ -655,7 +662,8 @@ def _run(cfg: RunConfig, plan: Plan) -> PipelineResult:
     merge = run.runs["merge"].result or {}
     sat = sorted(set(run.table.loc[run.table["saturated"], "layer"].astype(int)))
     return PipelineResult(cfg.output_dir, cfg.run_dir, run.table, manifest.timings, len(run.typical_idx), sat,
-                          run.runs["merge"].key, merge.get("peak_rss_mb"), merge.get("peak_anon_mb"), scores)
+                          stable_hash(_merged_content(run)), merge.get("peak_rss_mb"), merge.get("peak_anon_mb"),
+                          scores)
 
 
 def _extract(models: list[ResolvedModel], items: list[dict], run: Run, rels: list[str], stage: str):

@@ -158,6 +158,26 @@ def test_a_new_run_keys_its_stages_by_the_fingerprints_and_a_rerun_reuses_every_
     assert again.merge_key == result.merge_key
 
 
+def test_the_merged_models_key_is_its_content_not_its_place(tmp_path, tiny_run):
+    """The same job in another run directory (another machine's, a session's) writes the same
+    merged tensors under the same merge_key, which the scenarios cache its scores by, while
+    the merge stage's own key names its place."""
+    from safetensors.torch import load_file
+
+    from recall_ray.pipeline import run_pipeline
+
+    cfg, result = tiny_run
+    moved = cfg.model_copy(update={"run_dir": str(tmp_path / "run")})  # its merge goes to run/merged
+    again = run_pipeline(moved)
+    assert again.merge_key == result.merge_key
+    stage = lambda c: json.loads((Path(c.run_dir) / "manifest.json").read_text())["stages"]["merge"]["key"]
+    assert stage(moved) != stage(cfg)
+    tensors = lambda d: {k: t for f in sorted(Path(d).glob("*.safetensors")) for k, t in load_file(str(f)).items()}
+    a, b = tensors(result.output), tensors(again.output)
+    assert again.output != result.output
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_adapters_of_one_base_read_its_pieces_once(tmp_path, tiny_dir):
     base = resolve_model("base", str(tiny_dir), str(tiny_dir))
     loras = []
