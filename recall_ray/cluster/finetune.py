@@ -217,6 +217,7 @@ def _snapshot(model: torch.nn.Module, peft_model: torch.nn.Module, optimizer: to
 
 
 WARM_START = "warm_start"  # snapshot.json / recall_ray.json: the ladder went on from an adapter alone
+WARM_START_FILES = ("adapter_config.json", "adapter_model.safetensors", META_FILE)  # a finished adapter's
 
 
 def warm_start_record(adapter_dir: str, cfg: FinetuneConfig, fingerprint: str, task: str,
@@ -227,7 +228,7 @@ def warm_start_record(adapter_dir: str, cfg: FinetuneConfig, fingerprint: str, t
     itself came from, if any). Raises ValueError naming what differs."""
     import hashlib
 
-    for name in ("adapter_config.json", "adapter_model.safetensors", META_FILE):
+    for name in WARM_START_FILES:
         if not os.path.isfile(os.path.join(adapter_dir, name)):
             raise ValueError(f"warm start {adapter_dir} lacks {name}: pass an adapter written by finetune_lora")
     with open(os.path.join(adapter_dir, META_FILE)) as fh:
@@ -270,7 +271,7 @@ def seed_snapshot(snapshot_dir: str, adapter_dir: str, record: dict) -> bool:
         return False
     tmp = tempfile.mkdtemp(prefix=f".{SNAPSHOT_DIR}{step:07d}.tmp-", dir=snapshot_dir)
     try:
-        for name in ("adapter_config.json", "adapter_model.safetensors", META_FILE):
+        for name in WARM_START_FILES:
             shutil.copy2(os.path.join(adapter_dir, name), os.path.join(tmp, name))
         weights = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
         torch.save({"step": step, "loss": record["loss"], "rng": None, "cuda_rng": None, "params": None,
