@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_lora
+from conftest import make_lora, tiny_run_tree
 from recall_ray.core.errors import CheckpointError
 from recall_ray.io.models import ModelTensors, load_causal_lm_read, resolve_model
 from recall_ray.io.safetensors_io import (
@@ -158,17 +158,23 @@ def test_a_new_run_keys_its_stages_by_the_fingerprints_and_a_rerun_reuses_every_
     assert again.merge_key == result.merge_key
 
 
-def test_the_merged_models_key_is_its_content_not_its_place(tmp_path, tiny_run):
+def test_the_merged_models_key_is_its_content_not_its_place(tmp_path, tiny_dir, tiny_experts, ray_session):
     """The same job in another run directory (another machine's, a session's) writes the same
     merged tensors under the same merge_key, which the scenarios cache its scores by, while
-    the merge stage's own key names its place."""
+    the merge stage's own key names its place. Two fresh directories, not `tiny_run`'s, which
+    other tests rerun with changed settings."""
     from safetensors.torch import load_file
 
+    from recall_ray.config import build_config
     from recall_ray.pipeline import run_pipeline
 
-    cfg, result = tiny_run
-    moved = cfg.model_copy(update={"run_dir": str(tmp_path / "run")})  # its merge goes to run/merged
-    again = run_pipeline(moved)
+    def job(name: str):
+        tree = tiny_run_tree(str(tmp_path / name), str(tiny_dir), str(tiny_experts[0]), str(tiny_experts[1]))
+        tree.pop("evaluate")  # the merge is what is compared; scoring it adds nothing here
+        cfg = build_config(tree)
+        return cfg, run_pipeline(cfg)
+
+    (cfg, result), (moved, again) = job("here"), job("there")
     assert again.merge_key == result.merge_key
     stage = lambda c: json.loads((Path(c.run_dir) / "manifest.json").read_text())["stages"]["merge"]["key"]
     assert stage(moved) != stage(cfg)
