@@ -185,7 +185,7 @@ def test_publish_copies_tables_plots_and_every_stage_time(multi, tmp_path):
     names = publish(cfg.run_dir, tmp_path / "pub")
     out = tmp_path / "pub"
     assert {"table.md", "table.csv", "scores.csv", "stage_times.csv", "plots/without_base_weights.png",
-            "weights/without_base.csv", "weights_summary.csv", "paired.csv"} <= set(names)
+            "weights/without_base.csv", "weights_summary.csv", "paired.csv", "paired_base.csv"} <= set(names)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(names)
     src_weights = Path(cfg.run_dir) / "without_base" / "recall" / "weights.csv"
     assert (out / "weights" / "without_base.csv").read_bytes() == src_weights.read_bytes()
@@ -218,6 +218,23 @@ def test_publish_copies_tables_plots_and_every_stage_time(multi, tmp_path):
     for _, row in paired[paired["task"] != "all"].iterrows():
         assert row["score_a"] == pytest.approx(table.loc[("without_base", "recall"), row["task"]], abs=0.01)
         assert row["score_b"] == pytest.approx(table.loc[("without_base", row["b"]), row["task"]], abs=0.01)
+    # the base paired against every other model the same way: each expert's and merge's gain
+    # or loss against it, counted again here from the predictions
+    vs_base = pd.read_csv(out / "paired_base.csv")
+    assert set(vs_base["a"]) == {"base"} and set(vs_base["b"]) == set(table.loc["without_base"].index) - {"base"}
+    lines = (Path(cfg.run_dir) / "without_base" / "eval" / "predictions.jsonl").read_text().splitlines()
+    preds = pd.DataFrame([json.loads(line) for line in lines if line.strip()])
+    from recall_ray.core.metrics import sample_hits
+
+    def hits(model: str, task: str) -> dict:
+        mine = preds[(preds["model"] == model) & (preds["task"] == task)]
+        return dict(zip(mine["sample_id"].astype(str), sample_hits(task, list(mine["prediction"]), list(mine["references"]))))
+
+    for _, row in vs_base[vs_base["task"] != "all"].iterrows():
+        a, b = hits("base", row["task"]), hits(row["b"], row["task"])
+        assert (row["only_a"], row["only_b"]) == (sum(a[i] and not b[i] for i in a), sum(b[i] and not a[i] for i in a))
+        assert row["score_a"] == pytest.approx(table.loc[("without_base", "base"), row["task"]], abs=0.01)
+        assert row["p_value"] == pytest.approx(sign_test(row["only_a"], row["only_b"]), rel=5e-3)
     times = pd.read_csv(out / "stage_times.csv")
     top = json.loads((Path(cfg.run_dir) / "manifest.json").read_text())["stages"]
     want = {k: v["seconds"] for k, v in top.items()}

@@ -230,7 +230,9 @@ PUBLISHED = ("table.md", "table.csv", "scores.csv", "stage_times.csv", "kept_del
 def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
     """Copy a finished scenario's small result files (tables, scores, stage times, plots,
     each RECALL merge's per-layer weights and their summary, RECALL paired against every
-    other model on the same samples) into `dest` (e.g. docs/results/multi), replacing what was there; returns the names."""
+    other model on the same samples (paired.csv), and the base paired against every other
+    model (paired_base.csv: what each expert and merge gained or forgot against it)) into
+    `dest` (e.g. docs/results/multi), replacing what was there; returns the names."""
     import shutil
 
     from ..io.storage import staged
@@ -246,7 +248,9 @@ def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
     plots = sorted((src / "plots").glob("*.png")) if (src / "plots").is_dir() else []
     plots = [f for f in plots if not f.stem.endswith(VARIANT_PLOTS) or in_parts(f.stem.rsplit("_", 1)[0], parts)]
     weights = {name: f for name, f in recall_weights(src).items() if in_parts(name, parts)}
-    paired = paired_against(src, parts=parts)
+    paired = {name: table for name, table in (("paired.csv", paired_against(src, parts=parts)),
+                                              ("paired_base.csv", paired_against(src, "base", parts=parts)))
+              if table is not None}
     with staged(str(dest), overwrite=True) as tmp:
         for n in names:
             shutil.copy2(src / n, Path(tmp) / n)
@@ -262,12 +266,12 @@ def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
                                 ignore_index=True)
             summary = summary[["merge", *[c for c in summary.columns if c != "merge"]]]
             summary.to_csv(Path(tmp) / "weights_summary.csv", index=False, float_format="%.4f")
-        if paired is not None:
+        for name, table in paired.items():
             # p-values with 3 significant digits: a fixed 4 decimals writes p = 4e-6 as 0.0000
-            paired.assign(p_value=paired["p_value"].map("{:.3g}".format)).to_csv(
-                Path(tmp) / "paired.csv", index=False, float_format="%.4f")
+            table.assign(p_value=table["p_value"].map("{:.3g}".format)).to_csv(
+                Path(tmp) / name, index=False, float_format="%.4f")
     extra = [f"weights/{n}.csv" for n in weights] + (["weights_summary.csv"] if weights else [])
-    return names + [f"plots/{f.name}" for f in plots] + extra + (["paired.csv"] if paired is not None else [])
+    return names + [f"plots/{f.name}" for f in plots] + extra + list(paired)
 
 
 def paired_against(run_dir: Path, model: str = "recall", parts: set[str] | None = None) -> pd.DataFrame | None:
