@@ -43,7 +43,9 @@ def seq(tmp_path_factory, tiny_dir, ray_session):
         "data_dir": str(DATA), "tasks": ["sst2", "ag_news"], "chains": ["recall"], "seqft": True,
         "merge_with": ["previous", "previous_and_base"],
         "ewc": {"enabled": True, "lam": 1000.0, "fisher_samples": 3},
-        "finetune": {"steps": 2, "batch_size": 4, "max_samples": 8, "max_length": 48, "learning_rate": 0.05},
+        # snapshots every step: operational, so no stage key or adapter changes with it
+        "finetune": {"steps": 2, "batch_size": 4, "max_samples": 8, "max_length": 48, "learning_rate": 0.05,
+                     "snapshot_every": 1},
         "recall": {"max_samples": 12, "max_length": 48, "typical": {"k": 2}, "similarity": {"sigma": "median"},
                    "representations": {"batch_size": 12}},
         "evaluate": {"max_samples": 1, "batch_size": 4},
@@ -220,6 +222,38 @@ def test_rerun_recomputes_nothing(seq):
     cfg, _ = seq
     again = run_sequential(cfg)
     assert all(t["skipped"] for t in again.timings.values()), again.timings
+
+
+def test_a_stopped_fine_tune_goes_on_from_its_snapshot(seq):
+    """With finetune.snapshot_every, every fine-tune of the sequence snapshots in its step's
+    folder. A run stopped after a fine-tune's last snapshot, before its stage was recorded,
+    goes on from that snapshot: with steps 1 and 2 trapped to fail, the stage is run again
+    and gives the same adapter bit for bit, and nothing after it changes."""
+    from conftest import FAULTS
+    from recall_ray.cluster.finetune import snapshot_path, snapshot_steps
+
+    cfg, _ = seq
+    run = Path(cfg.run_dir)
+    stage = "step2/finetune_recall"
+    manifest = json.loads((run / "manifest.json").read_text())
+    adapter = Path(manifest["stages"][stage]["result"]["adapter"])
+    snaps = [d for d in (run / "step2" / "finetune" / "recall" / "snapshots").iterdir()]
+    assert len(snaps) == 1 and snapshot_steps(str(snaps[0])) == [1, 2]
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    assert (Path(snapshot_path(str(snaps[0]), 2)) / "adapter_model.safetensors").read_bytes() == weights
+    del manifest["stages"][stage]  # stopped before the stage was recorded
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(adapter)
+    for k in (1, 2):  # a fine-tune that started over would fail at once
+        (FAULTS / f"finetune-step-{k}").write_text("ENOSPC")
+    try:
+        again = run_sequential(cfg)
+    finally:
+        for k in (1, 2):
+            (FAULTS / f"finetune-step-{k}").unlink(missing_ok=True)
+    assert not again.timings[stage]["skipped"]
+    assert (adapter / "adapter_model.safetensors").read_bytes() == weights
+    assert all(t["skipped"] for name, t in again.timings.items() if name != stage), again.timings
 
 
 def test_exported_adapters_regenerate_a_step_without_training(seq, tmp_path):

@@ -357,9 +357,14 @@ def run_sequential(cfg: SequentialConfig):
                         log.info("%s: reusing the adapter exported in %s", stage, prebuilt)
                         trained = json.loads((prebuilt / STAGE_FILE).read_text()).get("trained_seconds")
                         return {"adapter": out, "prebuilt": str(prebuilt), "trained_seconds": trained}
+                    # With finetune.snapshot_every, a stopped run's fine-tune goes on from its newest
+                    # snapshot (a fine-tune of the long experts' budgets takes hours); the folder is
+                    # named by the stage key, so another training never meets this one's snapshots.
+                    snapshots = (str(Path(cfg.run_dir, f"step{step}", "finetune", label, "snapshots", key[:16]).resolve())
+                                 if ft.snapshot_every else None)
                     finetune_lora(start, records, ft, out,
                                   str(Path(cfg.run_dir, f"step{step}", "finetune", label, "ray_train").resolve()),
-                                  task=task, **ewc_args)
+                                  task=task, snapshot_dir=snapshots, **ewc_args)
                     return {"adapter": out}
 
                 done[job] = (out, manifest.run(stage, key_parts, [out], finetune).key)
