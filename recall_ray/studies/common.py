@@ -248,9 +248,9 @@ def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
     plots = sorted((src / "plots").glob("*.png")) if (src / "plots").is_dir() else []
     plots = [f for f in plots if not f.stem.endswith(VARIANT_PLOTS) or in_parts(f.stem.rsplit("_", 1)[0], parts)]
     weights = {name: f for name, f in recall_weights(src).items() if in_parts(name, parts)}
-    paired = {name: table for name, table in (("paired.csv", paired_against(src, parts=parts)),
-                                              ("paired_base.csv", paired_against(src, "base", parts=parts)))
-              if table is not None}
+    tables = paired_against_each(src, ("recall", "base"), parts)
+    paired = {name: tables[model] for name, model in (("paired.csv", "recall"), ("paired_base.csv", "base"))
+              if tables[model] is not None}
     with staged(str(dest), overwrite=True) as tmp:
         for n in names:
             shutil.copy2(src / n, Path(tmp) / n)
@@ -279,22 +279,31 @@ def paired_against(run_dir: Path, model: str = "recall", parts: set[str] | None 
     in every evaluation of the run (<where>/eval/predictions.jsonl; column `eval` names
     where; `parts`: only these variants' or steps'), or None when no evaluation scored
     `model`."""
+    return paired_against_each(run_dir, (model,), parts)[model]
+
+
+def paired_against_each(run_dir: Path, models: tuple[str, ...],
+                        parts: set[str] | None = None) -> dict[str, pd.DataFrame | None]:
+    """`paired_against` for several models, reading each evaluation's predictions once (the
+    general-set runs' files are tens of MB)."""
     from ..analysis import paired_comparison
 
-    found = []
+    found: dict[str, list[pd.DataFrame]] = {m: [] for m in models}
     for f in sorted(run_dir.rglob("eval/predictions.jsonl")):
         where = f.parent.parent.relative_to(run_dir).as_posix()
         if not in_parts(where, parts):
             continue
         preds = read_predictions(f)
-        if model not in set(preds["model"]):
-            continue
-        for other in dict.fromkeys(preds["model"]):
-            if other != model:
-                found.append(paired_comparison(preds, model, other).assign(eval=where))
-    if not found:
-        return None
-    out = pd.concat(found, ignore_index=True)
+        scored = list(dict.fromkeys(preds["model"]))
+        for model in models:
+            if model in scored:
+                found[model] += [paired_comparison(preds, model, other).assign(eval=where)
+                                 for other in scored if other != model]
+    return {m: _with_pooled_rows(tables) if tables else None for m, tables in found.items()}
+
+
+def _with_pooled_rows(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    out = pd.concat(tables, ignore_index=True)
     out = out[["eval", *[c for c in out.columns if c != "eval"]]]
     return pd.concat([out, pooled_over_evals(out)], ignore_index=True)
 

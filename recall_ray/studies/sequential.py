@@ -337,7 +337,8 @@ def run_sequential(cfg: SequentialConfig):
         for label, start in current.items():
             job = (start, penalty[label])
             if job not in done:
-                out = str(Path(cfg.run_dir, f"step{step}", "finetune", label, "adapter").resolve())
+                where = Path(cfg.run_dir, f"step{step}", "finetune", label).resolve()  # this fine-tune's folder
+                out = str(where / "adapter")
                 key_parts = [current_key[label], data_key, ft.key()]
                 ewc_args = {}
                 if penalty[label] is not None:
@@ -346,7 +347,7 @@ def run_sequential(cfg: SequentialConfig):
 
                 stage = f"step{step}/finetune_{label}"
 
-                def finetune(start=start, out=out, label=label, ewc_args=ewc_args, stage=stage,
+                def finetune(start=start, out=out, where=where, ewc_args=ewc_args, stage=stage,
                              key=stable_hash(key_parts)) -> dict:
                     import shutil
 
@@ -360,10 +361,8 @@ def run_sequential(cfg: SequentialConfig):
                     # With finetune.snapshot_every, a stopped run's fine-tune goes on from its newest
                     # snapshot (a fine-tune of the long experts' budgets takes hours); the folder is
                     # named by the stage key, so another training never meets this one's snapshots.
-                    snapshots = (str(Path(cfg.run_dir, f"step{step}", "finetune", label, "snapshots", key[:16]).resolve())
-                                 if ft.snapshot_every else None)
-                    finetune_lora(start, records, ft, out,
-                                  str(Path(cfg.run_dir, f"step{step}", "finetune", label, "ray_train").resolve()),
+                    snapshots = str(where / "snapshots" / key[:16]) if ft.snapshot_every else None
+                    finetune_lora(start, records, ft, out, str(where / "ray_train"),
                                   task=task, snapshot_dir=snapshots, **ewc_args)
                     return {"adapter": out}
 
