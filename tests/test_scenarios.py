@@ -464,6 +464,28 @@ def test_pooled_over_evals_gives_the_general_sets_their_own_row():
     assert list(got.index) == ["all", "general"] and got.loc["general", "n"] == 20
 
 
+def test_each_evaluation_gets_a_general_row_pooling_its_general_sets():
+    """paired_base.csv's forgetting test per expert: the general sets' counts of one
+    evaluation summed, never another evaluation's, and none for the scenario's tasks."""
+    from recall_ray.analysis import sign_test
+    from recall_ray.studies.common import general_per_eval
+
+    cells = {("sst2", "sst2"): (5, 1, 4, 0), ("sst2", "piqa"): (4, 2, 0, 4), ("sst2", "arc_easy"): (1, 6, 1, 2),
+             ("race", "race"): (1, 2, 0, 7), ("race", "piqa"): (3, 1, 2, 4), ("race", "arc_easy"): (0, 0, 5, 5),
+             ("all", "general"): (9, 9, 9, 9)}  # a pooled row already there: not counted again
+    rows = [{"eval": ev, "a": "base", "b": f"expert:{ev}", "task": task, "n": sum(c), "both": c[0], "only_a": c[1],
+             "only_b": c[2], "neither": c[3], "score_a": 0.0, "score_b": 0.0, "p_value": 1.0}
+            for (ev, task), c in cells.items()]
+    got = general_per_eval(pd.DataFrame(rows)).set_index("eval")
+    assert sorted(got.index) == ["race", "sst2"] and set(got["task"]) == {"general"}
+    for ev in ("sst2", "race"):
+        both, oa, ob, neither = (cells[(ev, "piqa")][i] + cells[(ev, "arc_easy")][i] for i in range(4))
+        assert tuple(got.loc[ev, ["n", "both", "only_a", "only_b", "neither"]]) == (
+            both + oa + ob + neither, both, oa, ob, neither)
+        assert got.loc[ev, "b"] == f"expert:{ev}" and got.loc[ev, "p_value"] == sign_test(oa, ob)
+    assert general_per_eval(pd.DataFrame([r for r in rows if r["task"] in ("sst2", "race")])).empty
+
+
 def test_general_sets_are_named_apart_from_the_scenarios_tasks(tmp_path, experts_dir, tiny_dir):
     with pytest.raises(ValueError, match="not general-ability sets"):
         ScenarioConfig.model_validate({"scenario": "single", "run_dir": "r", "tasks": ["sst2"], "experts": "x",
@@ -549,6 +571,18 @@ def test_the_long_experts_scenarios_are_the_short_ones_plus_the_general_sets():
         for k in ("experts", "run_dir"):
             long.pop(k), short.pop(k)
         assert long == short, name
+
+
+def test_the_forgetting_matrix_scores_the_cells_of_the_long_table_1():
+    """The forgetting matrix shares forgetting_single's score cache: the same experts, base,
+    evaluation and (for its first five tasks) the same tasks in the same order, plus AG News,
+    with no merge."""
+    single = load_scenario(str(REPO / "configs" / "scenarios" / "forgetting_single.yaml"))
+    matrix = load_scenario(str(REPO / "configs" / "scenarios" / "forgetting_matrix.yaml"))
+    assert matrix.methods == [] and matrix.recall_variants == {}
+    assert matrix.tasks == [*single.tasks, "ag_news"]
+    assert (matrix.experts, matrix.base, matrix.data_dir) == (single.experts, single.base, single.data_dir)
+    assert matrix.evaluate == single.evaluate and matrix.run_dir != single.run_dir
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "scenarios").glob("*.yaml")))

@@ -305,7 +305,16 @@ def paired_against_each(run_dir: Path, models: tuple[str, ...],
 def _with_pooled_rows(tables: list[pd.DataFrame]) -> pd.DataFrame:
     out = pd.concat(tables, ignore_index=True)
     out = out[["eval", *[c for c in out.columns if c != "eval"]]]
-    return pd.concat([out, pooled_over_evals(out)], ignore_index=True)
+    return pd.concat([out, general_per_eval(out), pooled_over_evals(out)], ignore_index=True)
+
+
+def general_per_eval(paired: pd.DataFrame) -> pd.DataFrame:
+    """Per evaluation, one row task "general" per pair (a, b): the general-ability sets'
+    paired counts summed, with the sign test (what one expert or merge kept of the base's
+    knowledge, all sets together). Empty when the run scored no general-ability set."""
+    rows = paired[(paired["eval"] != "all") & paired["task"].map(is_general).astype(bool)]
+    out = [_pooled(g, {"general": g}, paired.columns).assign(eval=ev) for ev, g in rows.groupby("eval", sort=False)]
+    return pd.concat(out, ignore_index=True) if out else paired.iloc[0:0]
 
 
 def pooled_over_evals(paired: pd.DataFrame) -> pd.DataFrame:
