@@ -285,7 +285,7 @@ def paired_against(run_dir: Path, model: str = "recall", parts: set[str] | None 
 def paired_against_each(run_dir: Path, models: tuple[str, ...],
                         parts: set[str] | None = None) -> dict[str, pd.DataFrame | None]:
     """`paired_against` for several models, reading each evaluation's predictions once (the
-    general-set runs' files are tens of MB)."""
+    files of runs with the general sets are large)."""
     from ..analysis import paired_comparison
 
     found: dict[str, list[pd.DataFrame]] = {m: [] for m in models}
