@@ -215,7 +215,7 @@ def test_publish_copies_tables_plots_and_every_stage_time(multi, tmp_path):
 
     for _, row in paired.iterrows():  # 3 significant digits, however small
         assert row["p_value"] == pytest.approx(sign_test(row["only_a"], row["only_b"]), rel=5e-3)
-    for _, row in paired[paired["task"] != "all"].iterrows():
+    for _, row in paired[~paired["task"].isin(["all", "general"])].iterrows():
         assert row["score_a"] == pytest.approx(table.loc[("without_base", "recall"), row["task"]], abs=0.01)
         assert row["score_b"] == pytest.approx(table.loc[("without_base", row["b"]), row["task"]], abs=0.01)
     # the base paired against every other model the same way: each expert's and merge's gain
@@ -230,11 +230,22 @@ def test_publish_copies_tables_plots_and_every_stage_time(multi, tmp_path):
         mine = preds[(preds["model"] == model) & (preds["task"] == task)]
         return dict(zip(mine["sample_id"].astype(str), sample_hits(task, list(mine["prediction"]), list(mine["references"]))))
 
-    for _, row in vs_base[vs_base["task"] != "all"].iterrows():
+    for _, row in vs_base[~vs_base["task"].isin(["all", "general"])].iterrows():
         a, b = hits("base", row["task"]), hits(row["b"], row["task"])
         assert (row["only_a"], row["only_b"]) == (sum(a[i] and not b[i] for i in a), sum(b[i] and not a[i] for i in a))
         assert row["score_a"] == pytest.approx(table.loc[("without_base", "base"), row["task"]], abs=0.01)
         assert row["p_value"] == pytest.approx(sign_test(row["only_a"], row["only_b"]), rel=5e-3)
+    # each model's general row: its general-ability sets' counts summed
+    from recall_ray.core.templates import is_general
+
+    for table_ in (paired, vs_base):
+        general = table_[table_["task"] == "general"]
+        assert set(general["b"]) == set(table_["b"]) and set(general["eval"]) == {"without_base"}
+        for _, row in general.iterrows():
+            sets = table_[(table_["b"] == row["b"]) & table_["task"].map(is_general).astype(bool)]
+            assert len(sets) == len(cfg.evaluate.general_tasks) > 0
+            for c in ("n", "both", "only_a", "only_b", "neither"):
+                assert row[c] == sets[c].sum(), c
     times = pd.read_csv(out / "stage_times.csv")
     top = json.loads((Path(cfg.run_dir) / "manifest.json").read_text())["stages"]
     want = {k: v["seconds"] for k, v in top.items()}
