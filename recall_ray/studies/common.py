@@ -274,18 +274,13 @@ def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
     return names + [f"plots/{f.name}" for f in plots] + extra + list(paired)
 
 
-def paired_against(run_dir: Path, model: str = "recall", parts: set[str] | None = None) -> pd.DataFrame | None:
-    """`analysis.paired_comparison` of `model` against every other model scored beside it,
-    in every evaluation of the run (<where>/eval/predictions.jsonl; column `eval` names
-    where; `parts`: only these variants' or steps'), or None when no evaluation scored
-    `model`."""
-    return paired_against_each(run_dir, (model,), parts)[model]
-
-
 def paired_against_each(run_dir: Path, models: tuple[str, ...],
                         parts: set[str] | None = None) -> dict[str, pd.DataFrame | None]:
-    """`paired_against` for several models, reading each evaluation's predictions once (the
-    files of runs with the general sets are large)."""
+    """For each of `models`, `analysis.paired_comparison` of it against every other model
+    scored beside it, in every evaluation of the run (<where>/eval/predictions.jsonl; column
+    `eval` names where; `parts`: only these variants' or steps'), with the pooled rows; None
+    for a model no evaluation scored. Each evaluation's predictions are read once for all
+    `models` (the files of runs with the general sets are large)."""
     from ..analysis import paired_comparison
 
     found: dict[str, list[pd.DataFrame]] = {m: [] for m in models}
