@@ -314,6 +314,73 @@ def test_an_exported_adapter_is_used_only_on_its_own_starting_model(seq, tiny_ex
         preflight(cfg.model_copy(update={"adapters": str(tmp_path / "missing")}))
 
 
+def test_a_half_finished_fine_tune_is_carried_to_another_machine(seq, tiny_experts, tmp_path):
+    """A machine that stops in the middle of a fine-tune leaves only its snapshots. Machine A
+    here: the run's manifest with step 2's RECALL fine-tune still running and its snapshot
+    folder holding step 1 of 2. export_adapters carries that snapshot (<stage>.partial/, an
+    adapter labelled with its step); a run on machine B, given the export, goes on from it (a
+    warm start) and trains only step 2: step 1 is trapped to fail. Its stage key, and so
+    everything after it, names the warm start; B's export is then reused by a third run as it
+    is, with nothing trained."""
+    import hashlib
+
+    from conftest import FAULTS
+    from recall_ray.cluster.finetune import snapshot_path
+    from recall_ray.studies.sequential import find_partial
+
+    cfg, _ = seq
+    run, stage = Path(cfg.run_dir), "step2/finetune_recall"
+    manifest = json.loads((run / "manifest.json").read_text())
+    a = tmp_path / "a"  # machine A as it was when it stopped
+    manifest["stages"][stage] = {"status": "running", "key": manifest["stages"][stage]["key"]}
+    (snaps,) = (run / "step2" / "finetune" / "recall" / "snapshots").iterdir()
+    a_snaps = a / "step2" / "finetune" / "recall" / "snapshots" / snaps.name
+    shutil.copytree(snaps, a_snaps, ignore=shutil.ignore_patterns("recall_ray.json"))  # labelled only at the end
+    shutil.rmtree(snapshot_path(str(a_snaps), 2))
+    (a / "manifest.json").write_text(json.dumps(manifest))
+
+    exported = export_adapters(a, tmp_path / "adapters")
+    assert "step2/finetune_recall.partial" in exported and "step2/finetune_recall" not in exported
+    part = tmp_path / "adapters" / "step2" / "finetune_recall.partial"
+    meta, marker = (json.loads((part / f).read_text()) for f in ("recall_ray.json", "stage.json"))
+    assert meta["steps"] == marker["step"] == 1 and marker["partial"] is True
+    assert marker["key"] == marker["base_key"] == manifest["stages"][stage]["key"]  # A had no warm start
+    weights = (part / "adapter_model.safetensors").read_bytes()
+    assert weights == (Path(snapshot_path(str(a_snaps), 1)) / "adapter_model.safetensors").read_bytes()
+    ft = cfg.finetune_for("ag_news")
+    assert find_partial(str(tmp_path / "adapters"), marker["base_key"], str(tiny_experts[0]), ft, "ag_news",
+                        0.0) is None  # another starting model: trained from step 1
+
+    b_cfg = cfg.model_copy(update={"run_dir": str(tmp_path / "b"), "chains": ["recall"], "merge_with": ["previous"],
+                                   "seqft": False, "ewc": cfg.ewc.model_copy(update={"enabled": False}),
+                                   "adapters": str(tmp_path / "adapters")})
+    (FAULTS / "finetune-step-1").write_text("ENOSPC")  # a fine-tune that started over would fail at once
+    try:
+        run_sequential(b_cfg)
+        st = json.loads((tmp_path / "b" / "manifest.json").read_text())["stages"]
+        assert st["step1/finetune_recall"]["result"]["prebuilt"]  # step 1: the finished export
+        got = st[stage]
+        assert got["result"]["warm_start"] == str(part) and got["result"]["base_key"] == marker["base_key"]
+        assert got["key"] != marker["key"]  # not the uninterrupted run's adapter, nor anything after it
+        b_adapter = Path(got["result"]["adapter"])
+        warm = json.loads((b_adapter / "recall_ray.json").read_text())["warm_start"]
+        assert warm["step"] == 1 and warm["adapter_sha256"] == hashlib.sha256(weights).hexdigest()
+
+        export_adapters(tmp_path / "b", tmp_path / "adapters_b")
+        c_cfg = b_cfg.model_copy(update={"run_dir": str(tmp_path / "c"), "adapters": str(tmp_path / "adapters_b")})
+        (FAULTS / "finetune-step-2").write_text("ENOSPC")
+        c = run_sequential(c_cfg)
+    finally:
+        for k in (1, 2):
+            (FAULTS / f"finetune-step-{k}").unlink(missing_ok=True)
+    c_st = json.loads((tmp_path / "c" / "manifest.json").read_text())["stages"][stage]
+    assert c_st["key"] == got["key"] and c_st["result"]["prebuilt"] == str(tmp_path / "adapters_b" / stage)
+    assert (Path(c_st["result"]["adapter"]) / "adapter_model.safetensors").read_bytes() == (
+        b_adapter / "adapter_model.safetensors").read_bytes()
+    b_scores = pd.read_csv(tmp_path / "b" / "scores.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "c" / "scores.csv"), b_scores)
+
+
 def test_step_1_is_keyed_by_the_base_weights(tiny_dir, tiny_experts, tmp_path):
     """A run directory resumed with another base must not reuse step 1's fine-tune: the
     lines' starting key is the base's weights, equal for a byte copy, not its name."""

@@ -285,6 +285,63 @@ def seed_snapshot(snapshot_dir: str, adapter_dir: str, record: dict) -> bool:
     return True
 
 
+SNAPSHOT_LABEL = "adapter_label.json"  # in a snapshot directory: what every snapshot's recall_ray.json shares
+
+
+def _write_snapshot_label(snapshot_dir: str, shared: dict) -> None:
+    """Record, before the first step, what labels every snapshot of this training as an
+    adapter (its base's fingerprint, task, seed, EWC), so that a snapshot of a training that
+    never finished can still be carried elsewhere as an adapter (`snapshot_as_adapter`)."""
+    path = os.path.join(snapshot_dir, SNAPSHOT_LABEL)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(shared, fh, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def _snapshot_meta(snapshot_dir: str, step: int, shared: dict) -> dict:
+    """The recall_ray.json of the snapshot at `step`: `shared` with the step, that step's loss
+    and, when the ladder went on from a warm start below it, that warm start's record."""
+    with open(os.path.join(snapshot_path(snapshot_dir, step), SNAPSHOT_META)) as fh:
+        loss = json.load(fh)["loss"]
+    warm = ladder_warm_start(snapshot_dir, step)
+    return {**shared, "steps": step, "final_loss": loss, **({WARM_START: warm} if warm else {})}
+
+
+def snapshot_as_adapter(snapshot_dir: str, dest: str) -> dict:
+    """Write the newest snapshot of a training, finished or not, to `dest` (created; it must
+    not exist) as an adapter with its recall_ray.json, as finetune_lora labels its snapshots
+    when it finishes: the way to carry a training that a stopped machine left half done to
+    another one, where it is a `warm_start`. A snapshot seeded from a warm start keeps the
+    recall_ray.json it was seeded with. Returns that recall_ray.json. Raises
+    FileNotFoundError when the directory has no snapshot, or no label (written by
+    finetune_lora before its first step since snapshots can be carried)."""
+    steps = snapshot_steps(snapshot_dir)
+    if not steps:
+        raise FileNotFoundError(f"{snapshot_dir} holds no snapshot")
+    src = snapshot_path(snapshot_dir, steps[-1])
+    if os.path.isfile(os.path.join(src, META_FILE)):  # labelled at the run's end, or a seeded warm start
+        with open(os.path.join(src, META_FILE)) as fh:
+            meta = json.load(fh)
+    else:
+        label = os.path.join(snapshot_dir, SNAPSHOT_LABEL)
+        if not os.path.isfile(label):
+            raise FileNotFoundError(f"{snapshot_dir} has no {SNAPSHOT_LABEL} (a training started before snapshots"
+                                    " were labelled): its snapshots cannot be carried as adapters")
+        with open(label) as fh:
+            meta = _snapshot_meta(snapshot_dir, steps[-1], json.load(fh))
+    tmp = staging_location(dest)
+    try:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+        with open(os.path.join(tmp, META_FILE), "w") as fh:
+            json.dump(meta, fh, indent=2)
+        os.rename(tmp, dest)  # fails if dest appeared meanwhile: never overwrite an adapter
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
 def ladder_warm_start(snapshot_dir: str, upto: int) -> dict | None:
     """The warm start (`seed_snapshot`) that the ladder's adapter of `upto` steps descends
     from: the newest seeded snapshot below `upto` (the seeded one itself is the adapter it
@@ -610,8 +667,12 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
         raise ValueError("a warm start needs a snapshot directory (finetune.snapshot_every and"
                          " finetune_lora(snapshot_dir=...))")
     record = warm_start_record(warm_start, cfg, fingerprint, task, ewc_lambda) if warm_start is not None else None
+    shared = {"base_fingerprint": fingerprint, "task": task, "seed": cfg.seed}  # every adapter of this ladder's
+    if ewc_fisher is not None:
+        shared["ewc"] = {"fisher": ewc_fisher, "lambda": float(ewc_lambda)}
     if snapshot_dir is not None:
         _claim_snapshot_dir(snapshot_dir, ladder_key(fingerprint, records, cfg, ewc_fisher, ewc_lambda))
+        _write_snapshot_label(snapshot_dir, shared)
     if record is not None and seed_snapshot(snapshot_dir, warm_start, record):
         logger.warning("going on from %s (step %d) with the optimizer's moments restarted: the adapter will not"
                        " be the uninterrupted run's (recall_ray.json records warm_start)", warm_start, record["step"])
@@ -647,21 +708,17 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     final_loss = float(result.metrics["final_loss"])
     logger.info("fine-tuning done: final loss %.4f, checkpoint %s", final_loss, result.checkpoint.path)
 
-    meta = {"base_fingerprint": fingerprint, "task": task, "steps": cfg.steps,
-            "final_loss": final_loss, "seed": cfg.seed, "torch_threads": int(result.metrics["torch_threads"])}
+    meta = {**shared, "steps": cfg.steps, "final_loss": final_loss,
+            "torch_threads": int(result.metrics["torch_threads"])}
     if ewc_fisher is not None:
-        meta["ewc"] = {"fisher": ewc_fisher, "lambda": float(ewc_lambda),
-                       "final_penalty": float(result.metrics["final_ewc_penalty"])}
+        meta["ewc"] = {**shared["ewc"], "final_penalty": float(result.metrics["final_ewc_penalty"])}
     if snapshot_dir is not None:  # each snapshot is an adapter too: label it as one
         for step in snapshot_steps(snapshot_dir):
             label = os.path.join(snapshot_path(snapshot_dir, step), META_FILE)
             if not os.path.isfile(label):
-                with open(os.path.join(snapshot_path(snapshot_dir, step), SNAPSHOT_META)) as fh:
-                    loss = json.load(fh)["loss"]
-                warm = ladder_warm_start(snapshot_dir, step)
                 with open(label + ".tmp", "w") as fh:
-                    json.dump({**meta, "steps": step, "final_loss": loss, **({WARM_START: warm} if warm else {})},
-                              fh, indent=2)
+                    json.dump(_snapshot_meta(snapshot_dir, step, {k: v for k, v in meta.items()
+                                                                  if k not in ("steps", "final_loss")}), fh, indent=2)
                 os.replace(label + ".tmp", label)
         warm = ladder_warm_start(snapshot_dir, cfg.steps)
         if warm is not None:

@@ -244,19 +244,30 @@ STAGE_FILE = "stage.json"  # beside an exported adapter: the fine-tune stage and
 _FINETUNE_STAGE = re.compile(r"^step\d+/finetune_\w+$")
 
 
+def _exports(adapters_dir: str, base_key: str, partial: bool) -> list[Path]:
+    """The folders under `adapters_dir` that export_adapters wrote for a fine-tune of this
+    base key (its inputs and settings, without any warm start): finished adapters, or
+    (`partial`) the newest snapshots of unfinished ones."""
+    found = []
+    for f in sorted(Path(adapters_dir).rglob(STAGE_FILE)):
+        st = json.loads(f.read_text())
+        if st.get("base_key", st.get("key")) == base_key and bool(st.get("partial")) == partial:
+            found.append(f.parent)
+    return found
+
+
 def find_prebuilt(adapters_dir: str | None, key: str, start: str) -> Path | None:
     """The adapter exported (export_adapters) under `adapters_dir` for a fine-tune stage of
-    this key, when it was trained on this starting model: the base fingerprint it recorded
-    equals the content fingerprint of `start` (a merge recomputed on another CPU may differ
-    in its last bits, and the adapter would then not fit it exactly). Found by key, not by
-    stage name, so a run with other lines (whose shared step-1 stage is named after another
+    this (base) key, when it was trained on this starting model: the base fingerprint it
+    recorded equals the content fingerprint of `start` (a merge recomputed on another CPU may
+    differ in its last bits, and the adapter would then not fit it exactly). Found by key, not
+    by stage name, so a run with other lines (whose shared step-1 stage is named after another
     line) still finds it. None otherwise: the step is trained."""
     from ..io.safetensors_io import content_fingerprint
 
     if adapters_dir is None:
         return None
-    found = [f.parent for f in sorted(Path(adapters_dir).rglob(STAGE_FILE))
-             if json.loads(f.read_text()).get("key") == key]
+    found = _exports(adapters_dir, key, partial=False)
     if not found:
         log.info("no adapter exported in %s for this fine-tune's inputs and settings: training", adapters_dir)
         return None
@@ -274,12 +285,66 @@ def find_prebuilt(adapters_dir: str | None, key: str, start: str) -> Path | None
     return None
 
 
+def find_partial(adapters_dir: str | None, base_key: str, start: str, ft: FinetuneConfig, task: str,
+                 ewc_lambda: float) -> tuple[Path, dict] | None:
+    """The furthest half-finished fine-tune of this base key exported under `adapters_dir`
+    (export_adapters: the newest snapshot of a stage a stopped run left running) that is an
+    earlier rung of this very training on this starting model, with its warm-start record
+    (`warm_start_record`); None when there is none. One that does not fit (another start, e.g.
+    a merge recomputed with other last bits) is skipped with a warning: the step then trains
+    from its first step."""
+    from ..cluster.finetune import warm_start_record
+    from ..io.safetensors_io import content_fingerprint
+
+    if adapters_dir is None:
+        return None
+    best = None
+    for d in _exports(adapters_dir, base_key, partial=True):
+        try:
+            record = warm_start_record(str(d), ft, content_fingerprint(start), task, ewc_lambda)
+        except ValueError as err:
+            log.warning("not going on from the half-finished fine-tune exported in %s: %s", d, err)
+            continue
+        if best is None or record["step"] > best[1]["step"]:
+            best = (d, record)
+    return best
+
+
+SNAPSHOTS_STAGE = "stage.json"  # in a fine-tune's snapshot folder: the stage and keys it trains for
+
+
+def carried_start(adapters_dir: str | None, base_key: str, start: str, snapshots: str | None, ft: FinetuneConfig,
+                  task: str, ewc_lambda: float) -> tuple[Path | None, Path | None, dict | None]:
+    """What a fine-tune stage goes on from, decided before its key: (a finished adapter
+    exported for it, a half-finished one to warm-start from, the warm start its adapter
+    records or will record). The stage key names the warm start, since an adapter that went
+    on from one (the optimizer's moments restarted) is not the uninterrupted run's.
+
+    In order: a finished export (its warm start, if any, is in its recall_ray.json); a
+    half-finished export further on than this machine's own snapshots (a stopped run carried
+    to a fresh machine); else this machine's snapshots, exact, or none."""
+    from ..cluster.finetune import WARM_START, ladder_warm_start, snapshot_steps
+
+    done = find_prebuilt(adapters_dir, base_key, start)
+    if done is not None:
+        return done, None, json.loads((done / "recall_ray.json").read_text()).get(WARM_START)
+    local = snapshot_steps(snapshots) if snapshots else []
+    partial = find_partial(adapters_dir, base_key, start, ft, task, ewc_lambda)
+    if partial is not None and partial[1]["step"] > max(local, default=0):
+        return None, partial[0], partial[1]
+    return None, None, ladder_warm_start(snapshots, ft.steps) if local else None
+
+
 def export_adapters(run_dir: str | Path, dest: str | Path) -> list[str]:
     """Copy every finished fine-tune of a sequential run (its adapter files, without Ray
-    Train's checkpoints) into dest/<stage>/ with a stage.json of the stage's key, replacing
-    `dest`: the `adapters:` input of a later run. Returns the stages exported."""
+    Train's checkpoints) into dest/<stage>/ with a stage.json of the stage's keys, and the
+    newest snapshot of every fine-tune the run left unfinished (finetune.snapshot_every) into
+    dest/<stage>.partial/, replacing `dest`: the `adapters:` input of a later run, which copies
+    the finished ones and warm-starts the unfinished ones (carried_start). Returns the stages
+    exported, an unfinished one as "<stage>.partial"."""
     import shutil
 
+    from ..cluster.finetune import snapshot_as_adapter, snapshot_steps
     from ..io.storage import staged
 
     mf = Path(run_dir, Manifest.FILE)
@@ -287,8 +352,14 @@ def export_adapters(run_dir: str | Path, dest: str | Path) -> list[str]:
         raise FileNotFoundError(f"{run_dir} holds no run (no {Manifest.FILE}): run the sequential scenario first")
     stages = json.loads(mf.read_text())["stages"]
     done = {n: st for n, st in stages.items() if _FINETUNE_STAGE.match(n) and st.get("status") == "done"}
-    if not done:
-        raise FileNotFoundError(f"{run_dir} has no finished fine-tune stage to export")
+    unfinished = {}  # stage -> (its snapshot folder, its keys): the stage the manifest has running with this key
+    for marker in sorted(Path(run_dir).glob(f"step*/finetune/*/snapshots/*/{SNAPSHOTS_STAGE}")):
+        m = json.loads(marker.read_text())
+        st = stages.get(m["stage"], {})
+        if st.get("status") != "done" and st.get("key") == m["key"] and snapshot_steps(str(marker.parent)):
+            unfinished[m["stage"]] = (marker.parent, m)
+    if not done and not unfinished:
+        raise FileNotFoundError(f"{run_dir} has no fine-tune stage to export (none finished, none snapshotted)")
     with staged(str(dest), overwrite=True) as tmp:
         for name, st in sorted(done.items()):
             src, out = Path(st["result"]["adapter"]), Path(tmp, name)
@@ -297,9 +368,16 @@ def export_adapters(run_dir: str | Path, dest: str | Path) -> list[str]:
                 if f.is_file() and f.suffix in (".json", ".safetensors"):
                     shutil.copy2(f, out / f.name)
             trained = (st.get("result") or {}).get("trained_seconds") or st.get("seconds")  # a reused one's first cost
-            (out / STAGE_FILE).write_text(json.dumps({"stage": name, "key": st["key"], "trained_seconds": trained},
-                                                     indent=1) + "\n")
-    return sorted(done)
+            base_key = (st.get("result") or {}).get("base_key", st["key"])  # runs before warm starts: the same
+            (out / STAGE_FILE).write_text(json.dumps({"stage": name, "key": st["key"], "base_key": base_key,
+                                                      "trained_seconds": trained}, indent=1) + "\n")
+        for name, (snaps, m) in sorted(unfinished.items()):
+            out = Path(tmp, f"{name}.partial")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            meta = snapshot_as_adapter(str(snaps), str(out))
+            (out / STAGE_FILE).write_text(json.dumps({"stage": name, "key": m["key"], "base_key": m["base_key"],
+                                                      "partial": True, "step": meta["steps"]}, indent=1) + "\n")
+    return sorted([*done, *(f"{n}.partial" for n in unfinished)])
 
 
 def run_sequential(cfg: SequentialConfig):
@@ -346,25 +424,37 @@ def run_sequential(cfg: SequentialConfig):
                     ewc_args = {"ewc_fisher": penalty[label], "ewc_lambda": cfg.ewc.lam}
 
                 stage = f"step{step}/finetune_{label}"
+                base_key = stable_hash(key_parts)
+                # With finetune.snapshot_every, a stopped run's fine-tune goes on from its newest
+                # snapshot (a fine-tune of the long experts' budgets takes hours); the folder is
+                # named by the base key, so another training never meets this one's snapshots.
+                snapshots = str(where / "snapshots" / base_key[:16]) if ft.snapshot_every else None
+                prebuilt, partial, warm = carried_start(cfg.adapters, base_key, start, snapshots, ft, task,
+                                                        cfg.ewc.lam if penalty[label] is not None else 0.0)
+                if warm is not None:  # not the uninterrupted run's adapter: neither is anything after it
+                    key_parts = [*key_parts, {"warm_start": warm}]
 
-                def finetune(start=start, out=out, where=where, ewc_args=ewc_args, stage=stage,
+                def finetune(start=start, out=out, where=where, ewc_args=ewc_args, stage=stage, base_key=base_key,
+                             snapshots=snapshots, prebuilt=prebuilt, partial=partial,
                              key=stable_hash(key_parts)) -> dict:
                     import shutil
 
                     shutil.rmtree(out, ignore_errors=True)  # a stale adapter of other settings
-                    prebuilt = find_prebuilt(cfg.adapters, key, start)
                     if prebuilt is not None:  # the same inputs and settings: the same adapter, trained before
                         shutil.copytree(prebuilt, out, ignore=shutil.ignore_patterns(STAGE_FILE))
                         log.info("%s: reusing the adapter exported in %s", stage, prebuilt)
                         trained = json.loads((prebuilt / STAGE_FILE).read_text()).get("trained_seconds")
-                        return {"adapter": out, "prebuilt": str(prebuilt), "trained_seconds": trained}
-                    # With finetune.snapshot_every, a stopped run's fine-tune goes on from its newest
-                    # snapshot (a fine-tune of the long experts' budgets takes hours); the folder is
-                    # named by the stage key, so another training never meets this one's snapshots.
-                    snapshots = str(where / "snapshots" / key[:16]) if ft.snapshot_every else None
-                    finetune_lora(start, records, ft, out, str(where / "ray_train"),
-                                  task=task, snapshot_dir=snapshots, **ewc_args)
-                    return {"adapter": out}
+                        return {"adapter": out, "prebuilt": str(prebuilt), "trained_seconds": trained,
+                                "base_key": base_key}
+                    if snapshots is not None:  # which stage these snapshots are, for export_adapters
+                        Path(snapshots).mkdir(parents=True, exist_ok=True)
+                        Path(snapshots, SNAPSHOTS_STAGE).write_text(
+                            json.dumps({"stage": stage, "key": key, "base_key": base_key}, indent=1) + "\n")
+                    if partial is not None:
+                        log.info("%s: going on from the half-finished fine-tune exported in %s", stage, partial)
+                    finetune_lora(start, records, ft, out, str(where / "ray_train"), task=task,
+                                  snapshot_dir=snapshots, warm_start=str(partial) if partial else None, **ewc_args)
+                    return {"adapter": out, "base_key": base_key, **({"warm_start": str(partial)} if partial else {})}
 
                 done[job] = (out, manifest.run(stage, key_parts, [out], finetune).key)
             adapter_of[label], adapter_key[label] = done[job]
