@@ -269,7 +269,7 @@ def find_prebuilt(adapters_dir: str | None, key: str, start: str) -> Path | None
         return None
     found = _exports(adapters_dir, key, partial=False)
     if not found:
-        log.info("no adapter exported in %s for this fine-tune's inputs and settings: training", adapters_dir)
+        log.info("no adapter exported in %s for this fine-tune's inputs and settings", adapters_dir)
         return None
     want = content_fingerprint(start)
     for d in found:  # several exports may hold this key (e.g. copies of one directory): any that fits
