@@ -288,13 +288,11 @@ def seed_snapshot(snapshot_dir: str, adapter_dir: str, record: dict) -> bool:
 SNAPSHOT_LABEL = "adapter_label.json"  # in a snapshot directory: what every snapshot's recall_ray.json shares
 
 
-def _write_snapshot_label(snapshot_dir: str, shared: dict) -> None:
-    """Record, before the first step, what labels every snapshot of this training as an
-    adapter (its base's fingerprint, task, seed, EWC), so that a snapshot of a training that
-    never finished can still be carried elsewhere as an adapter (`snapshot_as_adapter`)."""
-    path = os.path.join(snapshot_dir, SNAPSHOT_LABEL)
+def _replace_json(path: str, obj, indent: int | None = None) -> None:
+    """Write `obj` to `path` whole or not at all (a temporary file renamed over it): a
+    stopped run never leaves a half-written label or ladder key behind."""
     with open(path + ".tmp", "w") as fh:
-        json.dump(shared, fh, indent=2)
+        json.dump(obj, fh, indent=indent)
     os.replace(path + ".tmp", path)
 
 
@@ -605,9 +603,7 @@ def _claim_snapshot_dir(snapshot_dir: str, key: str) -> None:
                              " settings than these): remove it or choose another")
         return
     os.makedirs(snapshot_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as fh:
-        json.dump({"key": key}, fh)
-    os.replace(path + ".tmp", path)
+    _replace_json(path, {"key": key})
 
 
 def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_dir: str, storage_dir: str,
@@ -672,7 +668,9 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
         shared["ewc"] = {"fisher": ewc_fisher, "lambda": float(ewc_lambda)}
     if snapshot_dir is not None:
         _claim_snapshot_dir(snapshot_dir, ladder_key(fingerprint, records, cfg, ewc_fisher, ewc_lambda))
-        _write_snapshot_label(snapshot_dir, shared)
+        # what labels every snapshot as an adapter, written before the first step so that a
+        # training that never finishes can still be carried elsewhere (`snapshot_as_adapter`)
+        _replace_json(os.path.join(snapshot_dir, SNAPSHOT_LABEL), shared, indent=2)
     if record is not None and seed_snapshot(snapshot_dir, warm_start, record):
         logger.warning("going on from %s (step %d) with the optimizer's moments restarted: the adapter will not"
                        " be the uninterrupted run's (recall_ray.json records warm_start)", warm_start, record["step"])
@@ -713,13 +711,11 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     if ewc_fisher is not None:
         meta["ewc"] = {**shared["ewc"], "final_penalty": float(result.metrics["final_ewc_penalty"])}
     if snapshot_dir is not None:  # each snapshot is an adapter too: label it as one
+        labelled = {k: v for k, v in meta.items() if k not in ("steps", "final_loss")}  # each has its own
         for step in snapshot_steps(snapshot_dir):
             label = os.path.join(snapshot_path(snapshot_dir, step), META_FILE)
             if not os.path.isfile(label):
-                with open(label + ".tmp", "w") as fh:
-                    json.dump(_snapshot_meta(snapshot_dir, step, {k: v for k, v in meta.items()
-                                                                  if k not in ("steps", "final_loss")}), fh, indent=2)
-                os.replace(label + ".tmp", label)
+                _replace_json(label, _snapshot_meta(snapshot_dir, step, labelled), indent=2)
         warm = ladder_warm_start(snapshot_dir, cfg.steps)
         if warm is not None:
             meta[WARM_START] = warm

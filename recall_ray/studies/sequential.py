@@ -298,10 +298,12 @@ def find_partial(adapters_dir: str | None, base_key: str, start: str, ft: Finetu
 
     if adapters_dir is None:
         return None
+    found = _exports(adapters_dir, base_key, partial=True)
+    fingerprint = content_fingerprint(start) if found else None
     best = None
-    for d in _exports(adapters_dir, base_key, partial=True):
+    for d in found:
         try:
-            record = warm_start_record(str(d), ft, content_fingerprint(start), task, ewc_lambda)
+            record = warm_start_record(str(d), ft, fingerprint, task, ewc_lambda)
         except ValueError as err:
             log.warning("not going on from the half-finished fine-tune exported in %s: %s", d, err)
             continue
