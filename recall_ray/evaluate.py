@@ -374,6 +374,9 @@ def evaluation_stage(manifest, run_dir, prefix: str, models: Sequence[ResolvedMo
         seconds = {}
         if todo:
             log.info("evaluate: generating for %s (the other models and tasks cached)", todo)
+            for label, missing in todo.items():  # -v: where each would have been found
+                log.debug("evaluate: not cached: %s on %s (%s)", label, ", ".join(missing),
+                          ", ".join(cache[label][t] for t in missing))
 
             def save(label: str, scores: pd.DataFrame, preds: pd.DataFrame) -> None:
                 # as soon as the model is done, so that a stage stopped midway resumes from the

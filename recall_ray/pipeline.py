@@ -464,15 +464,18 @@ def _weights_key(run: Run, _: str | None) -> list:
 
 def _merged_content(run: Run) -> list:
     """What decides the merged model's contents, not where it is written: the key its scores
-    are cached by (PipelineResult.merge_key), the same in any run directory."""
-    return [run.parts["weights"], stable_hash(_recall_weights(run).round(12).tolist()),
-            run.cfg.merge.key(), [run.fp(m.label) for m in run.models]]
+    are cached by (PipelineResult.merge_key), the same in any run directory and on any
+    machine. The weights enter by what computed them (the weights stage's key), not by their
+    values: representations recomputed on another CPU (or in other batches) differ in their
+    last bits, and so do the weights, while the merge is the same one."""
+    return [run.parts["weights"], run.cfg.merge.key(), [run.fp(m.label) for m in run.models]]
 
 
 def _merge_key(run: Run, _: str | None) -> list:
-    # the stage's key adds the output's place: a merge recorded done at another place
-    # (Manifest.done checks the outputs it recorded) is not this run's output
-    return [*_merged_content(run), run.cfg.output_dir]
+    # the stage's key adds the weights' values, so that this directory's merged tensors are
+    # always those of its own weights.csv, and the output's place: a merge recorded done at
+    # another place (Manifest.done checks the outputs it recorded) is not this run's output
+    return [*_merged_content(run), stable_hash(_recall_weights(run).round(12).tolist()), run.cfg.output_dir]
 
 
 def _evaluating(run: Run) -> bool:
@@ -683,9 +686,16 @@ def _extract(models: list[ResolvedModel], items: list[dict], run: Run, rels: lis
 # --------------------------------------------------------------- any method as a stage
 
 def merge_method_key(models: list[ResolvedModel], modelset: ModelSet, method: MergeMethod,
-                     merge_cfg: MergeConfig) -> list:
-    return [[modelset.fingerprints[m.label] for m in models], dataclasses.asdict(method),
-            merge_cfg.key()]
+                     merge_cfg: MergeConfig, weights_from: Any = None) -> list:
+    """What decides a merge's contents. With `weights_from` (the key of what the method's
+    weights were computed from: RECALL's similarities, the models' losses) that key stands
+    for the weights: computed again on another machine they differ in their last bits, and
+    the key is to name the same merge wherever it is computed (the scenarios cache scores by
+    it). Without it the weights are part of the key (they are settings, or fixed)."""
+    desc = dataclasses.asdict(method)
+    if weights_from is not None:
+        desc = {**{k: v for k, v in desc.items() if k != "weights"}, "weights_from": weights_from}
+    return [[modelset.fingerprints[m.label] for m in models], desc, merge_cfg.key()]
 
 
 def merge_method_compute(models: list[ResolvedModel], modelset: ModelSet, method: MergeMethod, out: str,
@@ -702,11 +712,15 @@ def merge_method_compute(models: list[ResolvedModel], modelset: ModelSet, method
 
 
 def merge_stage(manifest: Manifest, name: str, models: list[ResolvedModel], modelset: ModelSet, method: MergeMethod,
-                out: str, merge_cfg: MergeConfig) -> str:
-    """Merge `models` by `method` into `out` as a resumable stage; returns its key."""
+                out: str, merge_cfg: MergeConfig, weights_from: Any = None) -> str:
+    """Merge `models` by `method` into `out` as a resumable stage; returns the merge's key
+    (merge_method_key, with `weights_from` when its weights were computed). The stage's own
+    key always holds the weights' values: this directory's output is of its own weights."""
     parts = merge_method_key(models, modelset, method, merge_cfg)
-    return manifest.run(name, parts, [out], lambda: merge_method_compute(models, modelset, method, out, merge_cfg,
-                                                                         resume_key=stable_hash(parts))).key
+    key = manifest.run(name, parts, [out], lambda: merge_method_compute(models, modelset, method, out, merge_cfg,
+                                                                        resume_key=stable_hash(parts))).key
+    return key if weights_from is None else stable_hash(merge_method_key(models, modelset, method, merge_cfg,
+                                                                         weights_from))
 
 
 def _ranges(xs: list[int]) -> str:

@@ -219,3 +219,41 @@ def test_a_stage_keyed_after_its_work_is_recorded_with_that_key_and_found_by_it(
     assert m.data["stages"]["s"]["key"] == first.key
     again = Manifest(RunDir(str(tmp_path / "run")), {}).run("s", ["key", "abc"], [], work)  # a rerun, key first
     assert again.skipped and again.key == first.key and calls == [None]
+
+
+def test_a_computed_merge_is_keyed_by_what_computed_its_weights_not_their_last_bits():
+    """Representations and losses computed again on another CPU differ in their last bits,
+    and so do the weights computed from them; the scenarios cache a merge's scores by its
+    key, so a merge with computed weights is keyed by their inputs (weights_from), while a
+    merge's own stage key, and a merge with fixed weights, keep the values."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+
+    from recall_ray.config import MergeConfig
+    from recall_ray.core.merge_methods import MergeMethod
+    from recall_ray.manifest import stable_hash
+    from recall_ray.pipeline import _merge_key, _merged_content, merge_method_key
+
+    models = [SimpleNamespace(label="base"), SimpleNamespace(label="new")]
+    ms = SimpleNamespace(fingerprints={"base": "f0", "new": "f1"})
+    w = np.array([[0.25, 0.75], [0.4, 0.6]])
+    here = MergeMethod("m", "linear", w)
+    there = MergeMethod("m", "linear", w + np.array([[1e-9, -1e-9], [0.0, 0.0]]))  # another CPU's last bits
+    cfg = MergeConfig()
+    key = lambda m, src=None: stable_hash(merge_method_key(models, ms, m, cfg, src))
+    assert key(here) != key(there)  # fixed weights: the values are the merge
+    assert key(here, "losses:abc") == key(there, "losses:abc")
+    assert key(here, "losses:abc") != key(there, "losses:abd")
+    assert key(here, "losses:abc") != key(MergeMethod("m", "linear", w, lam=0.5), "losses:abc")
+
+    def run(weights: np.ndarray):  # what pipeline._merged_content and _merge_key read of a run
+        table = pd.DataFrame([{"layer": g, "model": lbl, "weight": weights[g, q]}
+                              for g in range(2) for q, lbl in enumerate(["base", "new"])])
+        return SimpleNamespace(parts={"weights": ["typical", "settings"]}, cfg=SimpleNamespace(merge=cfg, output_dir="o"),
+                               models=models, fp=lambda lbl: ms.fingerprints[lbl], table=table, num_groups=2)
+
+    a, b = run(w), run(w + 1e-9)
+    assert stable_hash(_merged_content(a)) == stable_hash(_merged_content(b))
+    assert stable_hash(_merge_key(a, None)) != stable_hash(_merge_key(b, None))

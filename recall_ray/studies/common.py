@@ -139,18 +139,26 @@ def merge_all(rc: RunConfig, methods: list[str], baselines: BaselineConfig, data
             outputs["recall"] = rc.output_dir
             keys["recall"] = res.merge_key
     losses = None
+    # what computed weights come from, for the merges' keys (pipeline.merge_method_key): their
+    # inputs' keys, never their values, which differ in the last bits from one CPU to another
+    computed_from = {"recall_weights": res.merge_key if recall_w is not None else None}
     if "losses" in needs:
         examples = load_split(data_dir, plan.cfg.task.template, "train", max_samples=baselines.cocktail_examples)
         key = [ms.fingerprints.all(), [(r["prompt"], r["target"]) for r in examples], rc.task.max_length]
-        losses = manifest.run(f"{prefix}/cocktail_losses", key, [],
-                              lambda: model_losses(models, examples, rc.task.max_length)).result
+        run = manifest.run(f"{prefix}/cocktail_losses", key, [],
+                           lambda: model_losses(models, examples, rc.task.max_length))
+        losses, computed_from["losses"] = run.result, run.key
     for name in methods:
         if name == "recall":
             continue
         method = build_method(name, G, K, rc.include_base, baselines, recall_w, losses)
         outputs[name] = root.uri(f"{prefix}/merged/{name}")
+        weights_from = None
+        if METHODS[name].needs:
+            weights_from = {"name": name, "include_base": rc.include_base, "settings": baselines.model_dump(mode="json"),
+                            **{need: computed_from[need] for need in sorted(METHODS[name].needs)}}
         keys[name] = pipeline.merge_stage(manifest, f"{prefix}/merge_{name}", models, ms, method, outputs[name],
-                                          rc.merge)
+                                          rc.merge, weights_from)
     return Merged(outputs, models, ms, keys, rc.run_dir if recall_w is not None else None)
 
 
