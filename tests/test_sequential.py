@@ -454,3 +454,20 @@ def test_bad_sequential_configs():
         SequentialConfig.model_validate({**ewc_only, "task_finetune": {"race": {"target_modules": ["q_proj"]}}})
     with pytest.raises(ValueError, match="unknown config key|Extra inputs"):
         SequentialConfig.model_validate({**ewc_only, "ewc": {"enabled": True, "lambda": 1.0}})
+
+
+def test_ewc_at_lambda_0_is_seqft_and_trains_nothing_of_its_own(seq, tmp_path):
+    """Lambda 0 weighs no penalty: the EWC line computes no Fisher and shares SeqFT's
+    fine-tunes and folds (one stage each, found here among the first run's exports, so
+    nothing is trained), and its scores are SeqFT's at every step."""
+    cfg, _ = seq
+    export_adapters(cfg.run_dir, tmp_path / "adapters")
+    zero = cfg.model_copy(update={"run_dir": str(tmp_path / "zero"), "chains": [],
+                                  "ewc": cfg.ewc.model_copy(update={"lam": 0.0}), "adapters": str(tmp_path / "adapters")})
+    res = run_sequential(zero)
+    stages = json.loads((tmp_path / "zero" / "manifest.json").read_text())["stages"]
+    assert not [n for n in stages if "ewc" in n], sorted(stages)
+    assert not list((tmp_path / "zero").rglob("ray_train"))  # SeqFT's fine-tunes came from the exports
+    s = res.scores.set_index(["step", "task", "metric"])
+    pd.testing.assert_series_equal(s[s["method"] == "ewc"]["value"], s[s["method"] == "seqft"]["value"])
+    assert set(res.scores["step"]) == {1, 2}

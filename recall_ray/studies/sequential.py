@@ -77,7 +77,7 @@ class EwcSettings(Section):
     example*, weighed like the new task's loss per token. A default, not a tuned value."""
 
     enabled: bool = False
-    lam: float = Field(1.0, ge=0)
+    lam: float = Field(1.0, ge=0)  # 0: no penalty, the line is SeqFT (and shares its fine-tunes)
     fisher_samples: int = Field(64, gt=0)  # the first records of each task's train split
 
 
@@ -495,7 +495,10 @@ def run_sequential(cfg: SequentialConfig):
                                         fold_stage).key
                 folds[(start, adapter)] = (out, fold_key)
             nxt[label], nxt_key[label] = folds[(start, adapter)]
-        if cfg.ewc.enabled:  # F_{<t+1} = F_{<t} + Fisher of S^ewc_t on task t
+        # F_{<t+1} = F_{<t} + Fisher of S^ewc_t on task t. At lambda 0 there is no penalty to
+        # weigh it by: no Fisher, so the EWC line's fine-tunes are SeqFT's (the same stage, not
+        # a second training of the same thing), as the lambda-0 candidate of the EWC selection is.
+        if cfg.ewc.enabled and cfg.ewc.lam > 0:
             fisher_records = load_split(cfg.data_dir, task, "train", max_samples=cfg.ewc.fisher_samples)
             out = str(Path(cfg.run_dir, f"step{step}", "ewc", "fisher.safetensors").resolve())
 
