@@ -257,3 +257,42 @@ def test_a_computed_merge_is_keyed_by_what_computed_its_weights_not_their_last_b
     a, b = run(w), run(w + 1e-9)
     assert stable_hash(_merged_content(a)) == stable_hash(_merged_content(b))
     assert stable_hash(_merge_key(a, None)) != stable_hash(_merge_key(b, None))
+
+
+def test_weights_a_stage_labelled_are_identified_by_its_key_while_they_are_the_ones_it_wrote(tmp_path, tiny_dir):
+    """A merge or fold recomputed on another machine differs in its last bits; labelled with
+    the key of the stage that wrote it (write_made_by), its identity in stage keys is that key,
+    the same on both machines, and it falls back to the bytes once they are not the ones
+    the stage wrote."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from recall_ray.io.models import MADE_BY_FILE, ModelTensors, made_by, resolve_model, write_made_by
+
+    def fp(d):
+        return ModelTensors(resolve_model("m", str(d), str(d))).fingerprint()
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    shutil.copytree(tiny_dir, here)
+    shutil.copytree(tiny_dir, there)
+    f = sorted(there.glob("*.safetensors"))[0]
+    tensors = load_file(str(f))
+    name = sorted(tensors)[0]
+    flat = tensors[name].view(-1).clone()
+    flat[0] = torch.nextafter(flat[0], torch.tensor(float("inf"), dtype=flat.dtype))  # one last bit
+    tensors[name] = flat.view(tensors[name].shape)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    assert fp(here) != fp(there)  # bytes: two models
+
+    write_made_by(str(here), "stage-key")
+    write_made_by(str(there), "stage-key")
+    assert made_by(str(here)) == made_by(str(there)) == "stage-key"
+    assert fp(here) == fp(there) != model_fingerprint(str(here))
+    write_made_by(str(there), "another stage's key")
+    assert fp(here) != fp(there)
+
+    save_file({**tensors, name: tensors[name] * 2}, str(f), metadata={"format": "pt"})  # rewritten after the label
+    assert made_by(str(there)) is None and fp(there) == model_fingerprint(str(there))
+    assert (there / MADE_BY_FILE).is_file()

@@ -471,3 +471,53 @@ def test_ewc_at_lambda_0_is_seqft_and_trains_nothing_of_its_own(seq, tmp_path):
     s = res.scores.set_index(["step", "task", "metric"])
     pd.testing.assert_series_equal(s[s["method"] == "ewc"]["value"], s[s["method"] == "seqft"]["value"])
     assert set(res.scores["step"]) == {1, 2}
+
+
+def test_a_step_exported_on_another_machine_is_reused_on_its_recomputed_start(seq, tmp_path):
+    """A chain's step-2 fine-tune starts from the step-1 merge, which another machine computes
+    with other last bits. The run labels every merge and fold it writes with its stage key
+    (write_made_by), so that start keeps its identity, the fine-tune its key, and the export
+    is found and relabelled to the recomputed start; an unlabelled model of other bytes is
+    still refused (test above)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from recall_ray.io.models import made_by
+    from recall_ray.io.safetensors_io import content_fingerprint
+    from recall_ray.studies.sequential import relabel_start
+
+    cfg, _ = seq
+    run = Path(cfg.run_dir)
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    ft = stages["step2/finetune_recall"]
+    exported = export_adapters(run, tmp_path / "adapters")
+    assert "step2/finetune_recall" in exported
+    labelled = [p.parent for p in run.rglob("recall_ray_made_by.json")]
+    assert labelled and all(made_by(str(d)) for d in labelled)
+    m1 = next(d for d in labelled if "step1" in str(d) and (d / "config.json").is_file() and "recall" in str(d))
+    base_key = ft["result"]["base_key"]
+    assert find_prebuilt(str(tmp_path / "adapters"), base_key, str(m1)) is not None  # here: the same bytes
+
+    elsewhere = tmp_path / "elsewhere"  # the step-1 merge as another machine computes it
+    shutil.copytree(m1, elsewhere)
+    f = sorted(elsewhere.glob("*.safetensors"))[0]
+    tensors = load_file(str(f))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] * (1 + 1e-7)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    (elsewhere / "recall_ray_made_by.json").unlink()
+    assert content_fingerprint(str(elsewhere)) != content_fingerprint(str(m1))
+    assert find_prebuilt(str(tmp_path / "adapters"), base_key, str(elsewhere)) is None  # unlabelled: refused
+
+    from recall_ray.io.models import write_made_by
+    write_made_by(str(elsewhere), made_by(str(m1)))  # what the run writes after recomputing it
+    found = find_prebuilt(str(tmp_path / "adapters"), base_key, str(elsewhere))
+    assert found == tmp_path / "adapters" / "step2" / "finetune_recall"
+    copy = tmp_path / "copy"
+    shutil.copytree(found, copy)
+    relabel_start(copy, str(elsewhere))
+    meta = json.loads((copy / "recall_ray.json").read_text())
+    assert meta["base_fingerprint"] == content_fingerprint(str(elsewhere))
+    assert meta["trained_on_base_fingerprint"] == content_fingerprint(str(m1))
+    assert (copy / "adapter_model.safetensors").read_bytes() == (found / "adapter_model.safetensors").read_bytes()

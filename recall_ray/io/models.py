@@ -112,6 +112,35 @@ def resolve_model(label: str, path: str, base_path: str, allow_pickle: bool = Fa
     return ResolvedModel(label, "hf", str(p), base_path, allow_pickle, base_name_check)
 
 
+MADE_BY_FILE = "recall_ray_made_by.json"  # in a model directory a stage wrote: that stage's key
+
+
+def write_made_by(model_dir: str, key: str) -> None:
+    """Record, beside the weights a stage just wrote, the key of what made them, with the
+    weights' fingerprint as written. The model's identity in stage keys is then that key
+    (`made_by`), not its bytes: a merge or fold recomputed on another machine is the same
+    model in its last bits' spite, so what was computed or scored downstream of it (exported
+    fine-tunes, cached scores) is found again there."""
+    d = model_path(model_dir)
+    record = {"key": key, "weights_fingerprint": files_fingerprint(list_weight_files(d))}
+    tmp = d / (MADE_BY_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(d / MADE_BY_FILE)
+
+
+def made_by(model_dir: str, weights_fp: str | None = None) -> str | None:
+    """The key `write_made_by` recorded for these weights, if they are still the ones it
+    fingerprinted (`weights_fp`: their files_fingerprint, when known); None otherwise."""
+    if is_uri(str(model_dir)):  # the stages that label their outputs write them locally
+        return None
+    f = model_path(model_dir) / MADE_BY_FILE
+    if not f.is_file():
+        return None
+    record = json.loads(f.read_text())
+    fp = weights_fp or files_fingerprint(list_weight_files(model_path(model_dir)))
+    return record["key"] if record.get("weights_fingerprint") == fp else None
+
+
 class ModelTensors:
     """Lazy, by-name access to one model's parameters (adapter deltas folded in float32)."""
 
@@ -168,7 +197,13 @@ class ModelTensors:
 
     def weights_fingerprint(self) -> str:
         """The weights' own part of `fingerprint()` (all of it for a full model)."""
-        return files_fingerprint(self.weight_files)
+        return self._identity(files_fingerprint(self.weight_files))
+
+    def _identity(self, weights_fp: str) -> str:
+        """The weights' files_fingerprint, or, for weights a stage wrote and labelled
+        (write_made_by), the key of that stage."""
+        key = made_by(self.model.weights_dir, weights_fp)
+        return weights_fp if key is None else hashlib.sha256(f"made_by:{key}".encode()).hexdigest()
 
     def fingerprint_bytes(self, weights: bool = True) -> int:
         """The tensor bytes `fingerprint()` reads: its pieces (a pickle file: all of it);
@@ -179,7 +214,7 @@ class ModelTensors:
             sum(model_path(f).stat().st_size for f in pickles)
 
     def _fingerprint(self, pieces, adapter_pieces, weights_fp: str | None = None) -> str:
-        fp = weights_fp or files_fingerprint(self.weight_files, pieces)
+        fp = weights_fp or self._identity(files_fingerprint(self.weight_files, pieces))
         if self.adapter is not None:
             own = files_fingerprint(list_weight_files(self.adapter.path), adapter_pieces)
             fp = hashlib.sha256((fp + own).encode()).hexdigest()

@@ -61,7 +61,7 @@ from ..core.merge_methods import METHODS
 from ..core.metrics import primary_metric
 from ..core.templates import is_general
 from ..manifest import Manifest, stable_hash
-from ..io.models import resolve_model, resolve_path
+from ..io.models import made_by, resolve_model, resolve_path, write_made_by
 from ..io.splits import load_split
 from ..io.storage import RunDir
 from .common import (StudyEval, StudyResult, check_inputs, eval_hits, evaluate_stage, interval_markdown,
@@ -279,10 +279,31 @@ def find_prebuilt(adapters_dir: str | None, key: str, start: str) -> Path | None
                               f" was trained on: export it again (jobs/scenario.py --export-adapters) or remove it")
         if json.loads(meta.read_text()).get("base_fingerprint") == want:
             return d
+    if made_by(start) is not None:
+        # the start is a merge or fold of this run, identified by the key of the stage that made
+        # it (part of this fine-tune's key): the same model as the one the export was trained
+        # on, recomputed here with other last bits. The copy is relabelled (relabel_start).
+        log.info("%s: the adapter exported in %s was trained on this starting model as computed on another"
+                 " machine (the same stage key, other last bits): reusing it", start, found[0])
+        return found[0]
     log.warning("the adapters exported in %s for this fine-tune were trained on a starting model that differs"
-                " from %s (in its last bits, if recomputed on another machine): training",
-                ", ".join(map(str, found)), start)
+                " from %s: training", ", ".join(map(str, found)), start)
     return None
+
+
+def relabel_start(adapter_dir: str | Path, start: str) -> None:
+    """Point a copied adapter's recall_ray.json at `start` when it was trained on the same
+    model as computed elsewhere (find_prebuilt): base_fingerprint becomes start's, and
+    trained_on_base_fingerprint keeps the one it was trained on."""
+    from ..io.safetensors_io import content_fingerprint
+
+    f = Path(adapter_dir, "recall_ray.json")
+    meta = json.loads(f.read_text())
+    want = content_fingerprint(start)
+    if meta.get("base_fingerprint") != want:
+        meta = {**meta, "base_fingerprint": want, "trained_on_base_fingerprint": meta.get("base_fingerprint")}
+        f.with_suffix(".json.tmp").write_text(json.dumps(meta, indent=2))
+        f.with_suffix(".json.tmp").replace(f)
 
 
 def find_partial(adapters_dir: str | None, base_key: str, start: str, ft: FinetuneConfig, task: str,
@@ -444,6 +465,7 @@ def run_sequential(cfg: SequentialConfig):
                     shutil.rmtree(out, ignore_errors=True)  # a stale adapter of other settings
                     if prebuilt is not None:  # the same inputs and settings: the same adapter, trained before
                         shutil.copytree(prebuilt, out, ignore=shutil.ignore_patterns(STAGE_FILE))
+                        relabel_start(out, start)
                         log.info("%s: reusing the adapter exported in %s", stage, prebuilt)
                         trained = json.loads((prebuilt / STAGE_FILE).read_text()).get("trained_seconds")
                         return {"adapter": out, "prebuilt": str(prebuilt), "trained_seconds": trained,
@@ -472,6 +494,7 @@ def run_sequential(cfg: SequentialConfig):
                 rc = _merge_config(cfg, step, task, label, previous, adapter_of[label], start, with_base)
                 merged = merge_all(rc, [method], cfg.baselines, cfg.data_dir, root, f"step{step}/{label}", manifest)
                 merges[job] = (merged.outputs[method], merged.keys[method], merged.recall_dir)
+                write_made_by(merged.outputs[method], merged.keys[method])  # its identity downstream
                 if merged.recall_dir is not None:
                     variant_plots(root, f"step{step}_{label}", Path(merged.recall_dir))
             nxt[label], nxt_key[label], recall_dir = merges[job]
@@ -493,6 +516,7 @@ def run_sequential(cfg: SequentialConfig):
 
                 fold_key = manifest.run(f"step{step}/{label}_fold", [current_key[label], adapter_key[label]], [out],
                                         fold_stage).key
+                write_made_by(out, fold_key)
                 folds[(start, adapter)] = (out, fold_key)
             nxt[label], nxt_key[label] = folds[(start, adapter)]
         # F_{<t+1} = F_{<t} + Fisher of S^ewc_t on task t. At lambda 0 there is no penalty to
