@@ -120,7 +120,10 @@ def write_made_by(model_dir: str, key: str) -> None:
     weights' fingerprint as written. The model's identity in stage keys is then that key
     (`made_by`), not its bytes: a merge or fold recomputed on another machine is the same
     model in its last bits' spite, so what was computed or scored downstream of it (exported
-    fine-tunes, cached scores) is found again there."""
+    fine-tunes, cached scores) is found again there. A URI is left unlabelled (made_by reads
+    local directories only): its model keeps the identity of its bytes."""
+    if is_uri(str(model_dir)):
+        return
     d = model_path(model_dir)
     record = {"key": key, "weights_fingerprint": files_fingerprint(list_weight_files(d))}
     tmp = d / (MADE_BY_FILE + ".tmp")
