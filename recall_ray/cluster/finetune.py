@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 from ..config import FinetuneConfig
 from ..core.lora import META_FILE
 from ..core.sft import batch_schedule, collate, shard, tokenize_records
-from ..io.storage import is_uri, local_copy, model_path, output_exists, put_tree, staged, staging_location
+from ..io.storage import (is_uri, local_copy, model_path, output_exists, put_tree, replace_json, staged,
+                          staging_location)
 from .faults import fault_point
 
 logger = logging.getLogger("recall_ray.finetune")
@@ -286,14 +287,6 @@ def seed_snapshot(snapshot_dir: str, adapter_dir: str, record: dict) -> bool:
 
 
 SNAPSHOT_LABEL = "adapter_label.json"  # in a snapshot directory: what every snapshot's recall_ray.json shares
-
-
-def _replace_json(path: str, obj, indent: int | None = None) -> None:
-    """Write `obj` to `path` whole or not at all (a temporary file renamed over it): a
-    stopped run never leaves a half-written label or ladder key behind."""
-    with open(path + ".tmp", "w") as fh:
-        json.dump(obj, fh, indent=indent)
-    os.replace(path + ".tmp", path)
 
 
 def _snapshot_meta(snapshot_dir: str, step: int, shared: dict) -> dict:
@@ -603,7 +596,7 @@ def _claim_snapshot_dir(snapshot_dir: str, key: str) -> None:
                              " settings than these): remove it or choose another")
         return
     os.makedirs(snapshot_dir, exist_ok=True)
-    _replace_json(path, {"key": key})
+    replace_json(path, {"key": key})
 
 
 def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_dir: str, storage_dir: str,
@@ -670,7 +663,7 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
         _claim_snapshot_dir(snapshot_dir, ladder_key(fingerprint, records, cfg, ewc_fisher, ewc_lambda))
         # what labels every snapshot as an adapter, written before the first step so that a
         # training that never finishes can still be carried elsewhere (`snapshot_as_adapter`)
-        _replace_json(os.path.join(snapshot_dir, SNAPSHOT_LABEL), shared, indent=2)
+        replace_json(os.path.join(snapshot_dir, SNAPSHOT_LABEL), shared, indent=2)
     if record is not None and seed_snapshot(snapshot_dir, warm_start, record):
         logger.warning("going on from %s (step %d) with the optimizer's moments restarted: the adapter will not"
                        " be the uninterrupted run's (recall_ray.json records warm_start)", warm_start, record["step"])
@@ -715,7 +708,7 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
         for step in snapshot_steps(snapshot_dir):
             label = os.path.join(snapshot_path(snapshot_dir, step), META_FILE)
             if not os.path.isfile(label):
-                _replace_json(label, _snapshot_meta(snapshot_dir, step, labelled), indent=2)
+                replace_json(label, _snapshot_meta(snapshot_dir, step, labelled), indent=2)
         warm = ladder_warm_start(snapshot_dir, cfg.steps)
         if warm is not None:
             meta[WARM_START] = warm

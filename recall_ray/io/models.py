@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Collection, Literal, Sequence
 
 from ..core.errors import CheckpointError
 from ..core.lora import META_FILE, Adapter, fold_lora, lora_delta, parse_adapter
-from .storage import check_model_location, is_uri, local_copy, model_path
+from .storage import check_model_location, is_uri, local_copy, model_path, replace_json
 from .safetensors_io import (
     LazyTensorReader,
     TensorInfo,
@@ -125,10 +125,8 @@ def write_made_by(model_dir: str, key: str) -> None:
     if is_uri(str(model_dir)):
         return
     d = model_path(model_dir)
-    record = {"key": key, "weights_fingerprint": files_fingerprint(list_weight_files(d))}
-    tmp = d / (MADE_BY_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(d / MADE_BY_FILE)
+    replace_json(d / MADE_BY_FILE, {"key": key, "weights_fingerprint": files_fingerprint(list_weight_files(d))},
+                 indent=1)
 
 
 def made_by(model_dir: str, weights_fp: str | None = None) -> str | None:

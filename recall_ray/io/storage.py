@@ -353,6 +353,15 @@ class RemotePath:
         return self.fs.open_input_file(self.key)
 
 
+def replace_json(path: str | os.PathLike, obj, indent: int | None = None) -> None:
+    """Write `obj` to the local file `path` whole or not at all (a temporary file renamed over
+    it): a stopped run never leaves a half-written label or key behind."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=indent)
+    os.replace(tmp, path)
+
+
 def model_path(path: str | os.PathLike) -> Path | RemotePath:
     """A model location as a Path (local) or a RemotePath (URI): the readers use either."""
     return RemotePath(str(path)) if is_uri(path) else Path(path)

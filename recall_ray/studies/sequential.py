@@ -63,7 +63,7 @@ from ..core.templates import is_general
 from ..manifest import Manifest, stable_hash
 from ..io.models import made_by, resolve_model, resolve_path, write_made_by
 from ..io.splits import load_split
-from ..io.storage import RunDir
+from ..io.storage import RunDir, replace_json
 from .common import (StudyEval, StudyResult, check_inputs, eval_hits, evaluate_stage, interval_markdown,
                      interval_table, merge_all, recall_run_config, variant_plots)
 
@@ -301,9 +301,8 @@ def relabel_start(adapter_dir: str | Path, start: str) -> None:
     meta = json.loads(f.read_text())
     want = content_fingerprint(start)
     if meta.get("base_fingerprint") != want:
-        meta = {**meta, "base_fingerprint": want, "trained_on_base_fingerprint": meta.get("base_fingerprint")}
-        f.with_suffix(".json.tmp").write_text(json.dumps(meta, indent=2))
-        f.with_suffix(".json.tmp").replace(f)
+        replace_json(f, {**meta, "base_fingerprint": want, "trained_on_base_fingerprint": meta.get("base_fingerprint")},
+                     indent=2)
 
 
 def find_partial(adapters_dir: str | None, base_key: str, start: str, ft: FinetuneConfig, task: str,
