@@ -326,6 +326,7 @@ def test_a_half_finished_fine_tune_is_carried_to_another_machine(seq, tiny_exper
 
     from conftest import FAULTS
     from recall_ray.cluster.finetune import snapshot_path
+    from recall_ray.io.safetensors_io import content_fingerprint
     from recall_ray.studies.sequential import carried_start, find_partial
 
     cfg, _ = seq
@@ -350,6 +351,14 @@ def test_a_half_finished_fine_tune_is_carried_to_another_machine(seq, tiny_exper
     ft = cfg.finetune_for("ag_news")
     assert find_partial(str(tmp_path / "adapters"), marker["base_key"], str(tiny_experts[0]), ft, "ag_news",
                         0.0) is None  # another starting model: trained from step 1
+    a_start = run / "step1" / "recall" / "recall" / "merged"  # A's step-1 merge, labelled with its stage key
+    assert find_partial(str(tmp_path / "adapters"), marker["base_key"], str(a_start), ft, "ag_news", 0.0)[0] == part
+    # A computed that merge with other last bits than B will: the export records A's bits. B's
+    # start carries the same label, so the export still fits (relabelled); an unlabelled copy does not.
+    meta_file = part / "recall_ray.json"
+    meta_file.write_text(json.dumps({**meta, "base_fingerprint": "A's last bits"}))
+    unlabelled = shutil.copytree(a_start, tmp_path / "unlabelled", ignore=shutil.ignore_patterns("recall_ray_made_by.json"))
+    assert find_partial(str(tmp_path / "adapters"), marker["base_key"], str(unlabelled), ft, "ag_news", 0.0) is None
 
     b_cfg = cfg.model_copy(update={"run_dir": str(tmp_path / "b"), "chains": ["recall"], "merge_with": ["previous"],
                                    "seqft": False, "ewc": cfg.ewc.model_copy(update={"enabled": False}),
@@ -364,6 +373,10 @@ def test_a_half_finished_fine_tune_is_carried_to_another_machine(seq, tiny_exper
         assert got["key"] != marker["key"]  # not the uninterrupted run's adapter, nor anything after it
         b_adapter = Path(got["result"]["adapter"])
         warm = json.loads((b_adapter / "recall_ray.json").read_text())["warm_start"]
+        carried_meta = json.loads((b_adapter.parent / "carried_start" / "recall_ray.json").read_text())
+        b_start = str(tmp_path / "b" / "step1" / "recall" / "recall" / "merged")  # RECALL's merge of step 1
+        assert carried_meta["base_fingerprint"] == content_fingerprint(b_start)
+        assert carried_meta["trained_on_base_fingerprint"] == "A's last bits"
         assert warm["step"] == 1 and warm["adapter_sha256"] == hashlib.sha256(weights).hexdigest()
 
         export_adapters(tmp_path / "b", tmp_path / "adapters_b")
@@ -373,7 +386,6 @@ def test_a_half_finished_fine_tune_is_carried_to_another_machine(seq, tiny_exper
     # start that keys it as B keyed it (a run given it copies it: test_exported_adapters_...)
     b_marker = json.loads((tmp_path / "adapters_b" / stage / "stage.json").read_text())
     assert b_marker["key"] == got["key"] and b_marker["base_key"] == marker["base_key"]
-    b_start = str(tmp_path / "b" / "step1" / "recall" / "recall" / "merged")  # RECALL's merge of step 1
     prebuilt, partial, carried = carried_start(str(tmp_path / "adapters_b"), marker["base_key"], b_start, None, ft,
                                                "ag_news", 0.0)
     assert prebuilt == tmp_path / "adapters_b" / stage and partial is None and carried == warm

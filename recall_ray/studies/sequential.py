@@ -310,9 +310,11 @@ def find_partial(adapters_dir: str | None, base_key: str, start: str, ft: Finetu
     """The furthest half-finished fine-tune of this base key exported under `adapters_dir`
     (export_adapters: the newest snapshot of a stage a stopped run left running) that is an
     earlier rung of this very training on this starting model, with its warm-start record
-    (`warm_start_record`); None when there is none. One that does not fit (another start, e.g.
-    a merge recomputed with other last bits) is skipped with a warning: the step then trains
-    from its first step."""
+    (`warm_start_record`); None when there is none. A start this run labelled with the key of
+    the stage that made it (`made_by`, part of `base_key`) is the model the export was trained
+    on even when recomputed here with other last bits, as for find_prebuilt: the fine-tune
+    warm-starts from a relabelled copy (relabel_start). One that does not fit (an unlabelled
+    start of other bytes) is skipped with a warning: the step then trains from its first step."""
     from ..cluster.finetune import warm_start_record
     from ..io.safetensors_io import content_fingerprint
 
@@ -320,10 +322,14 @@ def find_partial(adapters_dir: str | None, base_key: str, start: str, ft: Finetu
         return None
     found = _exports(adapters_dir, base_key, partial=True)
     fingerprint = content_fingerprint(start) if found else None
+    labelled = bool(found) and made_by(start) is not None
     best = None
     for d in found:
+        fp, meta = fingerprint, d / "recall_ray.json"
+        if labelled and meta.is_file():  # the same model by its key: its recorded bits are not checked
+            fp = json.loads(meta.read_text()).get("base_fingerprint", fingerprint)
         try:
-            record = warm_start_record(str(d), ft, fingerprint, task, ewc_lambda)
+            record = warm_start_record(str(d), ft, fp, task, ewc_lambda)
         except ValueError as err:
             log.warning("not going on from the half-finished fine-tune exported in %s: %s", d, err)
             continue
@@ -473,10 +479,15 @@ def run_sequential(cfg: SequentialConfig):
                         Path(snapshots).mkdir(parents=True, exist_ok=True)
                         Path(snapshots, SNAPSHOTS_STAGE).write_text(
                             json.dumps({"stage": stage, "key": key, "base_key": base_key}, indent=1) + "\n")
-                    if partial is not None:
+                    carried = None
+                    if partial is not None:  # copied into the run, labelled with this start (find_partial)
                         log.info("%s: going on from the half-finished fine-tune exported in %s", stage, partial)
+                        carried = where / "carried_start"
+                        shutil.rmtree(carried, ignore_errors=True)
+                        shutil.copytree(partial, carried, ignore=shutil.ignore_patterns(STAGE_FILE))
+                        relabel_start(carried, start)
                     finetune_lora(start, records, ft, out, str(where / "ray_train"), task=task,
-                                  snapshot_dir=snapshots, warm_start=str(partial) if partial else None, **ewc_args)
+                                  snapshot_dir=snapshots, warm_start=str(carried) if carried else None, **ewc_args)
                     return {"adapter": out, "base_key": base_key, **({"warm_start": str(partial)} if partial else {})}
 
                 done[job] = (out, manifest.run(stage, key_parts, [out], finetune).key)
