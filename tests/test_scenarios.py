@@ -584,6 +584,36 @@ def test_the_long_experts_scenarios_are_the_short_ones_plus_the_general_sets():
         assert long == short, name
 
 
+def test_the_long_sequence_trains_each_task_at_its_long_experts_chosen_budget():
+    """forgetting_sequential is the paper-order sequence (sequential_paper's tasks, RECALL
+    settings and evaluation, plus the general-ability sets at all 500 records) with every step
+    fine-tuned as the long expert of its task was (configs/adapters/forgetting.yaml) for the
+    rung the budget rule chose (docs/results/forgetting_budget/budget.csv), and EWC at the
+    lambda the sequential scenarios use."""
+    import pandas as pd
+    import yaml
+
+    from recall_ray.core.templates import GENERAL_TASKS
+
+    long = load_scenario(str(REPO / "configs" / "scenarios" / "forgetting_sequential.yaml"))
+    paper = load_scenario(str(REPO / "configs" / "scenarios" / "sequential_paper.yaml"))
+    assert long.tasks == paper.tasks and long.recall == paper.recall and long.run_dir != paper.run_dir
+    assert long.merge_with == ["previous"] and long.chains == ["recall"] and long.seqft and long.ewc == paper.ewc
+    ev = long.evaluate.model_dump()
+    assert sorted(ev.pop("general_tasks")) == sorted(GENERAL_TASKS) and ev["general_max_samples"] is None
+    short = paper.evaluate.model_dump()
+    short.pop("general_tasks")
+    assert ev == short
+    experts = yaml.safe_load((REPO / "configs" / "adapters" / "forgetting.yaml").read_text())
+    budget = pd.read_csv(REPO / "docs" / "results" / "forgetting_budget" / "budget.csv")
+    chosen = budget[budget["chosen"]].set_index("task")["steps"]
+    for task in long.tasks:
+        want = {**experts["finetune"], **experts["tasks"][task], "steps": int(chosen[task])}
+        got = long.finetune_for(task).model_dump()
+        assert {k: got[k] for k in want if k != "snapshot_every"} == {
+            k: v for k, v in want.items() if k != "snapshot_every"}, task
+
+
 def test_the_forgetting_matrix_scores_the_cells_of_the_long_table_1():
     """The forgetting matrix shares forgetting_single's score cache: the same experts, base,
     evaluation and (for its first five tasks) the same tasks in the same order, plus AG News,
