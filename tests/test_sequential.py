@@ -290,6 +290,39 @@ def test_exported_adapters_regenerate_a_step_without_training(seq, tmp_path):
     pd.testing.assert_frame_equal(res.scores.reset_index(drop=True), want.reset_index(drop=True))
 
 
+def test_an_export_adds_to_its_folder_and_loses_no_adapter(seq, tmp_path):
+    """An adapters folder is shared: another run's exports sit beside this run's (the EWC
+    selection's under adapters/sequential_paper/selection_ewc/), and two configs sharing a
+    run directory name their steps alike. Exporting keeps the first untouched, sets a
+    same-named export of another fine-tune aside (renamed by its key, still found by it),
+    and a second export of the same run changes no byte and leaves no staging folder."""
+    cfg, _ = seq
+    stages = json.loads((Path(cfg.run_dir) / "manifest.json").read_text())["stages"]
+    dest = tmp_path / "adapters"
+    beside = dest / "selection_ewc" / "lam_1" / "step2" / "finetune_ewc"
+    beside.mkdir(parents=True)
+    (beside / "stage.json").write_text(json.dumps({"stage": "step2/finetune_ewc", "key": "beside", "base_key": "beside"}))
+    other = dest / "step1" / "finetune_recall"  # another config's step 1, under the same stage name
+    other.mkdir(parents=True)
+    (other / "stage.json").write_text(json.dumps({"stage": "step1/finetune_recall", "key": "0123456789abcdef",
+                                                  "base_key": "0123456789abcdef"}))
+    (other / "adapter_model.safetensors").write_bytes(b"another fine-tune")
+
+    def files() -> dict:
+        return {str(p.relative_to(dest)): p.read_bytes() for p in sorted(dest.rglob("*")) if p.is_file()}
+
+    exported = export_adapters(cfg.run_dir, dest)
+    assert json.loads((beside / "stage.json").read_text())["key"] == "beside"
+    aside = dest / "step1" / "finetune_recall.01234567"
+    assert (aside / "adapter_model.safetensors").read_bytes() == b"another fine-tune"
+    for name in exported:
+        assert json.loads((dest / name / "stage.json").read_text())["key"] == stages[name]["key"]
+    first = files()
+    assert export_adapters(cfg.run_dir, dest) == exported and files() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]  # no staging folder left
+    assert sorted(p.name for p in (dest / "step1").iterdir()) == ["finetune_recall", "finetune_recall.01234567"]
+
+
 def test_an_exported_adapter_is_used_only_on_its_own_starting_model(seq, tiny_experts, tmp_path):
     cfg, _ = seq
     export_adapters(cfg.run_dir, tmp_path / "adapters")

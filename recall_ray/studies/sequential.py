@@ -367,13 +367,19 @@ def export_adapters(run_dir: str | Path, dest: str | Path) -> list[str]:
     """Copy every finished fine-tune of a sequential run (its adapter files, without Ray
     Train's checkpoints) into dest/<stage>/ with a stage.json of the stage's keys, and the
     newest snapshot of every fine-tune the run left unfinished (finetune.snapshot_every) into
-    dest/<stage>.partial/, replacing `dest`: the `adapters:` input of a later run, which copies
-    the finished ones and warm-starts the unfinished ones (carried_start). Returns the stages
-    exported, an unfinished one as "<stage>.partial"."""
+    dest/<stage>.partial/: the `adapters:` input of a later run, which copies the finished ones
+    and warm-starts the unfinished ones (carried_start). Returns the stages exported, an
+    unfinished one as "<stage>.partial".
+
+    An export adds to `dest` and never loses an adapter: each stage folder is written whole,
+    then moved into place (_place_export); a folder of that name holding another fine-tune
+    (two configs sharing a run directory name their steps alike, and a rerun may train a step
+    again under a new key) is kept beside it, and nothing else under `dest` (an adapters
+    folder shared with other runs) is touched."""
     import shutil
+    import tempfile
 
     from ..cluster.finetune import snapshot_as_adapter, snapshot_steps
-    from ..io.storage import staged
 
     mf = Path(run_dir, Manifest.FILE)
     if not mf.is_file():
@@ -388,7 +394,11 @@ def export_adapters(run_dir: str | Path, dest: str | Path) -> list[str]:
             unfinished[m["stage"]] = (marker.parent, m)
     if not done and not unfinished:
         raise FileNotFoundError(f"{run_dir} has no fine-tune stage to export (none finished, none snapshotted)")
-    with staged(str(dest), overwrite=True) as tmp:
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    # beside dest, not in it (a run reading dest must not find a half-built export), and on its
+    # file system, so that each folder moves into place whole
+    tmp = tempfile.mkdtemp(prefix=f".{Path(dest).name}.export-", dir=Path(dest).resolve().parent)
+    try:
         for name, st in sorted(done.items()):
             src, out = Path(st["result"]["adapter"]), Path(tmp, name)
             out.mkdir(parents=True)
@@ -405,7 +415,44 @@ def export_adapters(run_dir: str | Path, dest: str | Path) -> list[str]:
             meta = snapshot_as_adapter(str(snaps), str(out))
             (out / STAGE_FILE).write_text(json.dumps({"stage": name, "key": m["key"], "base_key": m["base_key"],
                                                       "partial": True, "step": meta["steps"]}, indent=1) + "\n")
-    return sorted([*done, *(f"{n}.partial" for n in unfinished)])
+        exported = sorted([*done, *(f"{n}.partial" for n in unfinished)])
+        for name in exported:
+            _place_export(Path(tmp, name), Path(dest, name))
+        for name in done:  # the snapshot export of a fine-tune now exported finished is spent
+            spent = Path(dest, f"{name}.partial")
+            if spent.is_dir() and _export_key(spent) == _export_key(Path(dest, name)):
+                shutil.rmtree(spent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return exported
+
+
+def _export_key(folder: Path) -> str | None:
+    """The base key of the fine-tune an export folder holds (its stage.json); None if none."""
+    f = folder / STAGE_FILE
+    if not f.is_file():
+        return None
+    st = json.loads(f.read_text())
+    return st.get("base_key", st.get("key"))
+
+
+def _place_export(built: Path, target: Path) -> None:
+    """Move a finished export folder to `target`. A folder there holding the same fine-tune
+    (its base key) is replaced; anything else there is kept, renamed <target>.<its key's first
+    8 characters> (or .unkeyed): find_prebuilt matches by key, not by name."""
+    import shutil
+
+    if target.exists():
+        old = _export_key(target)
+        if old != _export_key(built):
+            aside = target.with_name(f"{target.name}.{old[:8] if old else 'unkeyed'}")
+            if aside.exists():  # the same fine-tune, set aside before
+                shutil.rmtree(aside)
+            target.rename(aside)
+        else:
+            shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    built.rename(target)
 
 
 def run_sequential(cfg: SequentialConfig):
