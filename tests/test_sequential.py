@@ -323,6 +323,30 @@ def test_an_export_adds_to_its_folder_and_loses_no_adapter(seq, tmp_path):
     assert sorted(p.name for p in (dest / "step1").iterdir()) == ["finetune_recall", "finetune_recall.01234567"]
 
 
+def test_a_finished_export_retires_the_snapshot_export_of_the_same_fine_tune(tmp_path):
+    """Once a fine-tune carried as <stage>.partial has finished, exporting it removes that
+    partial (the same base key), and keeps a partial of another fine-tune under that name."""
+    run, dest = tmp_path / "run", tmp_path / "adapters"
+
+    def stage(name: str, key: str) -> dict:
+        adapter = run / name / "adapter"
+        adapter.mkdir(parents=True)
+        (adapter / "adapter_model.safetensors").write_bytes(key.encode())
+        return {"status": "done", "key": key, "result": {"adapter": str(adapter), "base_key": key}}
+
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"stages": {"step1/finetune_recall": stage("step1/finetune_recall", "k1"),
+                                                              "step2/finetune_recall": stage("step2/finetune_recall", "k2")}}))
+    for name, key in (("step1/finetune_recall", "k1"), ("step2/finetune_recall", "another")):
+        part = dest / f"{name}.partial"
+        part.mkdir(parents=True)
+        (part / "stage.json").write_text(json.dumps({"stage": name, "key": key, "base_key": key, "partial": True}))
+    assert export_adapters(run, dest) == ["step1/finetune_recall", "step2/finetune_recall"]
+    assert not (dest / "step1" / "finetune_recall.partial").exists()
+    assert (dest / "step2" / "finetune_recall.partial").is_dir()
+    assert (dest / "step2" / "finetune_recall" / "adapter_model.safetensors").read_bytes() == b"k2"
+
+
 def test_an_exported_adapter_is_used_only_on_its_own_starting_model(seq, tiny_experts, tmp_path):
     cfg, _ = seq
     export_adapters(cfg.run_dir, tmp_path / "adapters")
