@@ -377,9 +377,9 @@ def export_adapters(run_dir: str | Path, dest: str | Path) -> list[str]:
     again under a new key) is kept beside it, and nothing else under `dest` (an adapters
     folder shared with other runs) is touched."""
     import shutil
-    import tempfile
 
     from ..cluster.finetune import snapshot_as_adapter, snapshot_steps
+    from ..io.storage import discard, staging_location
 
     mf = Path(run_dir, Manifest.FILE)
     if not mf.is_file():
@@ -397,7 +397,7 @@ def export_adapters(run_dir: str | Path, dest: str | Path) -> list[str]:
     Path(dest).mkdir(parents=True, exist_ok=True)
     # beside dest, not in it (a run reading dest must not find a half-built export), and on its
     # file system, so that each folder moves into place whole
-    tmp = tempfile.mkdtemp(prefix=f".{Path(dest).name}.export-", dir=Path(dest).resolve().parent)
+    tmp = staging_location(str(dest))
     try:
         for name, st in sorted(done.items()):
             src, out = Path(st["result"]["adapter"]), Path(tmp, name)
@@ -423,7 +423,7 @@ def export_adapters(run_dir: str | Path, dest: str | Path) -> list[str]:
             if spent.is_dir() and _export_key(spent) == _export_key(Path(dest, name)):
                 shutil.rmtree(spent)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
     return exported
 
 
