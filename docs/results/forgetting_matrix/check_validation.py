@@ -6,7 +6,6 @@ the SST-2 expert's validation/test gap (README.md) is not a mix-up of adapters.
     python docs/results/forgetting_matrix/check_validation.py sst2 sst2@1ep
 
 In-process (no Ray), one torch thread: about 2 minutes on 2 CPU cores."""
-import json
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ sys.path.insert(0, str(REPO))
 from recall_ray.cluster.generation import EvalWorker  # noqa: E402
 from recall_ray.evaluate import build_items  # noqa: E402
 from recall_ray.io.models import resolve_model, resolve_path  # noqa: E402
+from recall_ray.studies.common import read_predictions  # noqa: E402
 
 
 def main(task: str, rung: str) -> None:
@@ -25,12 +25,8 @@ def main(task: str, rung: str) -> None:
     model = resolve_model(task, str(REPO / "adapters" / "forgetting" / task), base)
     items = build_items(REPO / "data", ["arc_easy"], "validation", None)
     worker = EvalWorker([model])
-    published = {}
-    with open(REPO / "docs" / "results" / "forgetting_budget" / "predictions.jsonl") as f:
-        for line in f:
-            r = json.loads(line)
-            if r["model"] == rung and r["task"] == "arc_easy":
-                published[r["sample_id"]] = r
+    pred = read_predictions(REPO / "docs" / "results" / "forgetting_budget" / "predictions.jsonl")
+    published = {r["sample_id"]: r for r in pred[(pred.model == rung) & (pred.task == "arc_easy")].to_dict("records")}
     if len(published) != len(items):
         raise SystemExit(f"{rung}: {len(published)} published ARC-Easy predictions, {len(items)} validation items")
     same = right = 0
