@@ -33,10 +33,10 @@ def main(task: str, rung: str) -> None:
     worst = 0.0
     for s in range(0, len(items), 16):
         chunk = items[s:s + 16]
-        for item, (pred, lp) in zip(chunk, worker._choose(0, [i.prompt for i in chunk],
-                                                           [list(i.options) for i in chunk])):
+        for item, (answer, lp) in zip(chunk, worker._choose(0, [i.prompt for i in chunk],
+                                                             [list(i.options) for i in chunk])):
             pub = published[item.sample_id]
-            index = str(list(item.options).index(pred))
+            index = str(list(item.options).index(answer))
             same += index == pub["prediction"]
             right += index in item.refs
             worst = max(worst, max(abs(a - sum(b)) for a, b in zip(pub["option_logprobs"], lp)))
