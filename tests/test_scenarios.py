@@ -185,7 +185,8 @@ def test_publish_copies_tables_plots_and_every_stage_time(multi, tmp_path):
     names = publish(cfg.run_dir, tmp_path / "pub")
     out = tmp_path / "pub"
     assert {"table.md", "table.csv", "scores.csv", "stage_times.csv", "plots/without_base_weights.png",
-            "weights/without_base.csv", "weights_summary.csv", "paired.csv", "paired_base.csv"} <= set(names)
+            "weights/without_base.csv", "weights_summary.csv", "paired.csv", "paired_base.csv",
+            "paired_layer_constant.csv"} <= set(names)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(names)
     src_weights = Path(cfg.run_dir) / "without_base" / "recall" / "weights.csv"
     assert (out / "weights" / "without_base.csv").read_bytes() == src_weights.read_bytes()
@@ -238,7 +239,15 @@ def test_publish_copies_tables_plots_and_every_stage_time(multi, tmp_path):
     # each model's general row: its general-ability sets' counts summed
     from recall_ray.core.templates import is_general
 
-    for table_ in (paired, vs_base):
+    # each RECALL row against its own layer-constant control, never against another's
+    controls = pd.read_csv(out / "paired_layer_constant.csv")
+    assert set(zip(controls["a"], controls["b"])) == {("recall", "recall_layer_constant"),
+                                                      ("recall_l2", "recall_l2_layer_constant")}
+    for _, row in controls[~controls["task"].isin(["all", "general"])].iterrows():
+        a, b = hits(row["a"], row["task"]), hits(row["b"], row["task"])
+        assert (row["only_a"], row["only_b"]) == (sum(a[i] and not b[i] for i in a), sum(b[i] and not a[i] for i in a))
+        assert row["score_b"] == pytest.approx(table.loc[("without_base", row["b"]), row["task"]], abs=0.01)
+    for table_ in (paired, vs_base, controls):
         general = table_[table_["task"] == "general"]
         assert set(general["b"]) == set(table_["b"]) and set(general["eval"]) == {"without_base"}
         for _, row in general.iterrows():

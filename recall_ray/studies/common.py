@@ -256,8 +256,9 @@ def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
     plots = sorted((src / "plots").glob("*.png")) if (src / "plots").is_dir() else []
     plots = [f for f in plots if not f.stem.endswith(VARIANT_PLOTS) or in_parts(f.stem.rsplit("_", 1)[0], parts)]
     weights = {name: f for name, f in recall_weights(src).items() if in_parts(name, parts)}
-    tables = paired_against_each(src, ("recall", "base"), parts)
-    paired = {name: tables[model] for name, model in (("paired.csv", "recall"), ("paired_base.csv", "base"))
+    tables = paired_against_each(src, ("recall", "base"), parts, controls=True)
+    paired = {name: tables[model] for name, model in (("paired.csv", "recall"), ("paired_base.csv", "base"),
+                                                       ("paired_layer_constant.csv", CONTROLS))
               if tables[model] is not None}
     with staged(str(dest), overwrite=True) as tmp:
         for n in names:
@@ -282,16 +283,25 @@ def publish(run_dir: str | Path, dest: str | Path) -> list[str]:
     return names + [f"plots/{f.name}" for f in plots] + extra + list(paired)
 
 
-def paired_against_each(run_dir: Path, models: tuple[str, ...],
-                        parts: set[str] | None = None) -> dict[str, pd.DataFrame | None]:
+CONTROLS = "layer_constant"  # paired_against_each's key for each RECALL row against its control
+LAYER_CONSTANT = "_layer_constant"
+
+
+def paired_against_each(run_dir: Path, models: tuple[str, ...], parts: set[str] | None = None,
+                        controls: bool = False) -> dict[str, pd.DataFrame | None]:
     """For each of `models`, `analysis.paired_comparison` of it against every other model
     scored beside it, in every evaluation of the run (<where>/eval/predictions.jsonl; column
     `eval` names where; `parts`: only these variants' or steps'), with the pooled rows; None
     for a model no evaluation scored. Each evaluation's predictions are read once for all
-    `models` (the files of runs with the general sets are large)."""
+    `models` (the files of runs with the general sets are large).
+
+    `controls`: also, under key CONTROLS, every RECALL row (recall, recall_<name>) against
+    its layer-constant control (<row>_layer_constant: the same merge with each model's weight
+    averaged over the layers) where both were scored: what the per-layer part of each
+    similarity setting did, which paired.csv shows for the main row only."""
     from ..analysis import paired_comparison
 
-    found: dict[str, list[pd.DataFrame]] = {m: [] for m in models}
+    found: dict[str, list[pd.DataFrame]] = {m: [] for m in (*models, *([CONTROLS] if controls else []))}
     for f in sorted(run_dir.rglob("eval/predictions.jsonl")):
         where = f.parent.parent.relative_to(run_dir).as_posix()
         if not in_parts(where, parts):
@@ -302,6 +312,10 @@ def paired_against_each(run_dir: Path, models: tuple[str, ...],
             if model in scored:
                 found[model] += [paired_comparison(preds, model, other).assign(eval=where)
                                  for other in scored if other != model]
+        if controls:
+            found[CONTROLS] += [paired_comparison(preds, row, row + LAYER_CONSTANT).assign(eval=where)
+                                for row in scored if (row == "recall" or row.startswith("recall_"))
+                                and not row.endswith(LAYER_CONSTANT) and row + LAYER_CONSTANT in scored]
     return {m: _with_pooled_rows(tables) if tables else None for m, tables in found.items()}
 
 
