@@ -236,9 +236,6 @@ def test_publish_copies_tables_plots_and_every_stage_time(multi, tmp_path):
         assert (row["only_a"], row["only_b"]) == (sum(a[i] and not b[i] for i in a), sum(b[i] and not a[i] for i in a))
         assert row["score_a"] == pytest.approx(table.loc[("without_base", "base"), row["task"]], abs=0.01)
         assert row["p_value"] == pytest.approx(sign_test(row["only_a"], row["only_b"]), rel=5e-3)
-    # each model's general row: its general-ability sets' counts summed
-    from recall_ray.core.templates import is_general
-
     # each RECALL row against its own layer-constant control, never against another's
     controls = pd.read_csv(out / "paired_layer_constant.csv")
     assert set(zip(controls["a"], controls["b"])) == {("recall", "recall_layer_constant"),
@@ -246,7 +243,11 @@ def test_publish_copies_tables_plots_and_every_stage_time(multi, tmp_path):
     for _, row in controls[~controls["task"].isin(["all", "general"])].iterrows():
         a, b = hits(row["a"], row["task"]), hits(row["b"], row["task"])
         assert (row["only_a"], row["only_b"]) == (sum(a[i] and not b[i] for i in a), sum(b[i] and not a[i] for i in a))
-        assert row["score_b"] == pytest.approx(table.loc[("without_base", row["b"]), row["task"]], abs=0.01)
+        for side in ("a", "b"):
+            assert row[f"score_{side}"] == pytest.approx(table.loc[("without_base", row[side]), row["task"]], abs=0.01)
+    # each model's general row: its general-ability sets' counts summed
+    from recall_ray.core.templates import is_general
+
     for table_ in (paired, vs_base, controls):
         general = table_[table_["task"] == "general"]
         assert set(general["b"]) == set(table_["b"]) and set(general["eval"]) == {"without_base"}
