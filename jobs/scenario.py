@@ -35,8 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export-adapters", metavar="DIR", help="sequential only: then copy every step's adapter into DIR"
                    " (e.g. adapters/sequential), the config's `adapters:` for regenerating the tables without"
                    " retraining")
+    p.add_argument("--export-only", action="store_true",
+                   help="with --export-adapters: run nothing, only export what the run directory holds (its finished"
+                   " fine-tunes and the newest snapshot of an unfinished one), e.g. after a stopped run, to go on"
+                   " on another machine")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    if args.export_only and not args.export_adapters:
+        p.error("--export-only exports: name where with --export-adapters DIR")
+    if args.export_only and args.publish:
+        p.error("--export-only runs nothing, so there are no finished tables to publish: drop --publish")
     setup_logging(args.verbose)
     t0 = time.perf_counter()
 
@@ -50,12 +58,17 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{args.config} is a selection config: run it with jobs/select_settings.py")
         if args.export_adapters and kind != "sequential":
             raise ConfigError(f"--export-adapters is for sequential studies (they train adapters), not {kind}: drop it")
-        return cfg, run_study(cfg)
+        return cfg, None if args.export_only else run_study(cfg)
 
     status, out = guarded("scenario", args.verbose, run)
     if status:
         return status
     cfg, result = out
+    if args.export_only:  # a stopped run's pieces, carried as they are (the run is not resumed)
+        from recall_ray.studies.sequential import export_adapters
+
+        return publish_step("scenario", args.verbose, lambda: export_adapters(cfg.run_dir, args.export_adapters),
+                            args.export_adapters)
     print(f"\n=== {cfg.scenario} scenario: primary metric per task ({cfg.evaluate.split} split,"
           f" {cfg.evaluate.max_samples} samples per task) ===")
     print(result.table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))

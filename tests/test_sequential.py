@@ -590,3 +590,54 @@ def test_a_step_exported_on_another_machine_is_reused_on_its_recomputed_start(se
     assert meta["base_fingerprint"] == content_fingerprint(str(elsewhere))
     assert meta["trained_on_base_fingerprint"] == content_fingerprint(str(m1))
     assert (copy / "adapter_model.safetensors").read_bytes() == (found / "adapter_model.safetensors").read_bytes()
+
+
+def _scenario_job():
+    """jobs/scenario.py as a module, its main() run in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scenario_job", Path(__file__).parents[1] / "jobs" / "scenario.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def test_export_only_carries_a_stopped_run_without_resuming_it(seq, tmp_path, capsys):
+    """`jobs/scenario.py --export-adapters DIR --export-only` after a stopped run: the same
+    export as export_adapters, and nothing run (the manifest and every file of the run
+    directory unchanged, no Ray started: none is needed)."""
+    import yaml
+
+    cfg, _ = seq
+    config = tmp_path / "seq.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    run = Path(cfg.run_dir)
+
+    def tree(root: Path) -> dict:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    before = tree(run)
+    job = _scenario_job()
+    status = job.main(["--config", str(config), "--export-adapters", str(tmp_path / "cli"), "--export-only"])
+    out = capsys.readouterr()
+    assert status == 0, out.err[-2000:]
+    assert tree(run) == before
+    assert "=== sequential scenario" not in out.out  # no table: nothing ran
+    expected = export_adapters(cfg.run_dir, tmp_path / "direct")
+    assert f"published {', '.join(expected)} to {tmp_path / 'cli'}" in out.out
+    assert tree(tmp_path / "cli") == tree(tmp_path / "direct")
+
+
+def test_export_only_refuses_what_it_cannot_do(tmp_path, capsys):
+    """--export-only needs --export-adapters, runs nothing so has nothing to --publish, and
+    only a sequential study trains adapters: each is a usage error (exit 2) before any work."""
+    job = _scenario_job()
+    for argv, said in ((["--export-only"], "--export-adapters DIR"),
+                       (["--export-only", "--export-adapters", "x", "--publish", "y"], "drop --publish")):
+        with pytest.raises(SystemExit) as stop:
+            job.main(["--config", "configs/scenarios/forgetting_sequential.yaml", *argv])
+        assert stop.value.code == 2 and said in capsys.readouterr().err
+    status = job.main(["--config", str(Path(__file__).parents[1] / "configs/scenarios/multi.yaml"), "--export-adapters",
+                       str(tmp_path / "x"), "--export-only"])
+    assert status == 2 and "for sequential studies" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
