@@ -64,20 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     if status:
         return status
     cfg, result = out
-    if args.export_only:  # a stopped run's pieces, carried as they are (the run is not resumed)
+
+    def export() -> int:
         from recall_ray.studies.sequential import export_adapters
 
         return publish_step("scenario", args.verbose, lambda: export_adapters(cfg.run_dir, args.export_adapters),
                             args.export_adapters)
+
+    if args.export_only:  # a stopped run's pieces, carried as they are (the run is not resumed)
+        return export()
     print(f"\n=== {cfg.scenario} scenario: primary metric per task ({cfg.evaluate.split} split,"
           f" {cfg.evaluate.max_samples} samples per task) ===")
     print(result.table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     print(f"\nrun directory: {cfg.run_dir} (scores.csv, table.csv, table.md, plots/); {time.perf_counter() - t0:.0f}s")
     if args.export_adapters:
-        from recall_ray.studies.sequential import export_adapters
-
-        status = publish_step("scenario", args.verbose, lambda: export_adapters(cfg.run_dir, args.export_adapters),
-                              args.export_adapters)
+        status = export()
         if status:
             return status
     if args.publish:

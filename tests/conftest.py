@@ -124,6 +124,16 @@ def make_lora(base: Path, out: Path, seed: int = 0, scale: float = 0.5, targets=
     return pm
 
 
+def load_job(name: str):
+    """jobs/<name>.py as a module, so that a test runs its main() in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def float64_state(model_dir: Path) -> dict:
     """Every tensor of a model directory's safetensors shards, as float64 numpy arrays (the
     tests' independent reference)."""

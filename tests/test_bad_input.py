@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import DATA, REPO, make_tiny_llama
+from conftest import DATA, REPO, load_job, make_tiny_llama
 from recall_ray.config import ConfigError, build_config, load_config
 from recall_ray.pipeline import run_pipeline
 
@@ -271,15 +271,6 @@ def test_adapter_base_checks_say_what_was_possible(two):
 # ------------------------------------------------------ every check before Ray starts
 
 
-def _load_job(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("breakage, message", [
     ("data", r"task data .*no_such_file\.jsonl"),
     ("model", r"'e0'.*does not exist"),
@@ -306,7 +297,7 @@ def test_job_refuses_bad_input_before_ray_starts(two, monkeypatch, capsys, break
         raise AssertionError("Ray was started before the inputs were checked")
 
     monkeypatch.setattr(runtime, "connect_ray", no_ray)
-    assert _load_job("merge").main(["--config", str(tmp / "job.yaml")]) == 2
+    assert load_job("merge").main(["--config", str(tmp / "job.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("merge: error:") and re.search(message, err[-1]), err[-1]
     assert not (tmp / "run").exists()

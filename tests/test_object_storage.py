@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, REPO, S3_ENV, small_finetune_cfg, tiny_run_tree
+from conftest import DATA, REPO, S3_ENV, load_job, small_finetune_cfg, tiny_run_tree
 from recall_ray.io.models import ModelTensors, load_causal_lm_read, resolve_model
 from recall_ray.io.safetensors_io import content_fingerprint, list_weight_files, model_fingerprint, tensor_infos
 
@@ -34,15 +34,6 @@ def test_a_model_on_the_bucket_reads_as_on_disk_by_range_reads(s3_store, tiny_di
     # a load from the bucket makes the same fingerprint of the pieces it read (the job's keys)
     _, read = load_causal_lm_read(resolve_model("base", uri, uri))
     assert read.fingerprint == model_fingerprint(tiny_dir)
-
-
-def _load_job(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _job_tree(s3_store, run: str, experts: list[str], new: str = "models/new") -> dict:
@@ -66,7 +57,7 @@ def _refused_before_ray(tmp_path: Path, monkeypatch, capsys, tree: dict) -> str:
 
     monkeypatch.setattr(runtime, "connect_ray", no_ray)
     (tmp_path / "job.yaml").write_text(json.dumps(tree))
-    assert _load_job("merge").main(["--config", str(tmp_path / "job.yaml")]) == 2
+    assert load_job("merge").main(["--config", str(tmp_path / "job.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("merge: error:"), err
     return err[-1]

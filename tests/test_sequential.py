@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, float64_state, reference_group
+from conftest import DATA, float64_state, load_job, reference_group
 from recall_ray.config import ConfigError
 from recall_ray.studies.sequential import (SequentialConfig, export_adapters, find_prebuilt, kept_delta, preflight,
                                            run_sequential, sequence_table, start_keys)
@@ -592,16 +592,6 @@ def test_a_step_exported_on_another_machine_is_reused_on_its_recomputed_start(se
     assert (copy / "adapter_model.safetensors").read_bytes() == (found / "adapter_model.safetensors").read_bytes()
 
 
-def _scenario_job():
-    """jobs/scenario.py as a module, its main() run in this process."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("scenario_job", Path(__file__).parents[1] / "jobs" / "scenario.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    return job
-
-
 def test_export_only_carries_a_stopped_run_without_resuming_it(seq, tmp_path, capsys):
     """`jobs/scenario.py --export-adapters DIR --export-only` after a stopped run: the same
     export as export_adapters, and nothing run (the manifest and every file of the run
@@ -617,7 +607,7 @@ def test_export_only_carries_a_stopped_run_without_resuming_it(seq, tmp_path, ca
         return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
     before = tree(run)
-    job = _scenario_job()
+    job = load_job("scenario")
     status = job.main(["--config", str(config), "--export-adapters", str(tmp_path / "cli"), "--export-only"])
     out = capsys.readouterr()
     assert status == 0, out.err[-2000:]
@@ -631,7 +621,7 @@ def test_export_only_carries_a_stopped_run_without_resuming_it(seq, tmp_path, ca
 def test_export_only_refuses_what_it_cannot_do(tmp_path, capsys):
     """--export-only needs --export-adapters, runs nothing so has nothing to --publish, and
     only a sequential study trains adapters: each is a usage error (exit 2) before any work."""
-    job = _scenario_job()
+    job = load_job("scenario")
     for argv, said in ((["--export-only"], "--export-adapters DIR"),
                        (["--export-only", "--export-adapters", "x", "--publish", "y"], "drop --publish")):
         with pytest.raises(SystemExit) as stop:
