@@ -239,7 +239,7 @@ def test_design_saturation_observation_raw_large_norms_sigma_one(k):
     untouched layer (distance 0) gives uniform weights. Both layers are flagged."""
     rng = np.random.default_rng(k)
     n, h, new_index = 20, 16, k - 1
-    deep = rng.normal(size=(n, h)) * 3000.0  # norms ~ 12,000 as measured in deep blocks
+    deep = rng.normal(size=(n, h)) * 3000.0  # norms ~ 12,000: the deep blocks' regime (550-750, docs/design.md) and beyond
     deep_reps = [deep + rng.normal(size=(n, h)) * 300.0 for _ in range(k)]  # distances ~ 1,700
     emb = rng.normal(size=(n, h))
     emb_reps = [emb.copy() for _ in range(k)]
