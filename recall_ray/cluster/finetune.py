@@ -20,6 +20,7 @@ recall_ray.core.sft, tested without Ray.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -658,7 +659,11 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     record = warm_start_record(warm_start, cfg, fingerprint, task, ewc_lambda) if warm_start is not None else None
     shared = {"base_fingerprint": fingerprint, "task": task, "seed": cfg.seed}  # every adapter of this ladder's
     if ewc_fisher is not None:
-        shared["ewc"] = {"fisher": ewc_fisher, "lambda": float(ewc_lambda)}
+        # by content, not path: the run folder's absolute path means nothing once the adapter
+        # is exported or copied to another machine
+        with open(ewc_fisher, "rb") as fh:
+            fisher_sha256 = hashlib.sha256(fh.read()).hexdigest()  # diagonal of the LoRA targets: MBs
+        shared["ewc"] = {"fisher_sha256": fisher_sha256, "lambda": float(ewc_lambda)}
     if snapshot_dir is not None:
         _claim_snapshot_dir(snapshot_dir, ladder_key(fingerprint, records, cfg, ewc_fisher, ewc_lambda))
         # what labels every snapshot as an adapter, written before the first step so that a
