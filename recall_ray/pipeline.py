@@ -16,7 +16,6 @@ read every input anyway (FiniteCheck; docs/design.md, "Bad input").
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import itertools
 import logging
@@ -32,7 +31,7 @@ from .core.templates import check_trainable, load_task_records
 from .core.typical import TooFewSamplesError, union_in_order
 from .manifest import Manifest, StageRun, recorded_stages, stable_hash, stage_complete
 from .io.models import ModelTensors, ResolvedModel, resolve_model, resolve_path
-from .io.storage import RunDir, check_writable, filesystem, output_exists, refuse_existing_output
+from .io.storage import RunDir, check_writable, file_sha256, filesystem, output_exists, refuse_existing_output
 from .validate import ModelMismatchError, ModelSet, check_models
 
 if TYPE_CHECKING:  # the checks (preflight) import none of these: a bad input is answered in a second
@@ -75,14 +74,6 @@ class Plan:
     data_hash: str
     modelset: ModelSet | None  # the merge's models, checked (None until the new model is fine-tuned)
     eval_items: list | None = None  # evaluation prompts and references
-
-
-def _file_hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def preflight(cfg: RunConfig) -> Plan:
@@ -129,7 +120,7 @@ def preflight(cfg: RunConfig) -> Plan:
         # merged models from there (io.models.load_causal_lm copies one to its node's cache)
         ev = cfg.evaluate
         eval_items = eval_preflight([base], ev.tasks, ev.data_dir, ev.split, ev.max_samples, ev.protocol, ev.templates)
-    return Plan(cfg, base, experts, new, records, _file_hash(cfg.task.data), modelset if new else None, eval_items)
+    return Plan(cfg, base, experts, new, records, file_sha256(cfg.task.data), modelset if new else None, eval_items)
 
 
 def _is_own_output(cfg: RunConfig) -> bool:

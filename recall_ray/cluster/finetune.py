@@ -20,7 +20,6 @@ recall_ray.core.sft, tested without Ray.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -38,7 +37,7 @@ if TYPE_CHECKING:
 from ..config import FinetuneConfig
 from ..core.lora import META_FILE
 from ..core.sft import batch_schedule, collate, shard, tokenize_records
-from ..io.storage import (is_uri, local_copy, model_path, output_exists, put_tree, replace_json, staged,
+from ..io.storage import (file_sha256, is_uri, local_copy, model_path, output_exists, put_tree, replace_json, staged,
                           staging_location)
 from .faults import fault_point
 
@@ -228,8 +227,6 @@ def warm_start_record(adapter_dir: str, cfg: FinetuneConfig, fingerprint: str, t
     of the training `cfg` describes, and return what a warm start from it records: its step,
     last loss and the sha256 of its weights (and, under "after", the warm start the adapter
     itself came from, if any). Raises ValueError naming what differs."""
-    import hashlib
-
     for name in WARM_START_FILES:
         if not os.path.isfile(os.path.join(adapter_dir, name)):
             raise ValueError(f"warm start {adapter_dir} lacks {name}: pass an adapter written by finetune_lora")
@@ -249,8 +246,7 @@ def warm_start_record(adapter_dir: str, cfg: FinetuneConfig, fingerprint: str, t
     if not 0 < step < cfg.steps:
         raise ValueError(f"warm start {adapter_dir} was trained {step} steps: a warm start goes on from fewer"
                          f" than finetune.steps ({cfg.steps})")
-    with open(os.path.join(adapter_dir, "adapter_model.safetensors"), "rb") as fh:
-        digest = hashlib.sha256(fh.read()).hexdigest()  # an adapter: a few MB
+    digest = file_sha256(os.path.join(adapter_dir, "adapter_model.safetensors"))
     record = {"step": step, "loss": float(meta["final_loss"]), "adapter_sha256": digest,
               "optimizer": "moments restarted at zero", "dropout_generator": "reseeded"}
     if meta.get(WARM_START) is not None:  # a warm start of a warm start: the earlier one is kept
@@ -661,9 +657,7 @@ def finetune_lora(base_dir: str, records: list[dict], cfg: FinetuneConfig, out_d
     if ewc_fisher is not None:
         # by content, not path: the run folder's absolute path means nothing once the adapter
         # is exported or copied to another machine
-        with open(ewc_fisher, "rb") as fh:
-            fisher_sha256 = hashlib.sha256(fh.read()).hexdigest()  # diagonal of the LoRA targets: MBs
-        shared["ewc"] = {"fisher_sha256": fisher_sha256, "lambda": float(ewc_lambda)}
+        shared["ewc"] = {"fisher_sha256": file_sha256(ewc_fisher), "lambda": float(ewc_lambda)}
     if snapshot_dir is not None:
         _claim_snapshot_dir(snapshot_dir, ladder_key(fingerprint, records, cfg, ewc_fisher, ewc_lambda))
         # what labels every snapshot as an adapter, written before the first step so that a

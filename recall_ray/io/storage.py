@@ -49,6 +49,15 @@ def is_uri(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a local file's bytes, read in 1 MiB pieces: what names a file by content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def check_uri(uri: str) -> None:
     """Refuse a URI that carries a credential (user:secret@bucket, ?secret_key=...): they
     come from the environment, so that no config file or log ever holds one. The message
