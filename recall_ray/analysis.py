@@ -24,16 +24,18 @@ from .core.analysis import (  # noqa: F401  (the numbers, re-exported for notebo
     weight_summary,
 )
 from .io.reps_parquet import layer_column, read_layer
+from .io.storage import is_staging_name
 
 
 def adjacent_table(run_dir: str | Path) -> pd.DataFrame:
-    """`adjacent_layer_similarity` of every model with representations in the run:
-    columns model, layer (the upper layer i+1), similarity."""
+    """`adjacent_layer_similarity` of every model with finished representations in the run
+    (temporary folders skipped): columns model, layer (the upper layer i+1), similarity."""
     import pyarrow.parquet as pq
 
     rows = []
     for model_dir in sorted(Path(run_dir, "reps").iterdir()):
-        if not model_dir.is_dir():
+        # a killed run can leave a half-written `<model>.tmp-<hex>` beside the finished ones
+        if not model_dir.is_dir() or is_staging_name(model_dir.name) or model_dir.name.startswith("."):
             continue
         names = set(pq.read_schema(next(model_dir.glob("*.parquet"))).names)
         num = 0

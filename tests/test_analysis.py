@@ -3,6 +3,8 @@ a tiny finished run so that it cannot rot."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -118,6 +120,20 @@ def test_adjacent_table_reads_every_model_of_a_run(tiny_run):
     assert set(table["model"]) == {"base", "e0", "new"}
     assert sorted(table["layer"].unique()) == [1, 2]  # 3 representation layers -> 2 adjacent pairs
     assert table["similarity"].between(-1, 1).all()
+
+
+def test_adjacent_table_skips_what_a_killed_write_left(tiny_run, tmp_path):
+    """A run killed while writing a model's representations leaves `reps/<model>.tmp-<hex>`
+    (and a finished rerun does not remove it): the table is the finished models' alone, the
+    same rows as the clean run's, not the partial one as an extra model."""
+    cfg, _ = tiny_run
+    reps = tmp_path / "reps"
+    shutil.copytree(Path(cfg.run_dir) / "reps", reps)
+    shutil.copytree(reps / "new", reps / "new.tmp-b48ca156")  # as the killed run left it
+    shutil.copytree(reps / "e0", reps / ".e0.tmp-x1y2z3")  # a hidden staging sibling
+    got = adjacent_table(tmp_path)
+    assert set(got["model"]) == {"base", "e0", "new"}
+    pd.testing.assert_frame_equal(got, adjacent_table(cfg.run_dir))
 
 
 def test_notebook_runs_on_a_tiny_run(tiny_run, tmp_path):

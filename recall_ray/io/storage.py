@@ -40,6 +40,17 @@ if log.level == logging.NOTSET:
 _SECRET_KEYS = {"access_key", "secret_key", "session_token", "access_token", "credentials"}
 
 
+# Every temporary name written here carries this mark (`<name>.tmp-<hex>`, or a hidden
+# `.<name>.tmp-...` sibling): a write in progress, or one a killed run left behind.
+TMP_MARK = ".tmp-"
+
+
+def is_staging_name(name: str) -> bool:
+    """Whether a file or directory name is a temporary one (never a finished output), so
+    that a reader listing a folder skips what a killed write left there."""
+    return TMP_MARK in name
+
+
 class StorageError(ValueError):
     """An object store location that cannot be used: no credentials, no such bucket, a
     credential in the URI. Its message is one line, naming the location and the fix."""
@@ -130,7 +141,7 @@ class RunDir:
         """Atomic where the filesystem allows it: write a temporary name, then move."""
         dst = self.path(rel)
         self.fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{dst}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = f"{dst}{TMP_MARK}{uuid.uuid4().hex[:8]}"
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
         self.fs.move(tmp, dst)
@@ -149,7 +160,7 @@ class RunDir:
             self.fs.delete_file(self.path(rel))
 
     def tmp_name(self, rel: str) -> str:
-        return f"{rel}.tmp-{uuid.uuid4().hex[:8]}"
+        return f"{rel}{TMP_MARK}{uuid.uuid4().hex[:8]}"
 
     def replace_dir(self, tmp_rel: str, rel: str) -> None:
         """Move a completed temporary directory into place (replacing an old one)."""
@@ -210,12 +221,12 @@ def staging_location(dest: str) -> str:
     move (an atomic rename for a local path). Local: a hidden sibling; URI: a suffix."""
     if is_uri(dest):
         fs, path = filesystem(dest)
-        loc = f"{dest.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+        loc = f"{dest.rstrip('/')}{TMP_MARK}{uuid.uuid4().hex[:8]}"
         fs.create_dir(filesystem(loc)[1], recursive=True)
         return loc
     parent = Path(dest).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{Path(dest).name}.tmp-", dir=parent)
+    return tempfile.mkdtemp(prefix=f".{Path(dest).name}{TMP_MARK}", dir=parent)
 
 
 def put_file(local_file: str, location: str, name: str) -> None:
@@ -458,7 +469,7 @@ def local_copy(uri: str, names: list[str] | None = None) -> str:
     progress = Progress(f"copy of {uri} to the cache", math.ceil(total / unit), label, every_s=COPY_PROGRESS_EVERY_S)
     copied = 0
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{tag}.tmp-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{tag}{TMP_MARK}", dir=dest.parent))
     try:
         for rel, info in wanted:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
