@@ -34,8 +34,9 @@ def adjacent_table(run_dir: str | Path) -> pd.DataFrame:
 
     rows = []
     for model_dir in sorted(Path(run_dir, "reps").iterdir()):
-        # a killed run can leave a half-written `<model>.tmp-<hex>` beside the finished ones
-        if not model_dir.is_dir() or is_staging_name(model_dir.name) or model_dir.name.startswith("."):
+        # a killed run can leave a half-written `<model>.tmp-<hex>` (or a hidden staging
+        # sibling) beside the finished ones; every such name carries storage.TMP_MARK
+        if not model_dir.is_dir() or is_staging_name(model_dir.name):
             continue
         names = set(pq.read_schema(next(model_dir.glob("*.parquet"))).names)
         num = 0
